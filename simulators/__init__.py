@@ -1,0 +1,1 @@
+"""Stand-ins for hardware: a lamella phantom, a Merlin TCP detector server, an EDS publisher."""
