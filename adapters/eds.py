@@ -1,0 +1,274 @@
+"""Receive EDS spectra from a ZeroMQ stream in streamclust's wire format.
+
+A :class:`SpectrumReceiver` drains its socket in its own thread into a bounded buffer, so a slow
+consumer never stalls the socket unnoticed: with ``on_full="block"`` (the PULL default) the thread
+stops reading and ZeroMQ's high-water marks push back to the sender (lossless); with
+``on_full="drop"`` (the SUB default) the spectrum is dropped and counted under ``dropped_full``.
+Malformed messages are counted by kind and skipped; the receiver keeps running.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+
+from streamclust.adapters.errors import WireFormatError
+from streamclust.adapters.wire import MAX_HEADER_BYTES, decode_array_message
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Spectrum", "SpectrumReceiver"]
+
+_POLL_MS = 50
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """One received spectrum: its 0-based scan position, counts (read-only view) and header."""
+
+    position: int
+    counts: np.ndarray
+    header: dict = field(repr=False)
+
+
+class _End:
+    __slots__ = ("header",)
+
+    def __init__(self, header: dict):
+        self.header = header
+
+
+class SpectrumReceiver:
+    """Connect to an EDS stream and collect spectra in a background thread.
+
+    Parameters
+    ----------
+    endpoint : str
+        The publisher's endpoint (connected to, or bound with ``bind=True``).
+    socket_type : {"pull", "sub"}
+    max_buffer : int
+        Spectra held between the socket and :meth:`spectra`.
+    on_full : {"block", "drop"}, optional
+        Behaviour at a full buffer; default "block" for PULL (lossless), "drop" for SUB.
+    max_bytes : int
+        Largest spectrum buffer accepted (larger messages are malformed, kind ``too_large``).
+        ZeroMQ's own ``MAXMSGSIZE`` is set to twice this plus the header limit, so a peer
+        claiming a huge message is disconnected by ZeroMQ before anything is allocated.
+    hwm : int
+        Receive high-water mark (messages).
+    context : zmq.Context, optional
+        Defaults to ``zmq.Context.instance()``.
+
+    Attributes
+    ----------
+    stats : dict
+        ``received`` (valid EDS messages), ``malformed`` (+ ``malformed_by_kind``), ``duplicates``
+        (same position seen again in the same scan), ``dropped_full``, ``ends``.
+    end_header : dict or None
+        The last end marker's header.
+    """
+
+    def __init__(self, endpoint: str, *, socket_type: str = "pull", max_buffer: int = 4096,
+                 on_full: str | None = None, max_bytes: int = 1 << 24, hwm: int = 10000,
+                 bind: bool = False, max_positions: int = 1 << 26, context: zmq.Context | None = None):
+        if socket_type not in ("pull", "sub"):
+            raise ValueError(f"socket_type must be 'pull' or 'sub', got {socket_type!r}")
+        on_full = on_full or ("block" if socket_type == "pull" else "drop")
+        if on_full not in ("block", "drop"):
+            raise ValueError(f"on_full must be 'block' or 'drop', got {on_full!r}")
+        if max_buffer < 1:
+            raise ValueError("max_buffer must be >= 1")
+        self.endpoint = endpoint
+        self.socket_type = socket_type
+        self.max_buffer = int(max_buffer)
+        self.on_full = on_full
+        self.max_bytes = int(max_bytes)
+        self.hwm = int(hwm)
+        self.bind = bind
+        self.max_positions = int(max_positions)
+        self._context = context
+        self._queue: queue.Queue = queue.Queue(maxsize=self.max_buffer)
+        self._lock = threading.Lock()
+        self._stats = Counter()
+        self._malformed = Counter()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._seen_scan = None
+        self._seen: np.ndarray | None = None
+        self.end_header: dict | None = None
+        self.bound_endpoint: str | None = None
+        self._last_message = time.monotonic()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> "SpectrumReceiver":
+        if self._thread is not None:
+            raise RuntimeError("receiver already started")
+        self._thread = threading.Thread(target=self._run, name="eds-receiver", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10.0):
+            raise TimeoutError("receiver socket not ready within 10 s")
+        self._raise_error()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise TimeoutError(f"receiver did not stop within {timeout} s")
+        self._raise_error()
+
+    def __enter__(self) -> "SpectrumReceiver":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError("spectrum receiver thread failed") from err
+
+    @property
+    def stats(self) -> dict:
+        with self._lock:
+            out = {k: self._stats.get(k, 0) for k in ("received", "malformed", "duplicates", "dropped_full",
+                                                      "ends", "delivered")}
+            out["malformed_by_kind"] = dict(self._malformed)
+            out["buffered"] = self._queue.qsize()
+            return out
+
+    def end_report(self) -> dict:
+        """What the last end marker announced versus what arrived here.
+
+        ``lost_in_transport = announced_sent - received - malformed`` is what the network (or a
+        SUB socket's HWM) lost; ``missing_positions`` are positions of the scan never received.
+        The receive counters are cumulative: the comparison is exact for a receiver that saw one
+        scan (use one receiver per scan, or compare differences).
+        """
+        with self._lock:
+            totals = dict(self.end_header["totals"]) if self.end_header else {}
+            seen = int(self._seen.sum()) if self._seen is not None else 0
+            received = self._stats.get("received", 0)
+            malformed = self._stats.get("malformed", 0)
+            report = {"end_received": self.end_header is not None, "announced": totals,
+                      "received": received, "malformed": malformed,
+                      "duplicates": self._stats.get("duplicates", 0),
+                      "dropped_full": self._stats.get("dropped_full", 0),
+                      "unique_positions": seen}
+        if "sent" in totals:
+            report["lost_in_transport"] = int(totals["sent"]) - received - malformed
+        if "n_positions" in totals:
+            report["missing_positions"] = int(totals["n_positions"]) - seen
+        return report
+
+    # -- consumer side -------------------------------------------------------------------------
+    def spectra(self, timeout: float | None = 2.0) -> Iterator[Spectrum]:
+        """Yield spectra until the end marker, or until ``timeout`` seconds pass without one."""
+        while True:
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                logger.info("no spectrum for %s s: ending the stream", timeout)
+                self._raise_error()
+                return
+            if isinstance(item, _End):
+                return
+            with self._lock:
+                self._stats["delivered"] += 1
+            yield item
+
+    def __iter__(self) -> Iterator[Spectrum]:
+        return self.spectra()
+
+    # -- the thread ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        ctx = self._context or zmq.Context.instance()
+        sock = ctx.socket(zmq.PULL if self.socket_type == "pull" else zmq.SUB)
+        try:
+            sock.linger = 0
+            sock.rcvhwm = self.hwm
+            sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_bytes + MAX_HEADER_BYTES)
+            if self.socket_type == "sub":
+                sock.setsockopt(zmq.SUBSCRIBE, b"")
+            if self.bind:
+                sock.bind(self.endpoint)
+                self.bound_endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+            else:
+                sock.connect(self.endpoint)
+            self._ready.set()
+            while not self._stop.is_set():
+                if not sock.poll(_POLL_MS, zmq.POLLIN):
+                    continue
+                parts = sock.recv_multipart(copy=False)
+                self._handle(parts)
+        except BaseException as exc:
+            logger.exception("spectrum receiver failed")
+            self._error = exc
+            self._ready.set()
+        finally:
+            sock.close(linger=0)
+
+    def _handle(self, parts) -> None:
+        try:
+            header, counts = decode_array_message(parts, max_bytes=self.max_bytes, expect_stream="eds")
+            if header["stream"] == "eds" and counts.ndim != 1:
+                err = WireFormatError(f"spectrum must be 1-D, got shape {list(counts.shape)}",
+                                      sequence=header["sequence"])
+                err.kind = "bad_shape"
+                raise err
+        except WireFormatError as exc:
+            kind = getattr(exc, "kind", exc.reason)
+            with self._lock:
+                self._stats["malformed"] += 1
+                self._malformed[kind] += 1
+            logger.warning("malformed EDS message skipped (%s): %s", kind, exc)
+            return
+        if header["stream"] == "end":
+            with self._lock:
+                self._stats["ends"] += 1
+                self.end_header = header
+            logger.info("EDS end marker: %s", header["totals"])
+            self._put(_End(header), droppable=False)
+            return
+        self._count_position(header)
+        self._put(Spectrum(header["position"], counts, header), droppable=self.on_full == "drop")
+
+    def _count_position(self, header: dict) -> None:
+        with self._lock:
+            self._stats["received"] += 1
+            if header["scan_id"] != self._seen_scan:
+                n = int(np.prod(header["scan_shape"]))
+                self._seen_scan = header["scan_id"]
+                self._seen = np.zeros(min(n, self.max_positions), dtype=bool)
+            pos = header["position"]
+            if pos < self._seen.size:
+                if self._seen[pos]:
+                    self._stats["duplicates"] += 1
+                self._seen[pos] = True
+
+    def _put(self, item, *, droppable: bool) -> None:
+        if droppable:
+            try:
+                self._queue.put_nowait(item)
+            except queue.Full:
+                with self._lock:
+                    self._stats["dropped_full"] += 1
+            return
+        # blocking: stop reading the socket so ZeroMQ's HWM pushes back to the sender
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_MS / 1000)
+                return
+            except queue.Full:
+                continue

@@ -1,0 +1,471 @@
+"""Join diffraction frames and EDS spectra on their scan position, with bounded memory.
+
+Frames and spectra arrive independently: late, out of order, duplicated or not at all. The
+:class:`ScanJoiner` pairs them by 0-based scan position and hands out :class:`Batch` es of
+complete positions, while keeping an account of every item it was given. Each frame ends in
+exactly one of these counters (spectra likewise, with the roles swapped)::
+
+    frames_in == joined + frames_without_spectrum + duplicate_frames
+                 + out_of_range_frames + rejected_frames + pending_frames
+
+and ``frames_without_spectrum == expired_frames + evicted_frames + late_frames + flushed_frames``
+(partner timed out, pending store over capacity, partner already gone when the frame came, still
+waiting at :meth:`ScanJoiner.flush`). :meth:`ScanJoiner.check_invariants` verifies both.
+With ``on_missing="emit"`` the unpaired items are handed out too (zero-filled partner, masks say
+which half is real); with ``"drop"`` only complete positions are. In ``"emit"`` mode a position whose partner came
+after the first half was given up appears in two rows (one per half), never twice per half.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Batch", "ScanJoiner", "JoinedStreams", "join_streams"]
+
+_FRAME, _SPECTRUM = 0, 1
+
+
+@dataclass
+class Batch:
+    """Positions joined into one batch; row ``i`` of every array belongs to ``positions[i]``.
+
+    Attributes
+    ----------
+    positions : ndarray of int64, shape (n,)
+    frames : ndarray, shape (n, h, w)
+        Zero where ``has_frame`` is False.
+    spectra : ndarray, shape (n, c)
+        Zero where ``has_spectrum`` is False.
+    has_frame, has_spectrum : ndarray of bool, shape (n,)
+    """
+
+    positions: np.ndarray
+    frames: np.ndarray
+    spectra: np.ndarray
+    has_frame: np.ndarray
+    has_spectrum: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.positions.shape[0])
+
+
+_COUNTERS = (
+    "frames_in", "spectra_in", "joined",
+    "frames_without_spectrum", "spectra_without_frame",
+    "expired_frames", "expired_spectra", "evicted_frames", "evicted_spectra",
+    "late_frames", "late_spectra", "flushed_frames", "flushed_spectra",
+    "duplicate_frames", "duplicate_spectra", "out_of_range_frames", "out_of_range_spectra",
+    "rejected_frames", "rejected_spectra",
+    "emitted_frame_only", "emitted_spectrum_only", "batches",
+)
+
+
+class ScanJoiner:
+    """Pair frames and spectra by scan position and batch the pairs.
+
+    Parameters
+    ----------
+    n_positions : int
+        Positions in the scan; items outside ``[0, n_positions)`` are counted ``out_of_range``.
+    batch_size : int
+        Rows per batch (the last batch of :meth:`flush` may be shorter).
+    max_pending : int
+        Most unpaired items (frames + spectra) held; beyond it the oldest is evicted and counted.
+    timeout_s : float
+        An unpaired item older than this (by its arrival time ``t``) is given up at :meth:`poll`.
+    on_missing : {"drop", "emit"}
+        What happens to an item whose partner never comes.
+    frame_shape, n_channels : optional
+        Fix the shapes up front; otherwise the first frame/spectrum defines them and items of any
+        other shape are counted ``rejected``.
+    frame_dtype, spectrum_dtype : dtype, optional
+        Dtypes of the batch arrays (default: those of the first frame/spectrum).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> j = ScanJoiner(4, batch_size=2)
+    >>> for p in (1, 0, 3):
+    ...     _ = j.add_frame(p, np.full((2, 2), p, np.uint16))
+    >>> for p in (0, 1, 1, 2):
+    ...     _ = j.add_spectrum(p, np.full(3, p, np.uint16))
+    >>> [b.positions.tolist() for b in j.poll()]
+    [[0, 1]]
+    >>> [b.positions.tolist() for b in j.flush()]
+    []
+    >>> s = j.stats
+    >>> s["joined"], s["duplicate_spectra"], s["frames_without_spectrum"], s["spectra_without_frame"]
+    (2, 1, 1, 1)
+    >>> j.check_invariants()
+    True
+    """
+
+    def __init__(self, n_positions: int, *, batch_size: int = 64, max_pending: int = 4096,
+                 timeout_s: float = 2.0, on_missing: str = "drop", frame_shape: tuple | None = None,
+                 n_channels: int | None = None, frame_dtype=None, spectrum_dtype=None):
+        if n_positions < 0:
+            raise ValueError(f"n_positions must be >= 0, got {n_positions}")
+        if batch_size < 1 or max_pending < 1:
+            raise ValueError("batch_size and max_pending must be >= 1")
+        if on_missing not in ("drop", "emit"):
+            raise ValueError(f"on_missing must be 'drop' or 'emit', got {on_missing!r}")
+        self.n_positions = int(n_positions)
+        self.batch_size = int(batch_size)
+        self.max_pending = int(max_pending)
+        self.timeout_s = float(timeout_s)
+        self.on_missing = on_missing
+        self.frame_shape = None if frame_shape is None else tuple(int(n) for n in frame_shape)
+        self.n_channels = None if n_channels is None else int(n_channels)
+        self.frame_dtype = None if frame_dtype is None else np.dtype(frame_dtype)
+        self.spectrum_dtype = None if spectrum_dtype is None else np.dtype(spectrum_dtype)
+        # per position, per kind: has an item of this kind been accepted (first arrival)?
+        self._seen = np.zeros((2, self.n_positions), dtype=bool)
+        # unpaired items, insertion-ordered: position -> (array, t); dicts keep arrival order
+        self._pending: tuple[dict, dict] = ({}, {})
+        # rows ready for the next batch: (position, frame or None, spectrum or None)
+        self._ready: list = []
+        self._out: list[Batch] = []
+        self._c = dict.fromkeys(_COUNTERS, 0)
+
+    # -- input ---------------------------------------------------------------------------------
+    def add_frame(self, position: int, image, *, t: float | None = None) -> bool:
+        """Offer one frame; True if it was accepted for joining (see :attr:`stats` otherwise)."""
+        return self._add(_FRAME, position, image, t)
+
+    def add_spectrum(self, position: int, counts, *, t: float | None = None) -> bool:
+        """Offer one spectrum; True if it was accepted for joining."""
+        return self._add(_SPECTRUM, position, counts, t)
+
+    def _add(self, kind: int, position: int, array, t) -> bool:
+        name = "frames" if kind == _FRAME else "spectra"
+        c = self._c
+        c[f"{name}_in"] += 1
+        position = int(position)
+        if not 0 <= position < self.n_positions:
+            c[f"out_of_range_{name}"] += 1
+            logger.debug("%s position %d outside [0, %d)", name, position, self.n_positions)
+            return False
+        array = np.asarray(array)
+        if not self._shape_ok(kind, array):
+            c[f"rejected_{name}"] += 1
+            logger.warning("%s at position %d has shape %s, expected %s", name, position, array.shape,
+                           self.frame_shape if kind == _FRAME else (self.n_channels,))
+            return False
+        if self._seen[kind, position]:
+            c["duplicate_frames" if kind == _FRAME else "duplicate_spectra"] += 1
+            return False
+        self._seen[kind, position] = True
+        other = 1 - kind
+        partner = self._pending[other].pop(position, None)
+        if partner is not None:
+            frame, spectrum = (array, partner[0]) if kind == _FRAME else (partner[0], array)
+            c["joined"] += 1
+            self._push_row(position, frame, spectrum)
+            return True
+        if self._seen[other, position]:
+            # the partner came and was already given up (expired, evicted): this one is late
+            self._give_up(kind, position, array, "late")
+            return True
+        self._pending[kind][position] = (array, time.monotonic() if t is None else float(t))
+        if self.n_pending > self.max_pending:
+            self._evict_oldest()
+        return True
+
+    def _shape_ok(self, kind: int, array: np.ndarray) -> bool:
+        if kind == _FRAME:
+            if array.ndim != 2:
+                return False
+            if self.frame_shape is None:
+                self.frame_shape = array.shape
+                self.frame_dtype = self.frame_dtype or array.dtype
+            return array.shape == self.frame_shape
+        if array.ndim != 1:
+            return False
+        if self.n_channels is None:
+            self.n_channels = array.shape[0]
+            self.spectrum_dtype = self.spectrum_dtype or array.dtype
+        return array.shape[0] == self.n_channels
+
+    # -- giving up on a partner ----------------------------------------------------------------
+    def _give_up(self, kind: int, position: int, array, why: str) -> None:
+        c = self._c
+        if kind == _FRAME:
+            c["frames_without_spectrum"] += 1
+            c[f"{why}_frames"] += 1
+        else:
+            c["spectra_without_frame"] += 1
+            c[f"{why}_spectra"] += 1
+        if self.on_missing == "emit":
+            if kind == _FRAME:
+                c["emitted_frame_only"] += 1
+                self._push_row(position, array, None)
+            else:
+                c["emitted_spectrum_only"] += 1
+                self._push_row(position, None, array)
+
+    def _evict_oldest(self) -> None:
+        frames, spectra = self._pending
+        # the oldest of the two insertion-ordered stores' heads
+        kf = next(iter(frames), None)
+        ks = next(iter(spectra), None)
+        if ks is None or (kf is not None and frames[kf][1] <= spectra[ks][1]):
+            kind, position = _FRAME, kf
+        else:
+            kind, position = _SPECTRUM, ks
+        array, _ = self._pending[kind].pop(position)
+        logger.debug("pending store full (%d): evicting %s at position %d", self.max_pending,
+                     "frame" if kind == _FRAME else "spectrum", position)
+        self._give_up(kind, position, array, "evicted")
+
+    @property
+    def n_pending(self) -> int:
+        return len(self._pending[0]) + len(self._pending[1])
+
+    # -- output --------------------------------------------------------------------------------
+    def _push_row(self, position: int, frame, spectrum) -> None:
+        self._ready.append((position, frame, spectrum))
+        if len(self._ready) >= self.batch_size:
+            self._out.append(self._make_batch(self._ready))
+            self._ready = []
+
+    def _make_batch(self, rows: list) -> Batch:
+        n = len(rows)
+        fshape = self.frame_shape if self.frame_shape is not None else (0, 0)
+        nch = self.n_channels if self.n_channels is not None else 0
+        fdtype = self.frame_dtype or np.dtype(np.uint16)
+        sdtype = self.spectrum_dtype or np.dtype(np.uint16)
+        positions = np.empty(n, dtype=np.int64)
+        has_frame = np.empty(n, dtype=bool)
+        has_spectrum = np.empty(n, dtype=bool)
+        complete = all(f is not None and s is not None for _, f, s in rows)
+        # one copy of each row into preallocated arrays; zero only when something is missing
+        alloc = np.empty if complete else np.zeros
+        frames = alloc((n, *fshape), dtype=fdtype)
+        spectra = alloc((n, nch), dtype=sdtype)
+        for i, (pos, frame, spectrum) in enumerate(rows):
+            positions[i] = pos
+            has_frame[i] = frame is not None
+            has_spectrum[i] = spectrum is not None
+            if frame is not None:
+                frames[i] = frame
+            if spectrum is not None:
+                spectra[i] = spectrum
+        self._c["batches"] += 1
+        return Batch(positions, frames, spectra, has_frame, has_spectrum)
+
+    def expire(self, now: float | None = None) -> int:
+        """Give up on unpaired items that arrived before ``now - timeout_s``; return how many."""
+        now = time.monotonic() if now is None else float(now)
+        limit = now - self.timeout_s
+        n = 0
+        for kind in (_FRAME, _SPECTRUM):
+            store = self._pending[kind]
+            # arrival order: stop at the first item young enough (times are non-decreasing)
+            while store:
+                position = next(iter(store))
+                array, t = store[position]
+                if t > limit:
+                    break
+                del store[position]
+                self._give_up(kind, position, array, "expired")
+                n += 1
+        return n
+
+    def poll(self, now: float | None = None) -> list[Batch]:
+        """Expire old unpaired items, then return the complete batches made so far."""
+        self.expire(now)
+        out, self._out = self._out, []
+        return out
+
+    def flush(self) -> list[Batch]:
+        """End of scan: give up on every pending item and return everything left, last batch short."""
+        for kind in (_FRAME, _SPECTRUM):
+            store = self._pending[kind]
+            while store:
+                position = next(iter(store))
+                array, _ = store.pop(position)
+                self._give_up(kind, position, array, "flushed")
+        if self._ready:
+            self._out.append(self._make_batch(self._ready))
+            self._ready = []
+        out, self._out = self._out, []
+        return out
+
+    # -- accounting ----------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict:
+        """Every counter (see the module docstring), plus pending and per-scan coverage."""
+        s = dict(self._c)
+        s["pending_frames"] = len(self._pending[_FRAME])
+        s["pending_spectra"] = len(self._pending[_SPECTRUM])
+        s["out_of_range"] = s["out_of_range_frames"] + s["out_of_range_spectra"]
+        s["evicted_at_capacity"] = s["evicted_frames"] + s["evicted_spectra"]
+        s["positions_with_frame"] = int(self._seen[_FRAME].sum())
+        s["positions_with_spectrum"] = int(self._seen[_SPECTRUM].sum())
+        s["positions_without_any"] = int((~(self._seen[_FRAME] | self._seen[_SPECTRUM])).sum())
+        return s
+
+    def check_invariants(self) -> bool:
+        """True if every frame and spectrum is accounted for; AssertionError naming the gap otherwise."""
+        s = self.stats
+        for name, partner, single in (("frames", "frames_without_spectrum", "frames"),
+                                      ("spectra", "spectra_without_frame", "spectra")):
+            total = (s["joined"] + s[partner] + s[f"duplicate_{single}"] + s[f"out_of_range_{single}"]
+                     + s[f"rejected_{single}"] + s[f"pending_{single}"])
+            if s[f"{name}_in"] != total:
+                raise AssertionError(f"{name}_in = {s[f'{name}_in']} but accounted {total}: {s}")
+            parts = sum(s[f"{why}_{single}"] for why in ("expired", "evicted", "late", "flushed"))
+            if s[partner] != parts:
+                raise AssertionError(f"{partner} = {s[partner]} but its breakdown sums to {parts}: {s}")
+        if s["joined"] > min(s["positions_with_frame"], s["positions_with_spectrum"]):
+            raise AssertionError(f"more joins than positions seen: {s}")
+        if self.on_missing == "emit":
+            if s["emitted_frame_only"] != s["frames_without_spectrum"]:
+                raise AssertionError(f"frames without spectrum not all emitted: {s}")
+            if s["emitted_spectrum_only"] != s["spectra_without_frame"]:
+                raise AssertionError(f"spectra without frame not all emitted: {s}")
+        return True
+
+
+# -- running both streams -----------------------------------------------------------------------
+def _default_frame_position(frame) -> int:
+    pos = getattr(frame, "position", None)
+    if pos is not None:
+        return int(pos)
+    # a Merlin frame: 1-based sequence, one frame per position (first acquisition)
+    return int(frame.sequence) - 1
+
+
+class JoinedStreams:
+    """Iterate Batches from a frame iterator and a spectrum iterator, each drained by its own thread.
+
+    Created by :func:`join_streams`; after iteration :attr:`stats` holds the joiner's counters and
+    :attr:`joiner` the joiner itself. An exception raised by either source is re-raised at the end.
+    """
+
+    def __init__(self, frames: Iterable, spectra: Iterable, joiner: ScanJoiner, *,
+                 frame_position: Callable, poll_interval_s: float, queue_size: int):
+        self.joiner = joiner
+        self._sources = ((_FRAME, frames), (_SPECTRUM, spectra))
+        self._frame_position = frame_position
+        self._poll = float(poll_interval_s)
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self._started = False
+
+    @property
+    def stats(self) -> dict:
+        return self.joiner.stats
+
+    def _drain(self, kind: int, source: Iterable) -> None:
+        try:
+            for item in source:
+                if kind == _FRAME:
+                    entry = (kind, self._frame_position(item), item.image)
+                else:
+                    entry = (kind, int(item.position), item.counts)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(entry, timeout=0.1)  # bounded: backpressure on the source
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as exc:
+            logger.exception("%s source failed", "frame" if kind == _FRAME else "spectrum")
+            self.errors.append(exc)
+        finally:
+            self._queue.put((None, kind, None))
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._started:
+            raise RuntimeError("a JoinedStreams can be iterated once")
+        self._started = True
+        threads = [threading.Thread(target=self._drain, args=src, daemon=True,
+                                    name=f"join-{'frames' if src[0] == _FRAME else 'spectra'}")
+                   for src in self._sources]
+        for th in threads:
+            th.start()
+        joiner = self.joiner
+        running = len(threads)
+        try:
+            while running:
+                try:
+                    kind, position, array = self._queue.get(timeout=self._poll)
+                except queue.Empty:
+                    yield from joiner.poll()
+                    continue
+                if kind is None:
+                    running -= 1
+                    continue
+                if kind == _FRAME:
+                    joiner.add_frame(position, array)
+                else:
+                    joiner.add_spectrum(position, array)
+                # poll on every item: complete batches leave at once, expiry stays current
+                yield from joiner.poll()
+            yield from joiner.flush()
+        finally:
+            self._stop.set()
+            # unblock sources waiting on a full queue, then let them finish
+            deadline = time.monotonic() + 5.0
+            while any(th.is_alive() for th in threads) and time.monotonic() < deadline:
+                try:
+                    self._queue.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            for th in threads:
+                th.join(timeout=1.0)
+        if self.errors:
+            raise RuntimeError(f"{len(self.errors)} source(s) failed while joining") from self.errors[0]
+
+
+def join_streams(frames: Iterable, spectra: Iterable, n_positions: int, *,
+                 frame_position: Callable | None = None, poll_interval_s: float = 0.05,
+                 queue_size: int = 1024, **joiner_kwargs) -> JoinedStreams:
+    """Join a frame stream and a spectrum stream into Batches.
+
+    Parameters
+    ----------
+    frames : iterable
+        Objects with ``.image`` and either ``.position`` or a 1-based ``.sequence``
+        (``position = sequence - 1``), e.g. ``MerlinReceiver`` or ``ZmqFrameSource`` output.
+    spectra : iterable
+        Objects with ``.position`` and ``.counts`` (e.g. ``SpectrumReceiver.spectra()``).
+    n_positions : int
+    frame_position : callable, optional
+        Maps a frame object to its scan position.
+    **joiner_kwargs
+        Passed to :class:`ScanJoiner`.
+
+    Returns
+    -------
+    JoinedStreams
+        Iterate it for Batches; its ``stats`` hold the counters afterwards.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from types import SimpleNamespace as NS
+    >>> frames = [NS(sequence=s, image=np.zeros((2, 2))) for s in (1, 2, 3)]
+    >>> spectra = [NS(position=p, counts=np.ones(4)) for p in (2, 0, 1)]
+    >>> stream = join_streams(frames, spectra, 3, batch_size=8)
+    >>> sorted(p for b in stream for p in b.positions.tolist())
+    [0, 1, 2]
+    >>> stream.stats["joined"]
+    3
+    """
+    joiner = ScanJoiner(n_positions, **joiner_kwargs)
+    return JoinedStreams(frames, spectra, joiner, frame_position=frame_position or _default_frame_position,
+                         poll_interval_s=poll_interval_s, queue_size=queue_size)

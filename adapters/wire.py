@@ -1,0 +1,257 @@
+"""streamclust's ZeroMQ wire format: a small JSON header plus one raw array buffer.
+
+Every message we define ourselves (EDS spectra, the frame fan-out, end-of-scan markers) is a
+two-part ZeroMQ message:
+
+* part 0: a UTF-8 JSON object (the header), at most :data:`MAX_HEADER_BYTES` bytes;
+* part 1: the array's bytes in C order, exactly ``prod(shape) * itemsize`` of them.
+
+The byte-exact description lives in ``docs/wire-formats.md``. Decoding never trusts a size the
+header claims: the buffer that actually arrived is measured first, and the claimed size is only
+compared with it (and with ``max_bytes``), never used to allocate.
+
+Examples
+--------
+>>> import numpy as np
+>>> parts = encode_array_message(
+...     {"stream": "frame", "scan_id": "s1", "position": 0, "sequence": 1, "merlin_sequence": 1},
+...     np.arange(6, dtype="<u2").reshape(2, 3))
+>>> header, array = decode_array_message(parts)
+>>> header["dtype"], header["shape"], array.tolist()
+('<u2', [2, 3], [[0, 1, 2], [3, 4, 5]])
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import zmq
+
+from streamclust.adapters.errors import WireFormatError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "WIRE_VERSION",
+    "MAX_HEADER_BYTES",
+    "COMMON_KEYS",
+    "STREAM_KEYS",
+    "encode_array_message",
+    "decode_array_message",
+    "send_array",
+    "recv_array",
+    "end_header",
+]
+
+#: The version every header carries; a receiver rejects any other value.
+WIRE_VERSION = 1
+#: Upper bound of the JSON header part; larger headers are rejected before parsing.
+MAX_HEADER_BYTES = 65536
+#: Keys every message's header must carry.
+COMMON_KEYS = ("stream", "version", "scan_id", "sequence", "dtype", "shape")
+#: Extra keys required per stream (unknown streams only need :data:`COMMON_KEYS`).
+STREAM_KEYS = {
+    "eds": ("position", "live_time_s", "real_time_s", "energy_offset_kev", "channel_width_kev", "scan_shape"),
+    "frame": ("position", "merlin_sequence"),
+    "end": ("of_stream", "totals"),
+}
+#: Default bound of a decoded array buffer (64 MiB: a 2048x2048 float64 frame is 32 MiB).
+DEFAULT_MAX_BYTES = 1 << 26
+_MAX_NDIM = 8
+# explicit byte order, then kind (bool, signed, unsigned, float, complex), then item size
+_DTYPE_RE = re.compile(r"^([<>|])([biufc])(\d{1,2})$")
+
+
+def _fail(kind: str, message: str, sequence: int | None = None) -> WireFormatError:
+    err = WireFormatError(message, sequence=sequence)
+    # finer than WireFormatError.reason ("bad_message"): the key receivers count drops under
+    err.kind = kind
+    return err
+
+
+def _buffer_of(part) -> memoryview:
+    """A read-only byte view of one received part (zmq.Frame, bytes, memoryview, array)."""
+    buf = getattr(part, "buffer", None)  # zmq.Frame received with copy=False
+    if buf is None:
+        buf = part
+    view = memoryview(buf)
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B") if view.c_contiguous else memoryview(bytes(view))
+    return view
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def end_header(of_stream: str, scan_id: str, sequence: int, totals: dict, **extra) -> dict:
+    """Header of an end-of-scan marker for ``of_stream`` (its buffer is empty)."""
+    return {"stream": "end", "of_stream": of_stream, "scan_id": scan_id, "sequence": int(sequence),
+            "totals": dict(totals), **extra}
+
+
+def encode_array_message(header: dict, array: np.ndarray) -> list:
+    """Encode ``header`` and ``array`` as ``[json_bytes, buffer]`` without copying the array.
+
+    ``version``, ``dtype`` and ``shape`` are filled in from ``array`` (overriding any given);
+    the array is made C-contiguous only if it is not already (then it is copied once). The
+    returned buffer is a byte view of the array: keep the array unchanged until sent.
+
+    Raises
+    ------
+    TypeError
+        For dtypes the wire format does not carry (object, strings, records, datetimes).
+    """
+    array = np.asarray(array)
+    if not array.flags.c_contiguous:
+        # (not np.ascontiguousarray: it turns 0-d arrays into 1-d ones)
+        array = array.copy(order="C")
+    dtype_str = array.dtype.str
+    if _DTYPE_RE.match(dtype_str) is None:
+        raise TypeError(f"dtype {array.dtype} cannot travel in the wire format (numeric and bool only)")
+    head = dict(header)
+    head["version"] = WIRE_VERSION
+    head["dtype"] = dtype_str
+    head["shape"] = [int(n) for n in array.shape]
+    header_bytes = json.dumps(head, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    if len(header_bytes) > MAX_HEADER_BYTES:
+        raise ValueError(f"header of {len(header_bytes)} bytes exceeds {MAX_HEADER_BYTES}")
+    # a flat uint8 view keeps byte order and costs no copy; 0-d arrays reshape to (1,) first
+    payload = memoryview(array.reshape(-1).view(np.uint8))
+    return [header_bytes, payload]
+
+
+def _check_header(head: dict, expect_stream) -> int | None:
+    seq = head.get("sequence")
+    sequence = seq if _is_int(seq) else None
+    for key in COMMON_KEYS:
+        if key not in head:
+            raise _fail("missing_key", f"header lacks key {key!r}", sequence)
+    if head["version"] != WIRE_VERSION:
+        raise _fail("bad_version", f"unsupported version {head['version']!r} (expected {WIRE_VERSION})", sequence)
+    stream = head["stream"]
+    if not isinstance(stream, str):
+        raise _fail("bad_value", f"stream must be a string, got {stream!r}", sequence)
+    if expect_stream is not None:
+        allowed = {expect_stream} if isinstance(expect_stream, str) else set(expect_stream)
+        allowed.add("end")
+        if stream not in allowed:
+            raise _fail("wrong_stream", f"stream {stream!r} where {sorted(allowed)} expected", sequence)
+    if sequence is None or sequence < 1:
+        raise _fail("bad_value", f"sequence must be an integer >= 1, got {seq!r}", None)
+    for key in STREAM_KEYS.get(stream, ()):
+        if key not in head:
+            raise _fail("missing_key", f"{stream!r} header lacks key {key!r}", sequence)
+    if "position" in head:
+        pos = head["position"]
+        if not _is_int(pos) or pos < 0:
+            raise _fail("bad_value", f"position must be an integer >= 0, got {pos!r}", sequence)
+    if not isinstance(head["scan_id"], (str, int)) or isinstance(head["scan_id"], bool):
+        raise _fail("bad_value", f"scan_id must be a string or integer, got {head['scan_id']!r}", sequence)
+    if stream == "eds":
+        shape = head["scan_shape"]
+        if (not isinstance(shape, list) or not 1 <= len(shape) <= 3
+                or not all(_is_int(n) and n > 0 for n in shape)):
+            raise _fail("bad_value", f"scan_shape must be a list of positive integers, got {shape!r}", sequence)
+        for key in ("live_time_s", "real_time_s", "energy_offset_kev", "channel_width_kev"):
+            value = head[key]
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise _fail("bad_value", f"{key} must be a finite number, got {value!r}", sequence)
+    if stream == "frame":
+        ms = head["merlin_sequence"]
+        if not _is_int(ms) or ms < 1:
+            raise _fail("bad_value", f"merlin_sequence must be an integer >= 1, got {ms!r}", sequence)
+    if stream == "end" and not isinstance(head["totals"], dict):
+        raise _fail("bad_value", "end marker totals must be an object", sequence)
+    return sequence
+
+
+def decode_array_message(parts: Sequence, *, max_bytes: int | None = DEFAULT_MAX_BYTES,
+                         expect_stream: str | Iterable[str] | None = None) -> tuple[dict, np.ndarray]:
+    """Validate and decode one multipart message into ``(header, array)``.
+
+    Parameters
+    ----------
+    parts : sequence
+        The received parts (``zmq.Frame`` with ``copy=False``, or bytes-like).
+    max_bytes : int or None
+        Largest array buffer accepted; None for no bound.
+    expect_stream : str or iterable of str, optional
+        Streams accepted besides ``"end"``.
+
+    Returns
+    -------
+    header : dict
+    array : ndarray
+        A read-only view of the received buffer (no copy), with the header's dtype and shape.
+
+    Raises
+    ------
+    WireFormatError
+        With ``.kind`` one of ``part_count``, ``header_too_large``, ``bad_json``, ``missing_key``,
+        ``bad_version``, ``wrong_stream``, ``bad_value``, ``bad_dtype``, ``bad_shape``,
+        ``too_large``, ``size_mismatch``; ``.sequence`` is set once it is known.
+    """
+    if len(parts) != 2:
+        raise _fail("part_count", f"message has {len(parts)} parts, expected 2 (header, buffer)")
+    raw = _buffer_of(parts[0])
+    if raw.nbytes > MAX_HEADER_BYTES:
+        raise _fail("header_too_large", f"header of {raw.nbytes} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        head = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _fail("bad_json", f"header is not UTF-8 JSON: {exc}") from None
+    if not isinstance(head, dict):
+        raise _fail("bad_json", f"header is a JSON {type(head).__name__}, not an object")
+    sequence = _check_header(head, expect_stream)
+
+    dtype_str = head["dtype"]
+    match = _DTYPE_RE.match(dtype_str) if isinstance(dtype_str, str) else None
+    if match is None:
+        raise _fail("bad_dtype", f"dtype {dtype_str!r} is not a numeric dtype with explicit byte order", sequence)
+    try:
+        dtype = np.dtype(dtype_str)
+    except TypeError:
+        raise _fail("bad_dtype", f"dtype {dtype_str!r} is not understood", sequence) from None
+    if dtype.itemsize != int(match.group(3)) or (match.group(1) == "|") != (dtype.itemsize == 1):
+        raise _fail("bad_dtype", f"dtype {dtype_str!r} is not canonical (expected {dtype.str!r})", sequence)
+
+    shape = head["shape"]
+    if (not isinstance(shape, list) or len(shape) > _MAX_NDIM
+            or not all(_is_int(n) and n >= 0 for n in shape)):
+        raise _fail("bad_shape", f"shape must be a list of at most {_MAX_NDIM} integers >= 0, got {shape!r}",
+                    sequence)
+    # Python integers: a hostile shape cannot overflow into a small product
+    claimed = math.prod(shape) * dtype.itemsize
+    if max_bytes is not None and claimed > max_bytes:
+        raise _fail("too_large", f"array of {claimed} bytes exceeds the limit of {max_bytes}", sequence)
+    buf = _buffer_of(parts[1])
+    if buf.nbytes != claimed:
+        raise _fail("size_mismatch",
+                    f"buffer has {buf.nbytes} bytes, shape {shape} of {dtype_str} needs {claimed}", sequence)
+    array = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    array.flags.writeable = False
+    return head, array
+
+
+def send_array(socket: zmq.Socket, header: dict, array: np.ndarray, *, copy_threshold: int = 65536,
+               flags: int = 0) -> None:
+    """Send one array message; the buffer goes zero-copy (``copy=False``) above ``copy_threshold``.
+
+    Below pyzmq's 64 KiB threshold copying is as fast as the bookkeeping of a zero-copy send.
+    With ``copy=False`` the array must not be modified until ZeroMQ has sent it.
+    """
+    parts = encode_array_message(header, array)
+    socket.send_multipart(parts, flags=flags, copy=parts[1].nbytes < copy_threshold)
+
+
+def recv_array(socket: zmq.Socket, *, max_bytes: int | None = DEFAULT_MAX_BYTES, flags: int = 0,
+               expect_stream=None) -> tuple[dict, np.ndarray]:
+    """Receive and decode one array message (zero-copy). Raises :class:`WireFormatError` on bad input."""
+    parts = socket.recv_multipart(flags=flags, copy=False)
+    return decode_array_message(parts, max_bytes=max_bytes, expect_stream=expect_stream)

@@ -1,0 +1,252 @@
+"""ScanJoiner: pairing, batching, timeouts, capacity, and an account of every item."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace as NS
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamclust.adapters.join import Batch, ScanJoiner, join_streams
+
+H, W, C = 4, 3, 5
+
+
+def frame(p):
+    return np.full((H, W), p % 65536, dtype=np.uint16)
+
+
+def spectrum(p):
+    return np.full(C, p + 1000, dtype=np.uint32)
+
+
+def all_rows(batches):
+    return [(int(p), b, i) for b in batches for i, p in enumerate(b.positions)]
+
+
+def test_pairs_in_any_order_and_batches_in_preallocated_arrays():
+    j = ScanJoiner(10, batch_size=4)
+    for p in [3, 1, 4, 0, 9, 2, 6, 5, 8, 7]:
+        j.add_frame(p, frame(p))
+    out = []
+    for p in [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]:
+        j.add_spectrum(p, spectrum(p))
+        out += j.poll()
+    assert [len(b) for b in out] == [4, 4]
+    out += j.flush()
+    assert [len(b) for b in out] == [4, 4, 2]
+    for b in out:
+        assert isinstance(b, Batch)
+        assert b.frames.shape == (len(b), H, W) and b.frames.dtype == np.uint16
+        assert b.spectra.shape == (len(b), C) and b.spectra.dtype == np.uint32
+        assert b.has_frame.all() and b.has_spectrum.all()
+        for i, p in enumerate(b.positions):
+            assert (b.frames[i] == p).all() and (b.spectra[i] == p + 1000).all()
+    assert sorted(p for p, _, _ in all_rows(out)) == list(range(10))
+    s = j.stats
+    assert s["joined"] == 10 and s["batches"] == 3
+    assert j.check_invariants()
+
+
+def test_batch_rows_are_copies_not_views_of_the_inputs():
+    j = ScanJoiner(1, batch_size=1)
+    img = frame(0)
+    j.add_frame(0, img)
+    j.add_spectrum(0, spectrum(0))
+    (b,) = j.poll()
+    img[...] = 7
+    assert (b.frames[0] == 0).all()
+
+
+def test_duplicates_out_of_range_and_rejected_shapes_are_counted():
+    j = ScanJoiner(3, batch_size=8)
+    assert j.add_frame(0, frame(0))
+    assert not j.add_frame(0, frame(0))          # duplicate while pending
+    assert j.add_spectrum(0, spectrum(0))         # joins
+    assert not j.add_spectrum(0, spectrum(0))     # duplicate after join
+    assert not j.add_frame(0, frame(0))           # duplicate after join
+    assert not j.add_frame(3, frame(3))           # out of range
+    assert not j.add_spectrum(-1, spectrum(0))    # out of range
+    assert not j.add_frame(1, np.zeros((H + 1, W), np.uint16))  # wrong shape
+    assert not j.add_spectrum(1, np.zeros((C, 1)))              # wrong ndim
+    assert j.add_frame(1, frame(1))               # the position is still open after a rejection
+    s = j.stats
+    assert (s["duplicate_frames"], s["duplicate_spectra"]) == (2, 1)
+    assert (s["out_of_range_frames"], s["out_of_range_spectra"], s["out_of_range"]) == (1, 1, 2)
+    assert (s["rejected_frames"], s["rejected_spectra"]) == (1, 1)
+    assert s["pending_frames"] == 1
+    j.check_invariants()
+    j.flush()
+    assert j.stats["flushed_frames"] == 1 and j.stats["frames_without_spectrum"] == 1
+    j.check_invariants()
+
+
+def test_timeout_expires_partners_and_late_arrivals_are_counted_late():
+    j = ScanJoiner(4, batch_size=2, timeout_s=1.0)
+    j.add_frame(0, frame(0), t=0.0)
+    j.add_frame(1, frame(1), t=0.5)
+    j.add_spectrum(2, spectrum(2), t=0.6)
+    assert j.poll(now=1.2) == []
+    s = j.stats
+    assert s["expired_frames"] == 1 and s["pending_frames"] == 1 and s["pending_spectra"] == 1
+    j.add_spectrum(0, spectrum(0), t=1.3)  # its frame already given up
+    assert j.stats["late_spectra"] == 1 and j.stats["spectra_without_frame"] == 1
+    j.add_spectrum(1, spectrum(1), t=1.4)  # in time: joins
+    assert j.stats["joined"] == 1
+    j.poll(now=10.0)
+    s = j.stats
+    assert s["expired_spectra"] == 1 and s["pending_spectra"] == 0
+    j.check_invariants()
+
+
+def test_capacity_evicts_the_oldest_item_of_either_kind():
+    j = ScanJoiner(100, max_pending=3, timeout_s=1e9)
+    j.add_frame(0, frame(0), t=1.0)
+    j.add_spectrum(50, spectrum(50), t=0.5)
+    j.add_frame(1, frame(1), t=2.0)
+    j.add_frame(2, frame(2), t=3.0)  # 4 pending > 3: the spectrum (t=0.5) goes
+    s = j.stats
+    assert s["evicted_spectra"] == 1 and s["evicted_at_capacity"] == 1
+    assert s["pending_frames"] == 3 and s["pending_spectra"] == 0
+    j.add_frame(3, frame(3), t=4.0)  # now frame 0 (t=1.0) goes
+    assert j.stats["evicted_frames"] == 1
+    assert j.n_pending == 3
+    j.add_frame(50, frame(50), t=5.0)  # partner was evicted: late, not pending
+    assert j.stats["late_frames"] == 1
+    j.check_invariants()
+
+
+def test_emit_mode_hands_out_unpaired_items_with_zeroed_partner_and_masks():
+    j = ScanJoiner(6, batch_size=10, on_missing="emit")
+    for p in (0, 1, 2):
+        j.add_frame(p, frame(p))
+    for p in (1, 2, 4):
+        j.add_spectrum(p, spectrum(p))
+    (b,) = j.flush()
+    rows = {int(p): i for i, p in enumerate(b.positions)}
+    assert set(rows) == {0, 1, 2, 4}
+    assert b.has_frame[rows[0]] and not b.has_spectrum[rows[0]] and (b.spectra[rows[0]] == 0).all()
+    assert b.has_spectrum[rows[4]] and not b.has_frame[rows[4]] and (b.frames[rows[4]] == 0).all()
+    assert (b.frames[rows[0]] == 0).all() and (b.spectra[rows[4]] == 1004).all()
+    s = j.stats
+    assert s["emitted_frame_only"] == 1 and s["emitted_spectrum_only"] == 1 and s["joined"] == 2
+    assert s["positions_without_any"] == 2
+    j.check_invariants()
+
+
+def test_invariant_check_detects_a_broken_account():
+    j = ScanJoiner(2)
+    j.add_frame(0, frame(0))
+    j._c["joined"] += 1  # simulate a bug: an item counted twice
+    with pytest.raises(AssertionError, match="frames_in"):
+        j.check_invariants()
+
+
+# -- property test over random arrival orders, drops, duplicates and polls --------------------------------
+@st.composite
+def scenarios(draw):
+    n = draw(st.integers(1, 40))
+    events = []
+    for kind in ("f", "s"):
+        for p in range(n):
+            copies = draw(st.sampled_from([0, 1, 1, 1, 2, 3]))  # dropped, normal, duplicated
+            events += [(kind, p)] * copies
+    events += [(draw(st.sampled_from("fs")), draw(st.sampled_from([-1, n, n + 5])))
+               for _ in range(draw(st.integers(0, 3)))]
+    order = draw(st.permutations(events))
+    polls = draw(st.lists(st.integers(0, max(len(order), 1)), max_size=5))
+    return n, order, set(polls)
+
+
+@settings(max_examples=150, deadline=None)
+@given(scenarios(), st.sampled_from(["drop", "emit"]), st.integers(1, 9), st.sampled_from([2, 5, 10_000]),
+       st.sampled_from([3.0, 1e9]))
+def test_every_item_is_accounted_for(scenario, on_missing, batch_size, max_pending, timeout_s):
+    n, order, polls = scenario
+    j = ScanJoiner(n, batch_size=batch_size, max_pending=max_pending, timeout_s=timeout_s, on_missing=on_missing)
+    out = []
+    for t, (kind, p) in enumerate(order):
+        if t in polls:
+            out += j.poll(now=float(t))
+        if kind == "f":
+            j.add_frame(p, frame(p), t=float(t))
+        else:
+            j.add_spectrum(p, spectrum(p), t=float(t))
+        assert j.n_pending <= max_pending
+        j.check_invariants()
+    out += j.flush()
+    s = j.stats
+    assert j.check_invariants()
+    assert s["pending_frames"] == s["pending_spectra"] == 0
+    frames_given = {p for k, p in order if k == "f" and 0 <= p < n}
+    spectra_given = {p for k, p in order if k == "s" and 0 <= p < n}
+    assert s["frames_in"] == sum(k == "f" for k, _ in order)
+    assert s["duplicate_frames"] == sum(k == "f" and 0 <= p < n for k, p in order) - len(frames_given)
+    assert s["duplicate_spectra"] == sum(k == "s" and 0 <= p < n for k, p in order) - len(spectra_given)
+    rows = all_rows(out)
+    positions = [p for p, _, _ in rows]
+    # every half of a position leaves at most once (in "emit" mode a late partner leaves in its own row)
+    frame_rows = [p for p, b, i in rows if b.has_frame[i]]
+    spectrum_rows = [p for p, b, i in rows if b.has_spectrum[i]]
+    assert len(frame_rows) == len(set(frame_rows)) and len(spectrum_rows) == len(set(spectrum_rows))
+    joined = [p for p, b, i in rows if b.has_frame[i] and b.has_spectrum[i]]
+    assert len(joined) == s["joined"]
+    assert set(joined) <= frames_given & spectra_given
+    for p, b, i in rows:  # with its own data
+        assert not b.has_frame[i] or (b.frames[i] == p).all()
+        assert not b.has_spectrum[i] or (b.spectra[i] == p + 1000).all()
+    if max_pending >= 2 * n and timeout_s > len(order):  # nothing can be given up early: all pairs join
+        assert set(joined) == frames_given & spectra_given
+    if on_missing == "emit":  # every accepted item leaves, paired or not
+        assert set(positions) == frames_given | spectra_given
+    else:
+        assert positions == frame_rows == spectrum_rows and len(positions) == len(set(positions))
+        assert set(positions) == set(joined)
+    assert all(len(b) == batch_size for b in out[:-1])
+
+
+# -- join_streams -------------------------------------------------------------------------------------
+def test_join_streams_runs_both_iterators_and_reports_counters():
+    n = 50
+    rng = np.random.default_rng(1)
+    frames = [NS(sequence=p + 1, image=frame(p)) for p in rng.permutation(n)]
+    spectra = [NS(position=int(p), counts=spectrum(p)) for p in rng.permutation(n) if p % 10 != 3]
+    spectra.append(spectra[0])
+    stream = join_streams(iter(frames), iter(spectra), n, batch_size=16)
+    rows = all_rows(list(stream))
+    assert sorted(p for p, _, _ in rows) == [p for p in range(n) if p % 10 != 3]
+    s = stream.stats
+    assert s["joined"] == 45 and s["frames_without_spectrum"] == 5 and s["duplicate_spectra"] == 1
+    stream.joiner.check_invariants()
+
+
+def test_join_streams_reraises_a_source_failure_after_flushing():
+    def broken():
+        yield NS(position=0, counts=spectrum(0))
+        raise ConnectionError("EDS link died")
+
+    stream = join_streams([NS(sequence=1, image=frame(0))], broken(), 2, batch_size=4)
+    batches = []
+    with pytest.raises(RuntimeError, match="source") as info:
+        for b in stream:
+            batches.append(b)
+    assert isinstance(info.value.__cause__, ConnectionError)
+    assert [int(p) for b in batches for p in b.positions] == [0]
+
+
+def test_join_streams_backpressure_does_not_lose_items():
+    n = 300
+    done = threading.Event()
+
+    def slow_frames():
+        for p in range(n):
+            yield NS(position=p, image=frame(p))
+        done.set()
+
+    spectra = (NS(position=p, counts=spectrum(p)) for p in range(n))
+    stream = join_streams(slow_frames(), spectra, n, batch_size=7, queue_size=4)
+    total = sum(len(b) for b in stream)
+    assert done.is_set() and total == n and stream.stats["joined"] == n
