@@ -1,0 +1,280 @@
+"""Numba kernels that unpack raw (``R64``) Merlin pixel data and assemble chips, with NumPy twins.
+
+Raw pixel data is a stream of big-endian 64-bit words; pixels are packed least significant bit
+first. The raw image is ``n_rows`` rows of ``n_chips`` chip rows of 256 pixels each. Every chip
+position ``k`` in a raw row is placed in the output by ``(row0[k], col0[k], flip[k])``: an
+unflipped chip puts raw row ``r`` at output row ``row0 + r``, left to right; a flipped chip puts
+it at ``row0 + 255 - r``, right to left (a 180 degree rotation, as the quad's lower chips are
+mounted). The placement tables come from :mod:`streamclust.adapters.mib`.
+
+Each kernel writes into a caller-owned output (no allocation in the hot loop) and has a NumPy
+twin (``*_numpy``) computing the same result, compared in ``tests/test_mib_codec.py``.
+
+Why these tricks: a quad 1-bit frame is 32 KiB in and 256 KiB out; per-pixel loops cost about a
+nanosecond a pixel, too slow for 12,500 frames/s with a receiver beside it. So every source byte
+of a 1-bit frame becomes one 8-byte store through a 256-entry lookup table, and 6/12-bit words are
+moved whole with a byte swap (reversing the 8 bytes of a big-endian word puts 8-bit or 16-bit
+pixels in order; a flipped chip needs the pixel order reversed, which for the whole chip row is
+the word order reversed plus, for 16-bit pixels, a swap inside each 16-bit pixel).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+__all__ = [
+    "CHIP_SIZE",
+    "bit_luts",
+    "unpack_raw_1bit",
+    "unpack_raw_1bit_numpy",
+    "unpack_raw_words",
+    "unpack_raw_words_numpy",
+    "pack_raw_1bit",
+    "pack_raw_1bit_numpy",
+    "pack_raw_words",
+    "pack_raw_words_numpy",
+]
+
+#: pixels along each side of a Medipix3 chip
+CHIP_SIZE = 256
+
+
+def bit_luts() -> tuple[np.ndarray, np.ndarray]:
+    """Lookup tables from one packed byte to eight 0/1 pixel bytes (as one little-endian uint64).
+
+    Returns
+    -------
+    forward, reversed : ndarray of uint64, shape (256,)
+        ``forward[b]`` has byte ``i`` equal to bit ``i`` of ``b``; ``reversed[b]`` has byte
+        ``7 - i`` equal to bit ``i`` (for chips written right to left).
+
+    Examples
+    --------
+    >>> fwd, rev = bit_luts()
+    >>> fwd[1].tobytes(), rev[1].tobytes()
+    (b'\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x00', b'\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x01')
+    """
+    bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
+    forward = np.ascontiguousarray(bits).view("<u8").ravel().astype(np.uint64)
+    backward = np.ascontiguousarray(bits[:, ::-1]).view("<u8").ravel().astype(np.uint64)
+    return forward, backward
+
+
+@njit(cache=True, nogil=True)
+def unpack_raw_1bit(src, out64, row0, col0, flip, lut_fwd, lut_rev):  # pragma: no cover - JIT
+    """Unpack raw 1-bit data and place its chips (Numba).
+
+    Parameters
+    ----------
+    src : uint8[:]
+        Raw pixel bytes: ``n_rows * n_chips * 32`` bytes (big-endian words, LSB-first bits).
+    out64 : uint64[:, :]
+        The output image (uint8 pixels) viewed as uint64, shape ``(H, W // 8)``; every chip
+        column offset must be a multiple of 8 pixels.
+    row0, col0 : int64[:]
+        Output row and column (in pixels) of each chip position's top-left corner.
+    flip : uint8[:]
+        1 for chips rotated by 180 degrees.
+    lut_fwd, lut_rev : uint64[:]
+        Tables from :func:`bit_luts`.
+    """
+    n_chips = row0.shape[0]
+    n_rows = src.shape[0] // (n_chips * 32)
+    for r in range(n_rows):
+        for k in range(n_chips):
+            base = (r * n_chips + k) * 32
+            c0 = col0[k] // 8
+            if flip[k]:
+                orow = row0[k] + 255 - r
+                # pixel p of the chip row goes to column 255 - p: byte group g -> 31 - g
+                for w in range(4):
+                    for j in range(8):
+                        g = w * 8 + 7 - j  # the byte at offset j holds pixels 8g..8g+7
+                        out64[orow, c0 + 31 - g] = lut_rev[src[base + w * 8 + j]]
+            else:
+                orow = row0[k] + r
+                for w in range(4):
+                    for j in range(8):
+                        g = w * 8 + 7 - j
+                        out64[orow, c0 + g] = lut_fwd[src[base + w * 8 + j]]
+
+
+def unpack_raw_1bit_numpy(src, out, row0, col0, flip) -> None:
+    """NumPy twin of :func:`unpack_raw_1bit`, writing uint8 pixels into ``out`` (H, W)."""
+    n_chips = len(row0)
+    words = np.frombuffer(src, dtype=np.uint8).reshape(-1, 8)[:, ::-1]
+    bits = np.unpackbits(words, axis=1, bitorder="little")
+    raw = bits.reshape(-1, n_chips, CHIP_SIZE)
+    _place_numpy(raw, out, row0, col0, flip)
+
+
+@njit(cache=True, nogil=True)
+def _bswap64(v):  # pragma: no cover - JIT
+    v = ((v & np.uint64(0x00FF00FF00FF00FF)) << np.uint64(8)) | (
+        (v >> np.uint64(8)) & np.uint64(0x00FF00FF00FF00FF)
+    )
+    v = ((v & np.uint64(0x0000FFFF0000FFFF)) << np.uint64(16)) | (
+        (v >> np.uint64(16)) & np.uint64(0x0000FFFF0000FFFF)
+    )
+    return (v << np.uint64(32)) | (v >> np.uint64(32))
+
+
+@njit(cache=True, nogil=True)
+def _bswap16x4(v):  # pragma: no cover - JIT
+    return ((v & np.uint64(0x00FF00FF00FF00FF)) << np.uint64(8)) | (
+        (v >> np.uint64(8)) & np.uint64(0x00FF00FF00FF00FF)
+    )
+
+
+@njit(cache=True, nogil=True)
+def unpack_raw_words(src64, out64, row0, col0, flip, pixel_bytes):  # pragma: no cover - JIT
+    """Unpack raw 6-bit (``pixel_bytes=1``) or 12-bit (``pixel_bytes=2``) data and place chips.
+
+    Parameters
+    ----------
+    src64 : uint64[:]
+        Raw pixel data read as *native little-endian* uint64 words (no byte swap applied).
+    out64 : uint64[:, :]
+        The output image (uint8 or uint16 pixels) viewed as uint64; chip column offsets must be
+        multiples of ``8 // pixel_bytes`` pixels.
+    row0, col0, flip
+        Chip placement, as in :func:`unpack_raw_1bit`.
+    pixel_bytes : int
+        1 for 6-bit (8 pixels a word), 2 for 12-bit (4 pixels a word).
+    """
+    n_chips = row0.shape[0]
+    per_word = 8 // pixel_bytes
+    wpr = CHIP_SIZE // per_word  # words per chip row
+    n_rows = src64.shape[0] // (n_chips * wpr)
+    for r in range(n_rows):
+        for k in range(n_chips):
+            base = (r * n_chips + k) * wpr
+            c0 = col0[k] // per_word
+            if flip[k]:
+                orow = row0[k] + 255 - r
+                if pixel_bytes == 1:
+                    for w in range(wpr):
+                        out64[orow, c0 + wpr - 1 - w] = src64[base + w]
+                else:
+                    for w in range(wpr):
+                        out64[orow, c0 + wpr - 1 - w] = _bswap16x4(src64[base + w])
+            else:
+                orow = row0[k] + r
+                for w in range(wpr):
+                    out64[orow, c0 + w] = _bswap64(src64[base + w])
+
+
+def unpack_raw_words_numpy(src, out, row0, col0, flip, pixel_bytes: int) -> None:
+    """NumPy twin of :func:`unpack_raw_words`, writing uint8/uint16 pixels into ``out``."""
+    n_chips = len(row0)
+    per_word = 8 // pixel_bytes
+    dtype = np.dtype(">u1") if pixel_bytes == 1 else np.dtype(">u2")
+    # reverse the big-endian pixels inside each 64-bit word: LSB-first packing
+    pixels = np.frombuffer(src, dtype=dtype).reshape(-1, per_word)[:, ::-1]
+    raw = pixels.reshape(-1, n_chips, CHIP_SIZE)
+    _place_numpy(raw, out, row0, col0, flip)
+
+
+def _place_numpy(raw, out, row0, col0, flip) -> None:
+    """Place chip k of every raw row (``raw[:, k, :]``) into ``out``."""
+    for k in range(raw.shape[1]):
+        chip = raw[:, k, :]
+        if flip[k]:
+            chip = chip[::-1, ::-1]
+        out[row0[k] : row0[k] + chip.shape[0], col0[k] : col0[k] + CHIP_SIZE] = chip
+
+
+# --------------------------------------------------------------------------------------------
+# packing (the encoder's direction): the exact inverses of the kernels above
+# --------------------------------------------------------------------------------------------
+
+#: gathers the lowest bit of each of 8 bytes into the top byte, byte i -> bit i
+_GATHER_FWD = np.uint64(0x0102040810204080)
+#: the same with the byte order reversed, byte 7 - i -> bit i (chips written right to left)
+_GATHER_REV = np.uint64(0x8040201008040201)
+_LSB_MASK = np.uint64(0x0101010101010101)
+
+
+@njit(cache=True, nogil=True)
+def pack_raw_1bit(img64, dst, row0, col0, flip):  # pragma: no cover - JIT
+    """Pack an assembled 0/1 uint8 image (viewed as uint64, shape (H, W // 8)) into raw bytes.
+
+    The inverse of :func:`unpack_raw_1bit`: every 8 pixels are gathered into one byte with a
+    multiply (only the lowest bit of each pixel is used: values must be validated before).
+    """
+    n_chips = row0.shape[0]
+    n_rows = dst.shape[0] // (n_chips * 32)
+    for r in range(n_rows):
+        for k in range(n_chips):
+            base = (r * n_chips + k) * 32
+            c0 = col0[k] // 8
+            if flip[k]:
+                orow = row0[k] + 255 - r
+                for w in range(4):
+                    for j in range(8):
+                        g = w * 8 + 7 - j
+                        v = img64[orow, c0 + 31 - g] & _LSB_MASK
+                        dst[base + w * 8 + j] = np.uint8((v * _GATHER_REV) >> np.uint64(56))
+            else:
+                orow = row0[k] + r
+                for w in range(4):
+                    for j in range(8):
+                        g = w * 8 + 7 - j
+                        v = img64[orow, c0 + g] & _LSB_MASK
+                        dst[base + w * 8 + j] = np.uint8((v * _GATHER_FWD) >> np.uint64(56))
+
+
+def pack_raw_1bit_numpy(img, dst, row0, col0, flip) -> None:
+    """NumPy twin of :func:`pack_raw_1bit` (``img`` uint8 (H, W), ``dst`` uint8 1-D)."""
+    raw = _gather_numpy(img, row0, col0, flip)
+    packed = np.packbits(raw.reshape(-1, 8) & 1, axis=1, bitorder="little").reshape(-1, 8)
+    dst.reshape(-1, 8)[...] = packed[:, ::-1]
+
+
+@njit(cache=True, nogil=True)
+def pack_raw_words(img64, dst64, row0, col0, flip, pixel_bytes):  # pragma: no cover - JIT
+    """Pack an assembled uint8 (6-bit) or uint16 (12-bit) image into raw words.
+
+    The inverse of :func:`unpack_raw_words` (the per-word transforms are their own inverses);
+    ``dst64`` is the raw pixel buffer viewed as native uint64.
+    """
+    n_chips = row0.shape[0]
+    per_word = 8 // pixel_bytes
+    wpr = CHIP_SIZE // per_word
+    n_rows = dst64.shape[0] // (n_chips * wpr)
+    for r in range(n_rows):
+        for k in range(n_chips):
+            base = (r * n_chips + k) * wpr
+            c0 = col0[k] // per_word
+            if flip[k]:
+                orow = row0[k] + 255 - r
+                if pixel_bytes == 1:
+                    for w in range(wpr):
+                        dst64[base + w] = img64[orow, c0 + wpr - 1 - w]
+                else:
+                    for w in range(wpr):
+                        dst64[base + w] = _bswap16x4(img64[orow, c0 + wpr - 1 - w])
+            else:
+                orow = row0[k] + r
+                for w in range(wpr):
+                    dst64[base + w] = _bswap64(img64[orow, c0 + w])
+
+
+def pack_raw_words_numpy(img, dst, row0, col0, flip, pixel_bytes: int) -> None:
+    """NumPy twin of :func:`pack_raw_words` (``img`` uint8/uint16 (H, W), ``dst`` uint8 1-D)."""
+    raw = _gather_numpy(img, row0, col0, flip)
+    if pixel_bytes == 1:
+        dst.reshape(-1, 8)[...] = raw.reshape(-1, 8)[:, ::-1]
+    else:
+        dst.view(">u2").reshape(-1, 4)[...] = raw.reshape(-1, 4)[:, ::-1]
+
+
+def _gather_numpy(img, row0, col0, flip) -> np.ndarray:
+    """Raw rows ``(256, n_chips, 256)`` from an assembled image: inverse of ``_place_numpy``."""
+    n_chips = len(row0)
+    raw = np.empty((CHIP_SIZE, n_chips, CHIP_SIZE), img.dtype)
+    for k in range(n_chips):
+        chip = img[row0[k]:row0[k] + CHIP_SIZE, col0[k]:col0[k] + CHIP_SIZE]
+        raw[:, k, :] = chip[::-1, ::-1] if flip[k] else chip
+    return raw
