@@ -81,7 +81,11 @@ class ScanJoiner:
     max_pending : int
         Most unpaired items (frames + spectra) held; beyond it the oldest is evicted and counted.
     timeout_s : float
-        An unpaired item older than this (by its arrival time ``t``) is given up at :meth:`poll`.
+        An unpaired item older than this (by its arrival time ``t``) is given up at :meth:`poll`,
+        but only once its partner stream can no longer bring the partner: that stream has already
+        delivered a later position (its watermark passed this one), or it has been silent for
+        ``timeout_s`` too. Two streams running at different speeds (an EDS system ahead of a slow
+        frame source) therefore never expire each other's items; a stalled or dead stream does.
     on_missing : {"drop", "emit"}
         What happens to an item whose partner never comes.
     frame_shape, n_channels : optional
@@ -135,6 +139,9 @@ class ScanJoiner:
         self._ready: list = []
         self._out: list[Batch] = []
         self._c = dict.fromkeys(_COUNTERS, 0)
+        # per kind: highest position accepted so far, and the arrival time of the latest item
+        self._watermark = [-1, -1]
+        self._last_arrival = [-float("inf"), -float("inf")]
 
     # -- input ---------------------------------------------------------------------------------
     def add_frame(self, position: int, image, *, t: float | None = None) -> bool:
@@ -164,6 +171,9 @@ class ScanJoiner:
             c["duplicate_frames" if kind == _FRAME else "duplicate_spectra"] += 1
             return False
         self._seen[kind, position] = True
+        now = time.monotonic() if t is None else float(t)
+        self._watermark[kind] = max(self._watermark[kind], position)
+        self._last_arrival[kind] = max(self._last_arrival[kind], now)
         other = 1 - kind
         partner = self._pending[other].pop(position, None)
         if partner is not None:
@@ -175,7 +185,7 @@ class ScanJoiner:
             # the partner came and was already given up (expired, evicted): this one is late
             self._give_up(kind, position, array, "late")
             return True
-        self._pending[kind][position] = (array, time.monotonic() if t is None else float(t))
+        self._pending[kind][position] = (array, now)
         if self.n_pending > self.max_pending:
             self._evict_oldest()
         return True
@@ -263,17 +273,24 @@ class ScanJoiner:
         return Batch(positions, frames, spectra, has_frame, has_spectrum)
 
     def expire(self, now: float | None = None) -> int:
-        """Give up on unpaired items that arrived before ``now - timeout_s``; return how many."""
+        """Give up on unpaired items that arrived before ``now - timeout_s`` and whose partner
+        stream has passed them or gone silent (see ``timeout_s``); return how many."""
         now = time.monotonic() if now is None else float(now)
         limit = now - self.timeout_s
         n = 0
         for kind in (_FRAME, _SPECTRUM):
             store = self._pending[kind]
-            # arrival order: stop at the first item young enough (times are non-decreasing)
+            other = 1 - kind
+            partner_silent = self._last_arrival[other] <= limit
+            # arrival order: stop at the first item young enough (times are non-decreasing), or at
+            # the first the partner stream may still bring (positions mostly rise with arrival, so
+            # later items would wait too; an out-of-order item behind it is only delayed, not lost)
             while store:
                 position = next(iter(store))
                 array, t = store[position]
                 if t > limit:
+                    break
+                if not partner_silent and self._watermark[other] < position:
                     break
                 del store[position]
                 self._give_up(kind, position, array, "expired")

@@ -250,3 +250,35 @@ def test_join_streams_backpressure_does_not_lose_items():
     stream = join_streams(slow_frames(), spectra, n, batch_size=7, queue_size=4)
     total = sum(len(b) for b in stream)
     assert done.is_set() and total == n and stream.stats["joined"] == n
+
+
+def test_a_slow_partner_stream_that_keeps_arriving_does_not_expire_items():
+    """An EDS system far ahead of a slow frame source: spectra wait for frames that are coming."""
+    j = ScanJoiner(100, batch_size=10, timeout_s=1.0)
+    for p in range(100):                       # every spectrum at t = 0
+        j.add_spectrum(p, np.full(4, p, np.uint16), t=0.0)
+    for p in range(100):                       # frames trickle in, 0.1 s apart, 10 s in all
+        t = 0.1 * (p + 1)
+        j.add_frame(p, np.full((2, 2), p, np.uint16), t=t)
+        j.poll(now=t)
+    j.flush()
+    s = j.stats
+    assert s["joined"] == 100 and s["spectra_without_frame"] == 0
+    assert j.check_invariants()
+
+
+def test_items_expire_once_the_partner_stream_passed_them_or_went_silent():
+    j = ScanJoiner(10, batch_size=10, timeout_s=1.0)
+    j.add_spectrum(3, np.zeros(4, np.uint16), t=0.0)     # its frame is lost
+    j.add_frame(2, np.zeros((2, 2), np.uint16), t=0.5)   # frame stream active, below position 3
+    j.poll(now=1.2)
+    assert j.stats["expired_spectra"] == 0                # frames may still bring position 3
+    j.add_frame(5, np.zeros((2, 2), np.uint16), t=1.3)   # the frame stream passed position 3
+    j.poll(now=1.4)
+    assert j.stats["expired_spectra"] == 1
+    j.add_spectrum(7, np.zeros(4, np.uint16), t=1.5)     # then the frame stream goes silent
+    j.poll(now=2.0)
+    assert j.stats["expired_spectra"] == 1
+    j.poll(now=2.6)                                       # silent for > 1 s and waited > 1 s
+    assert j.stats["expired_spectra"] == 2
+    assert j.check_invariants()
