@@ -90,6 +90,7 @@ logger = logging.getLogger(__name__)
 MAX_HDR_PAYLOAD = 65536
 #: largest MQ1 header accepted in the frame-size bound (real ones: 384 / 768)
 _MAX_FRAME_HEADER = 4096
+_PEEK = 24  # bytes read before the MQ1 header size is known (see _on_frame_slow)
 _CHIP_PIXELS = 256 * 256
 _BYTES_PER_PIXEL = {1: 1, 6: 1, 12: 2, 24: 4}
 _NO_HEADER_BOUND = _MAX_FRAME_HEADER + 514 * 514 * 4
@@ -810,12 +811,20 @@ class MerlinReceiver:
             self._bad_stream(FramingError(f"frame message claims {n} bytes, more than the {self._bound} "
                                           "the acquisition header allows", offset=offset))
             return
-        peek = b"MQ1," + self._read(MQ1_PEEK - 4)
+        # MQ1_PEEK bytes hold the header size while the sequence has 6 digits; scans past frame
+        # 999,999 (1024x1024 positions) push it one byte on, so read a little more (any valid
+        # header is far longer than _PEEK)
+        if n < _PEEK:
+            self._unread(prefix + b"MQ1,")
+            self._bad_stream(FramingError(f"frame message of {n} bytes cannot hold an MQ1 header",
+                                          offset=offset))
+            return
+        peek = b"MQ1," + self._read(_PEEK - 4)
         try:
             header_size = peek_header_size(peek)
             if header_size > n or header_size > _MAX_FRAME_HEADER:
                 raise HeaderError(f"MQ1 header size {header_size} does not fit the {n}-byte message")
-            head = peek + self._read(header_size - MQ1_PEEK)
+            head = peek + self._read(header_size - _PEEK)
             fh = parse_frame_header(head, counter_depth=self._hdr.counter_depth,
                                     max_pixel_bytes=self._bound - header_size)
             if header_size + fh.pixel_bytes != n:
@@ -825,7 +834,7 @@ class MerlinReceiver:
             # report where the MQ1 header starts in the stream (the parsers count from 0)
             exc = HeaderError(exc.message, offset=offset + MPX_PREFIX_SIZE, sequence=exc.sequence)
             consumed = self._pos - offset
-            if consumed <= MPX_PREFIX_SIZE + MQ1_PEEK:
+            if consumed <= MPX_PREFIX_SIZE + _PEEK:
                 # the header size itself is unreadable: the length cannot be trusted either
                 self._unread(prefix + (peek if consumed > MPX_PREFIX_SIZE + 4 else b"MQ1,"))
                 self._bad_stream(exc)

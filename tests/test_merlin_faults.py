@@ -282,3 +282,22 @@ def test_garbage_anywhere_between_messages_is_skipped_exactly(blobs):
     assert got == [(s, s % 64) for s in (1, 2, 3, 4)]
     assert rx.stats.bytes_skipped == sum(len(b) for b in blobs)
     assert rx.stats.complete
+
+
+def test_sequence_numbers_past_999999_keep_decoding():
+    """A 1024x1024 scan reaches frame 1,000,000: the header size moves one byte on, the frames must not be lost."""
+    enc = FrameEncoder(image_shape=(256, 256), counter_depth=6, layout="1x1")
+    seqs = (1_000_000, 1_000_001, 1_000_002)
+    hdr = frame_message(encode_acquisition_header(n_frames=0, counter_depth=6, layout="1x1"))
+    images = {s: np.full((256, 256), s % 64, np.uint8) for s in seqs}
+    data = hdr + b"".join(frame_message(enc.encode(s, images[s])) for s in seqs)
+    server = OneShotServer(data)
+    try:
+        with MerlinReceiver(*server.address, timeout=1.0) as rx:
+            got = [(f.sequence, int(f.image[0, 0])) for f in rx.frames()]
+    finally:
+        server.close()
+    assert got == [(s, s % 64) for s in seqs]
+    assert rx.stats.frames_dropped == 0
+    # the only records: the gap before the first frame (999,999 never sent) and the close
+    assert set(rx.stats.error_counts) == {"sequence_gap", "connection_lost"}
