@@ -89,6 +89,16 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_finite_number(value) -> bool:
+    """An int or float that is finite as a float (an int beyond 1.8e308 is not: no OverflowError)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def end_header(of_stream: str, scan_id: str, sequence: int, totals: dict, **extra) -> dict:
     """Header of an end-of-scan marker for ``of_stream`` (its buffer is empty)."""
     return {"stream": "end", "of_stream": of_stream, "scan_id": scan_id, "sequence": int(sequence),
@@ -160,7 +170,7 @@ def _check_header(head: dict, expect_stream) -> int | None:
             raise _fail("bad_value", f"scan_shape must be a list of positive integers, got {shape!r}", sequence)
         for key in ("live_time_s", "real_time_s", "energy_offset_kev", "channel_width_kev"):
             value = head[key]
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            if not _is_finite_number(value):
                 raise _fail("bad_value", f"{key} must be a finite number, got {value!r}", sequence)
     if stream == "frame":
         ms = head["merlin_sequence"]
@@ -204,7 +214,8 @@ def decode_array_message(parts: Sequence, *, max_bytes: int | None = DEFAULT_MAX
         raise _fail("header_too_large", f"header of {raw.nbytes} bytes exceeds {MAX_HEADER_BYTES}")
     try:
         head = json.loads(raw.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # RecursionError: nesting deeper than the interpreter's limit ("[[[[..." within 64 KiB)
         raise _fail("bad_json", f"header is not UTF-8 JSON: {exc}") from None
     if not isinstance(head, dict):
         raise _fail("bad_json", f"header is a JSON {type(head).__name__}, not an object")
@@ -234,7 +245,11 @@ def decode_array_message(parts: Sequence, *, max_bytes: int | None = DEFAULT_MAX
     if buf.nbytes != claimed:
         raise _fail("size_mismatch",
                     f"buffer has {buf.nbytes} bytes, shape {shape} of {dtype_str} needs {claimed}", sequence)
-    array = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    try:
+        array = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    except ValueError as exc:
+        # an empty buffer with a zero dimension beside a dimension numpy cannot index (> 2**63)
+        raise _fail("bad_shape", f"shape {shape} cannot be represented ({exc})", sequence) from None
     array.flags.writeable = False
     return head, array
 
