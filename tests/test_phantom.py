@@ -97,7 +97,7 @@ def test_truth_geometry(ph):
     assert (t.labels[-1] == 4).all(), "and ends in the Pt/Pd cap"
     assert t.second_phase.any()
     assert not t.labels.flags.writeable
-    assert 20 < t.thickness_nm.mean() < 100 and np.abs(t.tilt_mrad).max() == pytest.approx(3.0)
+    assert 20 < t.thickness_nm.mean() < 100 and np.abs(t.tilt_mrad).max() == pytest.approx(5.0)
 
 
 def test_partial_inclusions_and_single_phase():
@@ -112,7 +112,7 @@ def test_partial_inclusions_and_single_phase():
 def test_phases_and_compositions(ph):
     names = [p.name for p in ph.phases]
     m, s = ph.phases[names.index("cfs_matrix")], ph.phases[names.index("cfs_second")]
-    assert m.fe_co_ratio == pytest.approx(0.5) and s.fe_co_ratio == pytest.approx(2.0)
+    assert m.fe_co_ratio == pytest.approx(0.5) and s.fe_co_ratio == pytest.approx(4.0)
     assert sum(m.composition.values()) == pytest.approx(1.0)
     assert m.lattice_a == pytest.approx(5.64)
 
@@ -149,7 +149,7 @@ def test_second_phase_pattern_has_extra_faint_discs(ph):
     assert disc_mean(lam_m, *g220) > 10  # 220 bright in both
     i111_s = disc_mean(lam_s, *g111)
     i111_m = disc_mean(lam_m, *g111)
-    assert i111_s > 3 * i111_m, "L21 111 discs only in the second phase"
+    assert i111_s > 2 * i111_m, "L21 111 discs only in the second phase (faint: partial order)"
     assert 0.001 < i111_s / disc_mean(lam_s, *g220) < 0.1, "superlattice discs are faint"
 
 

@@ -16,6 +16,7 @@ from streamclust.reference import (
     run_reference,
     scale_block,
 )
+from streamclust.fcm import FuzzyCMeans
 from streamclust.simulators.phantom import LamellaPhantom
 
 
@@ -119,18 +120,21 @@ def test_clusterer_is_a_parameter():
 
 
 # ------------------------------------------------------------------------ the paper's claim
-# Measured with the reference pipeline on the default phantom (64 x 64 scan, features once per
-# module; numbers in docs/phantom.md). What holds today:
-# * whole scan: the Si substrate and the Pt/Pd cap carry > 97 % of the RobustScaler-scaled frame
-#   variance, so the 1 % PCA rule drops every film-internal component: no signal choice finds
-#   the second phase;
-# * film region of interest (beam path all Co2FeSi): the patterns alone find it (the faint 111
-#   and satellite discs are far above the noise once binned), the spectra alone do not (about
-#   12 counts a spectrum).
-# The paper's claim (merged >= 0.8 while each signal alone < 0.6) is NOT reproduced yet: it is
-# kept as a strict xfail so that it reports the moment a phantom/pipeline change makes it hold.
+# The paper's central claim, on the default phantom's film (region of interest: beam path all
+# Co2FeSi, as the paper's maps): merged signals find the second phase (best single-cluster F1
+# >= 0.8), neither signal alone does (< 0.6). Measured numbers and the reasoning: docs/phantom.md
+# ("Difficulty"). Why it works: the patterns are dominated by bending/thickness contrast and
+# Poisson noise over ~4,000 binned pixels, the faint superlattice discs stay under the 1 % PCA cut
+# or under the bending continuum; the spectra (~35 counts) carry an Fe/Co contrast that k-means
+# cannot separate from the counting noise alone. Balanced to equal variance, the direction the
+# two blocks share (same positions) carries both blocks' shares and becomes one of the few
+# components kept, while each block's own noise is spread thin over many components.
+# EDS channels are NOT rebinned: summing channels concentrates the EDS noise into few channels
+# that each pass the 1 % rule after balancing and swamp the merged distances (rebin 8: merged
+# 0.39 vs 0.63 unrebinned, seed 0, tuning table of docs/phantom.md). The whole scan does not
+# work (substrate and cap dominate the scaled variance): see the last test
 CLAIM_SHAPE = (64, 64)
-EDS_REBIN = 8
+EDS_REBIN = 1
 
 
 def _claim_features(seed):
@@ -142,11 +146,21 @@ def _claim_features(seed):
     return cbed, eds, ph.truth.second_phase.ravel(), film
 
 
-def _scores(cbed, eds, truth, signals=("merged", "eds", "cbed")):
+def _scores(cbed, eds, truth, signals=("merged", "eds", "cbed"), clusterer=None):
     return {
-        sig: best_f1(run_reference(cbed, eds, signals=sig, random_state=0).labels, truth).single
+        sig: best_f1(
+            run_reference(cbed, eds, signals=sig, clusterer=clusterer, random_state=0).labels, truth
+        ).single
         for sig in signals
     }
+
+
+def _assert_claim(seed, features=None):
+    cbed, eds, truth, film = _claim_features(seed) if features is None else features
+    f1 = _scores(cbed[film], eds[film], truth[film])
+    assert f1["merged"] >= 0.8, f1
+    assert f1["eds"] < 0.6, f1
+    assert f1["cbed"] < 0.6, f1
 
 
 @pytest.fixture(scope="module")
@@ -154,24 +168,31 @@ def claim_seed0():
     return _claim_features(0)
 
 
+def test_claim_film_roi_needs_both_signals(claim_seed0):
+    _assert_claim(0, claim_seed0)
+
+
+def test_claim_holds_with_fuzzy_c_means(claim_seed0):
+    # the paper clusters with fuzzy C-means; arg-max memberships give the same picture
+    cbed, eds, truth, film = claim_seed0
+    f1 = _scores(cbed[film], eds[film], truth[film], clusterer=FuzzyCMeans(6, random_state=0))
+    assert f1["merged"] >= 0.8 and f1["eds"] < 0.6 and f1["cbed"] < 0.6, f1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [2, 3, 4, 5])
+def test_claim_film_roi_needs_both_signals_other_seeds(seed):
+    _assert_claim(seed)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="seed 1 (6 % second phase): merged 0.67 (docs/phantom.md)")
+def test_claim_film_roi_seed1_falls_short():
+    _assert_claim(1)
+
+
 @pytest.mark.slow
 def test_whole_scan_is_dominated_by_substrate_and_cap():
     cbed, eds, truth, _ = _claim_features(0)
     f1 = _scores(cbed, eds, truth)
     assert max(f1.values()) < 0.6, f1
-
-
-def test_film_roi_patterns_find_the_second_phase_spectra_do_not(claim_seed0):
-    cbed, eds, truth, film = claim_seed0
-    f1 = _scores(cbed[film], eds[film], truth[film], ("eds", "cbed"))
-    assert f1["cbed"] >= 0.8, f1
-    assert f1["eds"] < 0.6, f1
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="paper's claim not reproduced yet (see docs/phantom.md)")
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_claim_film_roi_needs_both_signals(seed):
-    cbed, eds, truth, film = _claim_features(seed)
-    f1 = _scores(cbed[film], eds[film], truth[film])
-    assert f1["merged"] >= 0.8 and f1["eds"] < 0.6 and f1["cbed"] < 0.6, f1

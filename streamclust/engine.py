@@ -1,0 +1,694 @@
+"""The streaming engine: one object that turns joined (frame, spectrum) batches into live memberships.
+
+Data flow of one batch (:meth:`StreamingEngine.partial_fit`)::
+
+    frames  ─► FrameReducer ──► cbed (n, 4096) ─┐
+    spectra ─► SpectrumReducer ► eds (n, 490) ──┤
+                                                ▼
+    BlockBalancer.partial_fit (robust scales and block weights keep adapting: c_now)
+                                                ▼
+    x_warm = concat(cbed, eds) * c_warm    (c_warm: the multiplier at the end of warm-up, fixed)
+         ├─► StreamingPCA.partial_fit(x_warm)             (sketch or exact accumulator)
+         ├─► pending until the next refresh, then PositionStore (full vectors, or coordinates
+         │   in a rank-R basis taken *after* the PCA has seen them)
+         ▼
+    scores = x_warm projected with the last refresh's PCA read-out
+         ─► MiniBatchFuzzyCMeans.partial_fit ─► memberships of the batch
+
+On a schedule (every ``refresh_every`` positions and/or ``refresh_seconds``, and at
+:meth:`~StreamingEngine.finalize`), :meth:`~StreamingEngine.refresh` reads PCA out in the *current*
+scaled space (``D = c_now / c_warm``, 1 % rule capped at ``max_components``), re-projects every stored
+position, re-fits the clusters on all of them and recomputes every membership: a raster scan meets
+the substrate first, so the model of the first rows is not the model of the scan (DESIGN.md).
+
+Why the warm-up: the robust scales of the first positions define the PCA's fixed space
+(``c_warm``); the PCA is read out in the current space by a diagonal map, which stays exact
+however far the scales drift later (docs/streaming-statistics.md). Before ``warmup_positions``
+complete positions have arrived there is neither a space nor enough samples for a basis, so the
+engine buffers them (their memberships stay NaN until the warm-up ends).
+
+Examples
+--------
+>>> import numpy as np
+>>> from streamclust.engine import StreamingEngine
+>>> rng = np.random.default_rng(0)
+>>> n = 600
+>>> truth = (np.arange(n) >= 300)                      # two phases met in raster order
+>>> frames = rng.poisson(3.0, (n, 16, 16)).astype(np.uint16)
+>>> frames[truth, :4, :4] += 12
+>>> spectra = rng.poisson(1.0, (n, 64)).astype(np.uint16)
+>>> spectra[truth, 10:14] += 6
+>>> eng = StreamingEngine(n, frame_shape=(16, 16), n_channels=64, energy_axis=(0.0, 0.25),
+...                       energy_window_kev=(0.0, 16.0), rebin=1, n_clusters=2, bin_factor=4,
+...                       warmup_positions=100, refresh_every=200, basis_rank=16,
+...                       max_components=5, random_state=0)
+>>> for s in range(0, n, 100):
+...     _ = eng.partial_fit(np.arange(s, s + 100), frames[s:s + 100], spectra[s:s + 100])
+>>> _ = eng.finalize()
+>>> eng.memberships_.shape, bool(np.allclose(eng.memberships_.sum(axis=1), 1.0, atol=1e-5))
+((600, 2), True)
+>>> lab = eng.labels_
+>>> from sklearn.metrics import adjusted_rand_score
+>>> bool(adjusted_rand_score(truth, lab) > 0.9)
+True
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+from scipy.linalg import subspace_angles
+from scipy.optimize import linear_sum_assignment
+from threadpoolctl import threadpool_limits
+
+from . import fcm_kernels
+from .block_balance import BlockBalancer
+from .features import FrameReducer, SpectrumReducer
+from .fcm import DEFAULT_M, FuzzyCMeans, MiniBatchFuzzyCMeans
+from .incremental_pca import StreamingPCA
+from .position_store import PositionStore
+from .validity import partition_coefficient, partition_entropy, xie_beni
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["StreamingEngine"]
+
+_STAGES = ("reduce_frames", "reduce_spectra", "balance", "pca", "basis", "store", "cluster", "refresh")
+
+
+class StreamingEngine:
+    """Live clustering of a 4D-STEM + EDS scan, refreshed as the model improves.
+
+    Parameters
+    ----------
+    n_positions : int
+        Scan positions (0-based raster indices).
+    scan_shape : (int, int), optional
+        ``(ny, nx)`` with ``ny * nx == n_positions`` (for :meth:`membership_maps`).
+    frame_shape : (int, int), default=(512, 512)
+    n_channels : int, default=2048
+        EDS channels a spectrum has.
+    energy_axis : (float, float), default=(0.0, 0.01)
+        ``(centre of channel 0, channel width)`` in keV: channel ``i`` is centred on
+        ``offset + i * width``.
+    energy_window_kev : (float, float), default=(0.2, 10.0)
+    rebin : int, default=2
+        EDS channels summed into one feature.
+    n_clusters : int, default=6
+    m : float, default=DEFAULT_M
+        FCM fuzzifier (docs/fcm.md: 1.2 keeps small phases apart).
+    bin_factor : int, default=8
+        Frame sum-binning (512 x 512 -> 64 x 64).
+    frame_reducer_params : dict, optional
+        Further :class:`~streamclust.features.FrameReducer` options (masks, crop, chip_gap...).
+    scaler_params : dict, optional
+        :class:`~streamclust.robust_scaling.StreamingRobustScaler` options for both blocks.
+    warmup_positions : int, default=512
+        Complete positions buffered before the PCA space (``c_warm``) is fixed and clustering starts.
+    refresh_every : int or None, default=4096
+        Positions between scheduled refreshes.
+    refresh_seconds : float or None, default=None
+        Also refresh when this much wall-clock time passed since the last refresh (makes the
+        refresh points, hence intermediate results, depend on timing; off by default).
+    max_components : int, default=20
+        Cap of the 1 % rule.
+    min_explained_ratio : float, default=0.01
+        The 1 % rule.
+    basis_rank : int, default=128
+        Coordinates kept per position (and the PCA sketch rank).
+    sketch_rank : int or None, default=None
+        Rank of the PCA sketch (default ``basis_rank``). The update costs O(rank^2 F) a batch, but
+        rank 64 under-estimated the explained-variance ratios enough on the phantom for the 1 %
+        rule to keep 10 components instead of 12 (ARI 0.64 against the reference; 0.986 at 128).
+    pca_method : {"sketch", "exact"}, default="sketch"
+        StreamingPCA accumulator. "exact" keeps the F x F scatter (170 MB at 4,586 features) and needs
+        an ARPACK read-out of ``basis_rank`` vectors for every basis update (seconds).
+    store : {"auto", "full", "basis"}, default="auto"
+        Per-position representation (:class:`~streamclust.position_store.PositionStore`): "full"
+        keeps every reduced vector (float32, 18 kB a position at 4,586 features; exact), "basis"
+        its coordinates in a rank-``basis_rank`` basis (513 bytes at rank 128; lossy, see
+        docs/engine.md). "auto" is "full" when it needs at most ``full_store_max_bytes``.
+    full_store_max_bytes : int, default=2 GiB
+        Budget of the "auto" choice (2 GiB: up to 117,000 positions, e.g. 340 x 340).
+    pending_limit : int, default=8192
+        Positions kept as full float32 vectors until the next refresh encodes them into the store's
+        basis (updated first, so it has seen them); more than this many trigger an early encoding.
+    basis_new_directions : int, default=32
+        Leading current-space PCA directions put first into the store's basis at every basis
+        update (at most ``basis_rank // 4``); the old basis fills the remaining slots
+        (docs/engine.md).
+    refresh_iter : int, default=10
+        FCM passes over all stored positions of a warm-started refresh.
+    fcm_n_init : int, default=3
+        k-means++ restarts of a full re-fit.
+    final_n_init : int, default=10
+        k-means++ restarts of the re-fit at :meth:`finalize` (FCM at small ``m`` has near-equal
+        local optima; the end of the scan can afford more restarts).
+    refit_sample : int, default=4096
+        Positions the k-means++ restarts of a full re-fit run on; the best is then refined on all
+        positions (``refresh_iter`` passes, or to convergence at :meth:`finalize`).
+    refit_angle_deg : float, default=10.0
+        A full FCM re-fit is also tried when the largest principal angle between the previous and
+        the new PCA subspace exceeds this, or the component count changed.
+    blas_threads : int or None, default=1
+        BLAS threads while processing (None: leave BLAS alone). One thread avoids BLAS spinning
+        against Numba's threads (docs/streaming-statistics.md).
+    random_state : int or None, default=None
+
+    Attributes
+    ----------
+    memberships_ : ndarray (n_positions, n_clusters) float32
+        NaN for positions not yet clustered (unseen, or still in the warm-up buffer).
+    labels_ : ndarray (n_positions,) int
+        Arg-max membership, -1 where unknown.
+    cluster_centers_ : ndarray (n_clusters, n_components_)
+        In the PCA space of the last refresh (moved by mini-batch steps since).
+    n_components_ : int
+    explained_variance_ratio_ : ndarray (n_components_,)
+    validity_ : dict
+        ``partition_coefficient``, ``partition_entropy``, ``xie_beni`` of the last refresh.
+    stats_ : dict
+        Counters and seconds spent per stage.
+    """
+
+    def __init__(
+        self,
+        n_positions: int,
+        scan_shape: tuple[int, int] | None = None,
+        frame_shape: tuple[int, int] = (512, 512),
+        n_channels: int = 2048,
+        energy_axis: tuple[float, float] = (0.0, 0.01),
+        energy_window_kev: tuple[float, float] = (0.2, 10.0),
+        rebin: int = 2,
+        n_clusters: int = 6,
+        m: float = DEFAULT_M,
+        bin_factor: int = 8,
+        frame_reducer_params: Mapping | None = None,
+        scaler_params: Mapping | None = None,
+        warmup_positions: int = 512,
+        refresh_every: int | None = 4096,
+        refresh_seconds: float | None = None,
+        max_components: int = 20,
+        min_explained_ratio: float = 0.01,
+        basis_rank: int = 128,
+        sketch_rank: int | None = None,
+        pca_method: str = "sketch",
+        store: str = "auto",
+        full_store_max_bytes: int = 2 * 2**30,
+        pending_limit: int = 8192,
+        basis_new_directions: int = 32,
+        refresh_iter: int = 10,
+        fcm_n_init: int = 3,
+        final_n_init: int = 10,
+        refit_sample: int = 4096,
+        refit_angle_deg: float = 10.0,
+        blas_threads: int | None = 1,
+        random_state: int | None = None,
+    ) -> None:
+        self.n_positions = n_positions
+        self.scan_shape = scan_shape
+        self.frame_shape = frame_shape
+        self.n_channels = n_channels
+        self.energy_axis = energy_axis
+        self.energy_window_kev = energy_window_kev
+        self.rebin = rebin
+        self.n_clusters = n_clusters
+        self.m = m
+        self.bin_factor = bin_factor
+        self.frame_reducer_params = frame_reducer_params
+        self.scaler_params = scaler_params
+        self.warmup_positions = warmup_positions
+        self.refresh_every = refresh_every
+        self.refresh_seconds = refresh_seconds
+        self.max_components = max_components
+        self.min_explained_ratio = min_explained_ratio
+        self.basis_rank = basis_rank
+        self.sketch_rank = sketch_rank
+        self.pca_method = pca_method
+        self.store = store
+        self.full_store_max_bytes = full_store_max_bytes
+        self.pending_limit = pending_limit
+        self.basis_new_directions = basis_new_directions
+        self.refresh_iter = refresh_iter
+        self.fcm_n_init = fcm_n_init
+        self.final_n_init = final_n_init
+        self.refit_sample = refit_sample
+        self.refit_angle_deg = refit_angle_deg
+        self.blas_threads = blas_threads
+        self.random_state = random_state
+        self._init_state()
+
+    # ------------------------------------------------------------------------------------------
+    # state
+    # ------------------------------------------------------------------------------------------
+    def _init_state(self) -> None:
+        n = int(self.n_positions)
+        if n < 1:
+            raise ValueError(f"n_positions must be >= 1, got {self.n_positions!r}")
+        if self.scan_shape is not None:
+            ny, nx = (int(v) for v in self.scan_shape)
+            if ny * nx != n:
+                raise ValueError(f"scan_shape {self.scan_shape} does not hold {n} positions")
+        if int(self.n_clusters) < 2:
+            raise ValueError(f"n_clusters must be >= 2, got {self.n_clusters!r}")
+        if int(self.warmup_positions) < max(int(self.n_clusters), 2):
+            raise ValueError("warmup_positions must be at least n_clusters")
+        if self.pca_method not in ("sketch", "exact"):
+            raise ValueError(f"pca_method must be 'sketch' or 'exact', got {self.pca_method!r}")
+        if self.refresh_every is not None and int(self.refresh_every) < 1:
+            raise ValueError("refresh_every must be >= 1 or None")
+        if int(self.max_components) < 1 or int(self.max_components) > int(self.basis_rank):
+            raise ValueError("max_components must be between 1 and basis_rank")
+        offset, width = (float(v) for v in self.energy_axis)
+        self.frame_reducer_ = FrameReducer(
+            bin_factor=int(self.bin_factor), frame_shape=tuple(self.frame_shape),
+            **dict(self.frame_reducer_params or {}),
+        ).fit()
+        self.spectrum_reducer_ = SpectrumReducer(
+            energy_window_kev=tuple(self.energy_window_kev), rebin=int(self.rebin),
+            energy_offset_kev=offset, channel_width_kev=width, n_channels=int(self.n_channels),
+        ).fit()
+        self.n_cbed_features_ = int(self.frame_reducer_.n_features_out_)
+        self.n_eds_features_ = int(self.spectrum_reducer_.n_features_out_)
+        self.n_features_ = self.n_cbed_features_ + self.n_eds_features_
+        self.balancer_ = BlockBalancer(blocks=("cbed", "eds"), scaler_params=self.scaler_params)
+        rank = min(int(self.basis_rank), self.n_features_)
+        if self.store not in ("auto", "full", "basis"):
+            raise ValueError(f"store must be 'auto', 'full' or 'basis', got {self.store!r}")
+        mode = self.store
+        if mode == "auto":
+            mode = "full" if n * self.n_features_ * 4 <= int(self.full_store_max_bytes) else "basis"
+        self.store_ = PositionStore(n, self.n_features_, rank=rank, mode=mode)
+        # the basis store reads ``rank`` directions out of the PCA; the full store only needs the
+        # components the 1 % rule can keep (an exact read-out of 128 vectors takes seconds)
+        n_read = rank if mode == "basis" else min(int(self.max_components) + 1, rank)
+        sk = self.sketch_rank if self.sketch_rank is not None else rank
+        sk = max(int(sk), n_read)
+        self.pca_ = StreamingPCA(
+            max_components=n_read, min_explained_ratio=float(self.min_explained_ratio),
+            method=self.pca_method, sketch_rank=sk, exact_max_features=max(8192, self.n_features_),
+            gram_dtype="float32",
+        )
+        self.memberships_ = np.full((n, int(self.n_clusters)), np.nan, dtype=np.float32)
+        self.warmed_up_ = False
+        self._warm_buffer: list[tuple[np.ndarray, ...]] = []
+        self._c_warm: np.ndarray | None = None
+        self._rng = np.random.RandomState(self.random_state)
+        self._fcm: MiniBatchFuzzyCMeans | None = None
+        self._readout: dict[str, Any] | None = None  # D, V, mean of the last refresh
+        self._scorer: tuple[np.ndarray, np.ndarray] | None = None  # x_warm @ A - b = scores
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # (positions, x_warm) not yet encoded
+        self._arrived = np.zeros(n, dtype=bool)
+        self._since_refresh = 0
+        self._last_refresh_time = time.monotonic()
+        self.cluster_centers_: np.ndarray | None = None
+        self.n_components_ = 0
+        self.explained_variance_ratio_ = np.zeros(0)
+        self.validity_: dict[str, float] = {}
+        self._counts = dict(positions=0, batches=0, refreshes=0, full_refits=0, basis_updates=0,
+                            pending_flushes=0, duplicates=0, incomplete=0, skipped=0)
+        self._times = {s: 0.0 for s in _STAGES}
+        self._busy = 0.0
+
+    def _blas(self):
+        if self.blas_threads is None:
+            return nullcontext()
+        return threadpool_limits(int(self.blas_threads), user_api="blas")
+
+    def warm_up(self) -> StreamingEngine:
+        """Compile the Numba kernels (frame binning, FCM) before a detector is armed."""
+        self.frame_reducer_.warm_up()
+        fcm_kernels.warm_up()
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    # public API
+    # ------------------------------------------------------------------------------------------
+    @property
+    def labels_(self) -> np.ndarray:
+        known = ~np.isnan(self.memberships_[:, 0])
+        lab = np.full(self.memberships_.shape[0], -1, dtype=np.intp)
+        lab[known] = np.argmax(self.memberships_[known], axis=1)
+        return lab
+
+    @property
+    def stats_(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self._counts)
+        out["positions_seen"] = int(np.count_nonzero(self._arrived))
+        out["pending"] = sum(p.size for p, _ in self._pending)
+        out["seconds"] = dict(self._times)
+        out["seconds_total"] = self._busy
+        out["positions_per_s"] = self._counts["positions"] / self._busy if self._busy > 0 else 0.0
+        out["bytes_per_position"] = self.store_.nbytes_per_position
+        return out
+
+    def membership_maps(self) -> np.ndarray:
+        """Memberships as ``(ny, nx, n_clusters)`` images (needs ``scan_shape``)."""
+        if self.scan_shape is None:
+            raise ValueError("membership_maps needs scan_shape")
+        return self.memberships_.reshape(*(int(v) for v in self.scan_shape), -1)
+
+    def partial_fit(
+        self,
+        positions: Any,
+        frames: np.ndarray | None,
+        spectra: np.ndarray | None,
+        has_frame: Any = None,
+        has_spectrum: Any = None,
+    ) -> StreamingEngine:
+        """Process one joined batch: frames (n, H, W) and spectra (n, n_channels) at ``positions``.
+
+        ``has_frame`` / ``has_spectrum`` (bool, length n) mark rows whose frame or spectrum never
+        arrived (their array rows are ignored); ``frames=None`` / ``spectra=None`` means none arrived.
+        A position with only one signal is imputed with the other block's current median (so it
+        contributes nothing to that block's distances) and is not used to learn statistics; a
+        position with neither is skipped. Both are counted in :attr:`stats_`.
+        """
+        t0 = time.perf_counter()
+        pos = self._check_positions(positions)
+        n = pos.size
+        hf = self._mask(has_frame, n, "has_frame") & (frames is not None)
+        hs = self._mask(has_spectrum, n, "has_spectrum") & (spectra is not None)
+        with self._blas():
+            t = time.perf_counter()
+            cbed = np.zeros((n, self.n_cbed_features_), dtype=np.float32)
+            if hf.any():
+                fr = np.asarray(frames)
+                if fr.ndim != 3 or fr.shape[0] != n:
+                    raise ValueError(f"frames must have shape ({n}, H, W) for {n} positions; got {fr.shape}")
+                if hf.all():
+                    self.frame_reducer_.transform(fr, out=cbed)
+                else:
+                    cbed[hf] = self.frame_reducer_.transform(fr[hf])
+            self._times["reduce_frames"] += time.perf_counter() - t
+            t = time.perf_counter()
+            eds = np.zeros((n, self.n_eds_features_), dtype=np.float32)
+            if hs.any():
+                sp = np.asarray(spectra)
+                if sp.ndim != 2 or sp.shape[0] != n:
+                    raise ValueError(f"spectra must have shape ({n}, {self.n_channels}) for {n} positions; "
+                                     f"got {sp.shape}")
+                eds[hs] = self.spectrum_reducer_.transform(sp[hs] if not hs.all() else sp)
+            self._times["reduce_spectra"] += time.perf_counter() - t
+            self._ingest(pos, cbed, eds, hf, hs)
+        self._busy += time.perf_counter() - t0
+        return self
+
+    def partial_fit_features(
+        self,
+        positions: Any,
+        cbed: np.ndarray,
+        eds: np.ndarray,
+        has_frame: Any = None,
+        has_spectrum: Any = None,
+    ) -> StreamingEngine:
+        """As :meth:`partial_fit`, with already reduced features (binned frames, windowed spectra):
+        replays of recorded scans and tests that do not regenerate frames."""
+        t0 = time.perf_counter()
+        pos = self._check_positions(positions)
+        n = pos.size
+        cbed = np.asarray(cbed, dtype=np.float32)
+        eds = np.asarray(eds, dtype=np.float32)
+        if cbed.shape != (n, self.n_cbed_features_) or eds.shape != (n, self.n_eds_features_):
+            raise ValueError(
+                f"features must have shapes ({n}, {self.n_cbed_features_}) and ({n}, {self.n_eds_features_}); "
+                f"got {cbed.shape} and {eds.shape}"
+            )
+        hf = self._mask(has_frame, n, "has_frame")
+        hs = self._mask(has_spectrum, n, "has_spectrum")
+        with self._blas():
+            self._ingest(pos, cbed, eds, hf, hs)
+        self._busy += time.perf_counter() - t0
+        return self
+
+    def refresh(self, final: bool = False) -> StreamingEngine:
+        """Re-read PCA in the current space, re-project every stored position, re-fit the clusters
+        and recompute every membership. ``final=True`` also tries a full re-fit from k-means++
+        restarts and keeps whichever partition has the lower FCM objective."""
+        if not self.warmed_up_:
+            logger.debug("refresh before the warm-up ended: nothing to do")
+            return self
+        t0 = time.perf_counter()
+        with self._blas():
+            self._refresh(final)
+        dt = time.perf_counter() - t0
+        self._times["refresh"] += dt
+        self._busy += dt
+        return self
+
+    def finalize(self) -> StreamingEngine:
+        """End of scan: end a still-running warm-up (short scans) and run a final refresh."""
+        t0 = time.perf_counter()
+        if not self.warmed_up_:
+            with self._blas():
+                self._finish_warmup(force=True)
+        self._busy += time.perf_counter() - t0
+        return self.refresh(final=True)
+
+    # ------------------------------------------------------------------------------------------
+    # validation
+    # ------------------------------------------------------------------------------------------
+    def _check_positions(self, positions: Any) -> np.ndarray:
+        p = np.asarray(positions)
+        if p.ndim != 1 or (p.size and not np.issubdtype(p.dtype, np.integer)):
+            raise ValueError(f"positions must be a 1-D integer array; got dtype {p.dtype}, shape {p.shape}")
+        n = int(self.n_positions)
+        if p.size and (p.min() < 0 or p.max() >= n):
+            bad = int(p[(p < 0) | (p >= n)][0])
+            raise ValueError(f"scan position {bad} is outside 0..{n - 1}")
+        return p.astype(np.intp)
+
+    @staticmethod
+    def _mask(mask: Any, n: int, name: str) -> np.ndarray:
+        if mask is None:
+            return np.ones(n, dtype=bool)
+        m = np.asarray(mask, dtype=bool)
+        if m.shape != (n,):
+            raise ValueError(f"{name} must have shape ({n},); got {m.shape}")
+        return m
+
+    # ------------------------------------------------------------------------------------------
+    # processing
+    # ------------------------------------------------------------------------------------------
+    def _ingest(self, pos: np.ndarray, cbed: np.ndarray, eds: np.ndarray, hf: np.ndarray, hs: np.ndarray) -> None:
+        keep = hf | hs
+        n_skip = int(np.count_nonzero(~keep))
+        if n_skip:
+            self._counts["skipped"] += n_skip
+            logger.info("%d positions without frame or spectrum skipped (first %d)", n_skip, int(pos[~keep][0]))
+            pos, cbed, eds, hf, hs = pos[keep], cbed[keep], eds[keep], hf[keep], hs[keep]
+        if pos.size == 0:
+            return
+        self._counts["batches"] += 1
+        self._counts["positions"] += pos.size
+        self._counts["duplicates"] += int(np.count_nonzero(self._arrived[pos]))
+        self._arrived[pos] = True
+        self._counts["incomplete"] += int(np.count_nonzero(~(hf & hs)))
+        if not self.warmed_up_:
+            self._warm_buffer.append((pos, cbed, eds, hf, hs))
+            self._finish_warmup(force=False)
+            return
+        self._process(pos, cbed, eds, hf, hs)
+        self._since_refresh += pos.size
+        due = self.refresh_every is not None and self._since_refresh >= int(self.refresh_every)
+        if self.refresh_seconds is not None:
+            due |= time.monotonic() - self._last_refresh_time >= float(self.refresh_seconds)
+        if due:
+            t = time.perf_counter()
+            self._refresh(final=False)
+            self._times["refresh"] += time.perf_counter() - t
+
+    def _finish_warmup(self, force: bool) -> None:
+        complete = sum(int(np.count_nonzero(b[3] & b[4])) for b in self._warm_buffer)
+        if complete < int(self.warmup_positions) and not force:
+            return
+        if complete < max(int(self.n_clusters), 2):
+            raise ValueError(
+                f"only {complete} positions with both a frame and a spectrum arrived; at least "
+                f"{max(int(self.n_clusters), 2)} are needed to cluster"
+            )
+        pos, cbed, eds, hf, hs = (np.concatenate(parts) for parts in zip(*self._warm_buffer))
+        self._warm_buffer = []
+        logger.info("warm-up over after %d positions (%d complete)", pos.size, complete)
+        self._process(pos, cbed, eds, hf, hs, first=True)
+        self.warmed_up_ = True
+        t = time.perf_counter()
+        self._refresh(final=False)
+        self._times["refresh"] += time.perf_counter() - t
+
+    def _process(self, pos, cbed, eds, hf, hs, first: bool = False) -> None:
+        t = time.perf_counter()
+        both = hf & hs
+        if both.any():
+            self.balancer_.partial_fit({"cbed": cbed[both], "eds": eds[both]})
+        if not both.all():
+            # the missing block at its median: scaled value 0, so it adds nothing to any distance
+            centre = self.balancer_.center_.astype(np.float32)
+            sl = self.balancer_.feature_slices_
+            cbed[~hf] = centre[sl["cbed"]]
+            eds[~hs] = centre[sl["eds"]]
+        if first:
+            self._c_warm = self.balancer_.multiplier_.copy()
+        x_warm = self.balancer_.concatenate({"cbed": cbed, "eds": eds})
+        x_warm *= self._c_warm.astype(np.float32)
+        self._times["balance"] += time.perf_counter() - t
+        t = time.perf_counter()
+        if both.any():
+            self.pca_.partial_fit(x_warm[both] if not both.all() else x_warm, warmup_multiplier=self._c_warm)
+        self._times["pca"] += time.perf_counter() - t
+        # Kept whole until the next refresh: encoded then, into a basis that has seen them
+        # (encoding into a basis that predates a new phase loses that phase for good).
+        self._pending.append((pos, x_warm))
+        if self._scorer is not None and not first:
+            t = time.perf_counter()
+            A, b = self._scorer
+            Z = x_warm @ A
+            Z -= b
+            self._fcm.partial_fit(Z)
+            self.memberships_[pos] = self._fcm.predict_memberships(Z)
+            self._times["cluster"] += time.perf_counter() - t
+        if sum(p.size for p, _ in self._pending) >= int(self.pending_limit):
+            self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        """Update the store's basis (it has now seen the pending positions) and encode them."""
+        if not self._pending:
+            return
+        t = time.perf_counter()
+        if self.store_.mode == "basis":
+            self._update_basis()
+        self._times["basis"] += time.perf_counter() - t
+        t = time.perf_counter()
+        for pos, x in self._pending:
+            self.store_.add(pos, x)
+        self._pending = []
+        self._counts["pending_flushes"] += 1
+        self._times["store"] += time.perf_counter() - t
+
+    def _update_basis(self) -> None:
+        """Re-take the store's basis from the PCA read-out in the *current* space and re-base.
+
+        A score is ``(D x_warm - mean_now) . v = x_warm . (D v) - const``, so what a stored position
+        must keep is its projection on ``span(D V)``: the current-space eigenvectors mapped into
+        warm space, orthonormalised. (The warm space's own leading eigenvectors are the wrong
+        basis: a block whose weight grew after the warm-up - EDS once the film arrives - sits
+        at the noise level there, and its directions were lost: ARI 0.64 against the reference
+        instead of 0.99 on the phantom, docs/engine.md.)
+        """
+        c_now = self.balancer_.multiplier_
+        self.pca_.set_current_multiplier(c_now)
+        D = c_now / self._c_warm
+        M = self.pca_.components_all_.T * D[:, np.newaxis]
+        # at most a quarter of the slots: the old basis must keep room, or this is a replacement
+        n_new = max(1, min(int(self.basis_new_directions), self.store_.rank // 4))
+        top = M[:, :n_new]
+        old = self.store_.basis_
+        # Directions are added, not swapped: the leading current-space directions first, then the
+        # old basis (minus what the new directions already hold), truncated to the rank. Replacing
+        # the basis outright re-projects stored positions again and again and erodes them (scores
+        # off by 40 % of their spread on the phantom, docs/engine.md).
+        mu = self.pca_.mean_ / D  # warm-space mean of everything seen
+        if self.store_.center_ is None:
+            cand = M
+        else:
+            # The centre follows the mean, and the direction it moved in joins the basis: without
+            # it every stored position loses the part of the mean shift outside the new span (a
+            # raster scan's mean moves from substrate to film).
+            shift = (mu - self.store_.center_)[:, np.newaxis]
+            cand = np.hstack([top, shift, old])
+        Q, Rq = np.linalg.qr(cand)
+        # drop directions already held by earlier columns (a near-zero pivot after projection)
+        diag = np.abs(np.diag(Rq))
+        keep = diag > 1e-6 * max(float(diag.max()), 1e-300)
+        self.store_.set_basis(Q[:, keep][:, : self.store_.rank], mu)
+        self._counts["basis_updates"] += 1
+
+    def _refresh(self, final: bool) -> None:
+        self._since_refresh = 0
+        self._last_refresh_time = time.monotonic()
+        self._flush_pending()
+        c_now = self.balancer_.multiplier_
+        self.pca_.set_current_multiplier(c_now)
+        k = int(min(self.pca_.n_components_, int(self.max_components)))
+        V = self.pca_.components_all_[:k].T.copy()
+        mean_now = self.pca_.mean_.copy()
+        D = c_now / self._c_warm
+        idx = self.store_.seen_positions
+        Z = self.store_.project(D, V, mean_now, idx)
+        nc = int(self.n_clusters)
+        seed = int(self._rng.randint(np.iinfo(np.int32).max))
+
+        prev = self._readout
+        U_prev = self.memberships_[idx]
+        have_prev = self._fcm is not None and not np.isnan(U_prev).any()
+        warm_centres = None
+        if have_prev:
+            Wm = np.power(U_prev.astype(np.float64), float(self.m))
+            wsum = Wm.sum(axis=0)
+            if np.all(wsum > 0):
+                warm_centres = (Wm.T @ Z.astype(np.float64)) / wsum[:, np.newaxis]
+        angle = 90.0
+        if prev is not None and prev["V"].shape[1] == k:
+            angle = float(np.degrees(np.max(subspace_angles(prev["V"], V))))
+        full = warm_centres is None or final or angle > float(self.refit_angle_deg)
+
+        candidates = []
+        if warm_centres is not None:
+            warm = FuzzyCMeans(nc, m=self.m, init=warm_centres, n_init=1,
+                               max_iter=300 if final else int(self.refresh_iter), random_state=seed).fit(Z)
+            candidates.append(("warm", warm))
+        if full:
+            # restarts on a subsample find the basin, a warm-started run on all positions settles
+            # it: the refresh stays bounded however large the scan (measured: full restarts on
+            # 16k positions were half of the engine's time)
+            n_init = int(self.final_n_init) if final else int(self.fcm_n_init)
+            rs = np.random.RandomState(seed)
+            sub = Z if Z.shape[0] <= int(self.refit_sample) else Z[
+                np.sort(rs.choice(Z.shape[0], int(self.refit_sample), replace=False))]
+            seeded = FuzzyCMeans(nc, m=self.m, n_init=n_init, random_state=rs).fit(sub)
+            fresh = seeded if sub is Z else FuzzyCMeans(
+                nc, m=self.m, init=seeded.cluster_centers_, n_init=1,
+                max_iter=300 if final else int(self.refresh_iter), random_state=seed).fit(Z)
+            candidates.append(("full", fresh))
+            self._counts["full_refits"] += 1
+        name, best = min(candidates, key=lambda c: c[1].objective_)
+        centres = best.cluster_centers_
+        if warm_centres is not None and name == "full":
+            # keep cluster numbers stable for a live view: match the new centres to the old ones
+            cost = ((warm_centres[:, np.newaxis, :] - centres[np.newaxis]) ** 2).sum(axis=2)
+            _, col = linear_sum_assignment(cost)
+            centres = centres[col]
+        logger.info("refresh %d: %d positions, %d components, subspace moved %.1f deg, kept %s fit",
+                    self._counts["refreshes"] + 1, idx.size, k, angle, name)
+        # the mini-batch model continues from the refreshed centres, weighted by all positions seen
+        mb = MiniBatchFuzzyCMeans(nc, m=self.m, init=centres, init_size=max(idx.size, nc),
+                                  init_max_iter=1, n_init=1, random_state=seed)
+        mb.partial_fit(Z)
+        U = mb.predict_memberships(Z)
+        self.memberships_[idx] = U
+        self._fcm = mb
+        self._readout = {"D": D, "V": V, "mean": mean_now}
+        A = D[:, np.newaxis] * V
+        self._scorer = (A.astype(np.float32), (mean_now @ V).astype(np.float32))
+        self.cluster_centers_ = mb.cluster_centers_.copy()
+        self.n_components_ = k
+        self.explained_variance_ratio_ = self.pca_.explained_variance_ratio_all_[:k].copy()
+        self.validity_ = {
+            "partition_coefficient": partition_coefficient(U),
+            "partition_entropy": partition_entropy(U),
+            "xie_beni": xie_beni(Z, mb.cluster_centers_, U, m=float(self.m)),
+        }
+        self._counts["refreshes"] += 1
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        # wall-clock refresh timing restarts in the new process
+        self._last_refresh_time = time.monotonic()

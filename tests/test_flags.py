@@ -1,0 +1,207 @@
+"""Second-phase flags on the lamella phantom: raised on inclusions, silent on a single-phase film."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamclust.flags import SecondPhaseFlagger, block_distance
+from streamclust.reference import bin_frames, eds_window
+from streamclust.simulators.phantom import LamellaPhantom
+
+SCAN = (64, 64)
+SECOND = 2  # column of cfs_second in the truth-derived memberships
+DECOY = 5   # an extra cluster: matrix positions in discs, coherent but not a different material
+
+
+def clustering(ph: LamellaPhantom, *, noise: float = 0.05, seed: int = 1) -> np.ndarray:
+    """The clustering procedure of these tests, the same for every phantom.
+
+    Soft memberships from the truth's path-length fractions (mixed rim positions get intermediate
+    memberships) plus noise, and a sixth *decoy* cluster: the matrix inside four discs that hold
+    no inclusion. The decoy is what a clusterer fitting thickness or bending produces: minor,
+    spatially coherent, localised, but made of the matrix - the flagger must not raise it.
+    """
+    rng = np.random.default_rng(seed)
+    fr = ph.truth.fractions
+    u = np.stack([fr[name].ravel() for name in ph.truth.label_names], axis=1)
+    ny, nx = ph.scan_shape
+    yy, xx = np.mgrid[:ny, :nx]
+    film = fr["cfs_matrix"] > 0.9
+    decoy = np.zeros((ny, nx), bool)
+    placed = 0
+    while placed < 4:
+        cy, cx = rng.integers(0, ny), rng.integers(0, nx)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= 9
+        if film[disc].all() and not (disc & decoy).any():
+            decoy |= disc
+            placed += 1
+    d = np.where(decoy.ravel(), 0.8 * u[:, 1], 0.0)
+    u = np.column_stack([u, d])
+    u[:, 1] -= d
+    u = np.clip(u + rng.normal(0.0, noise, u.shape), 0.0, None)
+    return u / u.sum(axis=1, keepdims=True)
+
+
+def features(ph: LamellaPhantom) -> tuple[np.ndarray, np.ndarray]:
+    """Per-position block signals: square-rooted 8 x 8-binned frames, windowed spectra."""
+    pos = np.arange(ph.n_positions)
+    cbed = np.concatenate([bin_frames(ph.frames(pos[i:i + 512]), 8) for i in range(0, pos.size, 512)])
+    eds = eds_window(ph.spectra(pos), ph.energy_axis_kev, (0.2, 10.0), 8)
+    return np.sqrt(cbed), eds
+
+
+@pytest.fixture(scope="module")
+def with_inclusions():
+    ph = LamellaPhantom(scan_shape=SCAN, seed=0)
+    return ph, clustering(ph), *features(ph)
+
+
+@pytest.fixture(scope="module")
+def single_phase():
+    ph = LamellaPhantom(scan_shape=SCAN, seed=0, n_inclusions=0)
+    return ph, clustering(ph), *features(ph)
+
+
+def test_flag_raised_for_second_phase(with_inclusions):
+    ph, u, cbed, eds = with_inclusions
+    flagger = SecondPhaseFlagger()
+    events = flagger.update(u, SCAN, cbed, eds)
+    assert [ev.kind for ev in events] == ["raised"]
+    ev = events[0]
+    assert ev.cluster == SECOND and ev.neighbour == 1
+    y0, x0, y1, x1 = ev.bbox
+    truth = ph.truth.second_phase
+    assert truth[y0:y1, x0:x1].any()
+    # every component box holds a true inclusion, and the flagged positions are second phase
+    for cy0, cx0, cy1, cx1 in ev.components:
+        assert truth[cy0:cy1, cx0:cx1].any()
+    precision = truth.ravel()[ev.positions].mean()
+    recall = truth.ravel()[ev.positions].sum() / truth.sum()
+    assert precision > 0.8 and recall > 0.8
+    assert 0.5 < ev.score <= 1.0
+    assert [f.flag_id for f in flagger.active_flags] == [ev.flag_id]
+    by_cluster = {a.cluster: a for a in flagger.assessments_}
+    # the decoy is coherent and localised, so only its signals can reject it: EDS shows matrix
+    assert by_cluster[DECOY].coherence > 0.9
+    assert by_cluster[DECOY].reason == "not_distinct_eds"
+    # substrate, carbon and Pt/Pd are minor, coherent and distinct - but layers, not inclusions
+    for layer in (0, 3, 4):
+        assert by_cluster[layer].reason == "no_localised_component"
+        assert min(by_cluster[layer].distance_cbed, by_cluster[layer].distance_eds) > 1.0
+
+
+def test_single_phase_raises_no_flag(single_phase):
+    ph, u, cbed, eds = single_phase
+    assert not ph.truth.second_phase.any()
+    flagger = SecondPhaseFlagger()
+    for _ in range(3):
+        assert flagger.update(u, SCAN, cbed, eds) == []
+    assert flagger.active_flags == []
+    assert not any(a.passes for a in flagger.assessments_)
+
+
+def test_flag_raised_mid_scan_then_followed(with_inclusions):
+    ph, u, cbed, eds = with_inclusions
+    ny, nx = SCAN
+    flagger = SecondPhaseFlagger()
+    raised_at = None
+    for rows in range(8, ny + 1, 8):
+        part = np.full_like(u, np.nan)
+        part[: rows * nx] = u[: rows * nx]
+        # the engine has no signals for unscanned positions either
+        cb, ed = cbed.copy(), eds.copy()
+        cb[rows * nx:] = np.nan
+        ed[rows * nx:] = np.nan
+        events = flagger.update(part, SCAN, cb, ed)
+        for ev in events:
+            if ev.kind == "raised":
+                raised_at = raised_at or rows
+                flag_id = ev.flag_id
+            assert ev.kind != "retracted"
+    assert raised_at is not None and raised_at < ny  # before the scan ended
+    assert [f.flag_id for f in flagger.active_flags] == [flag_id]
+    final = flagger.active_flags[0]
+    assert final.bbox[2] > raised_at - 8  # it grew with the scan
+
+
+def test_retraction_with_hysteresis(with_inclusions):
+    ph, u, cbed, eds = with_inclusions
+    flagger = SecondPhaseFlagger(retract_after=2)
+    (raised,) = flagger.update(u, SCAN, cbed, eds)
+    # the EDS block stops separating (e.g. the model's EDS scaling changed): one failing update
+    # is tolerated, the second retracts
+    rng = np.random.default_rng(5)
+    flat_eds = rng.poisson(3.0, eds.shape).astype(np.float32)
+    assert flagger.update(u, SCAN, cbed, flat_eds) == []
+    assert len(flagger.active_flags) == 1
+    (retracted,) = flagger.update(u, SCAN, cbed, flat_eds)
+    assert retracted.kind == "retracted" and retracted.flag_id == raised.flag_id
+    assert retracted.reason == "not_distinct_eds"
+    assert flagger.active_flags == []
+    # raised again, with a new id, once the model separates it again
+    (again,) = flagger.update(u, SCAN, cbed, eds)
+    assert again.kind == "raised" and again.flag_id == raised.flag_id + 1
+    # the model merges the second phase into the matrix: retracted at once
+    merged = u.copy()
+    merged[:, 1] += merged[:, SECOND]
+    merged[:, SECOND] = 0.0
+    (gone,) = flagger.update(merged, SCAN, cbed, eds)
+    assert gone.kind == "retracted" and gone.reason == "cluster_gone"
+
+
+def test_flag_id_survives_relabelled_clusters(with_inclusions):
+    ph, u, cbed, eds = with_inclusions
+    flagger = SecondPhaseFlagger()
+    (raised,) = flagger.update(u, SCAN, cbed, eds)
+    perm = np.array([5, 2, 0, 4, 1, 3])  # new cluster i is old cluster perm[i]
+    (ev,) = flagger.update(u[:, perm], SCAN, cbed, eds)
+    assert ev.kind == "updated" and ev.flag_id == raised.flag_id
+    assert ev.cluster == int(np.flatnonzero(perm == SECOND)[0])
+    # slightly different memberships keep the same flag, no flicker
+    noisy = clustering(ph, seed=7)
+    (ev2,) = flagger.update(noisy[:, perm], SCAN, cbed, eds)
+    assert ev2.kind == "updated" and ev2.flag_id == raised.flag_id
+
+
+def test_raise_after_needs_consecutive_updates():
+    ny, nx = 24, 24
+    rng = np.random.default_rng(0)
+    inc = np.zeros((ny, nx), bool)
+    inc[8:13, 8:13] = True
+    u = np.where(inc.ravel()[:, None], [0.1, 0.9], [0.9, 0.1])
+    cbed = rng.normal(0, 1, (ny * nx, 8))
+    cbed[inc.ravel(), 0] += 4
+    eds = rng.normal(0, 1, (ny * nx, 8))
+    eds[inc.ravel(), 1] += 4
+    flagger = SecondPhaseFlagger(min_positions=5, raise_after=2)
+    assert flagger.update(u, (ny, nx), cbed, eds) == []
+    (ev,) = flagger.update(u, (ny, nx), cbed, eds, signals={1: {"fe_co_ratio": 2.0}})
+    assert ev.kind == "raised" and ev.bbox == (8, 8, 13, 13) and ev.signals == {"fe_co_ratio": 2.0}
+    # a cluster that is distinct in CBED only is not flagged
+    flagger = SecondPhaseFlagger(min_positions=5)
+    eds_null = rng.normal(0, 1, (ny * nx, 8))
+    assert flagger.update(u, (ny, nx), cbed, eds_null) == []
+    assert flagger.assessments_[1].reason == "not_distinct_eds"
+
+
+def test_block_distance_is_unbiased_under_the_null():
+    # a direction fitted to noise separates the groups it was fitted on; cross-fitting must not
+    rng = np.random.default_rng(3)
+    n, d = 2000, 200
+    x = rng.normal(size=(n, d))
+    k = rng.random(n) < 0.1
+    fold = np.arange(n) % 2 == 0
+    assert block_distance(x, k, ~k, fold) < 0.3
+    x[k, :5] += 1.0  # a real difference of norm sqrt(5)
+    assert block_distance(x, k, ~k, fold) > 1.5
+
+
+def test_bad_input_is_named():
+    flagger = SecondPhaseFlagger()
+    with pytest.raises(ValueError, match="memberships"):
+        flagger.update(np.ones((10, 2)), (4, 4), np.ones((16, 2)), np.ones((16, 2)))
+    with pytest.raises(ValueError, match="eds_features"):
+        flagger.update(np.ones((16, 2)), (4, 4), np.ones((16, 2)), np.ones((15, 2)))
+    with pytest.raises(ValueError, match="hysteresis"):
+        SecondPhaseFlagger(hysteresis=0.0)
