@@ -47,6 +47,12 @@ def demo(out_dir: str, seed: int, scan: int, clusters: int, dwell: float) -> Non
     )
     click.echo("second-phase F1 against the phantom's truth: "
                + ", ".join(f"{k} {v:.2f}" for k, v in f1.items()))
+    click.echo(f"live engine vs offline reference on the same scan: ARI {summary['ari_live_vs_offline']:.2f}")
+    for flag in summary["flags"]:
+        click.echo(f"second-phase flag {flag['flag_id']}: cluster {flag['cluster']}, score {flag['score']:.2f}, "
+                   f"raised at {100 * flag['scan_fraction_at_first_flag']:.0f} % of the scan, bbox {flag['bbox']}")
+    if not summary["flags"]:
+        click.echo("no second-phase flag raised")
     click.echo(f"results, pictures and summary.json in {out_dir}")
 
 

@@ -2,9 +2,10 @@
 
 It starts the simulated microscope (phantom + Merlin TCP server + EDS publisher on one scan clock),
 receives the scan over real sockets exactly as on an instrument, reduces every frame as it arrives,
-and then clusters the scan with the paper's pipeline (merged signals, and each signal alone, scored
-against the phantom's ground truth). The live streaming engine replaces the after-scan clustering
-step as it lands (issue 4); the ingest, accounting, results and pictures are already the real ones.
+feeds every batch to the live analysis (streaming engine, thresholded centres, second-phase flags
+published as events), and after the scan runs the paper's offline pipeline on the same data as the
+yardstick: live-versus-offline agreement (ARI), and second-phase F1 of merged signals and of each
+signal alone against the phantom's ground truth.
 """
 
 from __future__ import annotations
@@ -31,8 +32,13 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
 
     Returns the summary dictionary (also written as ``summary.json``).
     """
+    from sklearn.metrics import adjusted_rand_score
+
     from streamclust.acquisition import acquire_scan
+    from streamclust.events import EventPublisher
+    from streamclust.fcm import FuzzyCMeans
     from streamclust.features import FrameReducer
+    from streamclust.live import LiveAnalysis
     from streamclust.reference import best_f1, eds_window, run_reference
     from streamclust.simulators.microscope import MicroscopeConfig, SimulatedMicroscope
     from streamclust.simulators.phantom import LamellaPhantom
@@ -49,7 +55,16 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
     have_spectrum = np.zeros(n, bool)
     vbf = np.zeros(n, np.float64)
 
+    events = EventPublisher("tcp://127.0.0.1:0", socket_type="pub", scan_id=f"demo-{seed}")
+    live = LiveAnalysis(phantom.scan_shape, phantom.frame_shape, phantom.energy_axis_kev,
+                        n_clusters=n_clusters, events=events, random_state=seed,
+                        assess_every=max(256, n // 16),
+                        engine_params={"warmup_positions": min(512, n // 4),
+                                       "refresh_every": max(512, n // 8)})
+    live.engine.warm_up()  # JIT before the detector is armed, never on the first live frame
+
     def on_batch(batch) -> None:
+        live.process(batch)
         p = batch.positions
         fm = batch.has_frame
         if fm.any():
@@ -69,6 +84,8 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
     with SimulatedMicroscope(phantom, config) as scope:
         host, port = scope.merlin.data_address
         report = acquire_scan((host, port), scope.eds.endpoint, n, on_batch)
+    live.finish()
+    events.close()
     elapsed = time.perf_counter() - t0
 
     both = have_frame & have_spectrum
@@ -85,6 +102,14 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
         scores[name] = float(best_f1(res.labels, truth[both]).single)
         logger.info("%s: %d components, second-phase F1 %.3f", name, res.n_components, scores[name])
 
+    live_labels = np.asarray(live.engine.labels_)
+    labels["live"] = live_labels
+    ref = run_reference(cbed[both], eds_window(eds, phantom.energy_axis_kev, (0.2, 10.0), rebin=2)[both],
+                        signals="merged", n_clusters=n_clusters, random_state=seed,
+                        clusterer=FuzzyCMeans(n_clusters, random_state=seed))
+    ari = float(adjusted_rand_score(ref.labels, live_labels[both]))
+    live_f1 = float(best_f1(live_labels[both], truth[both]).single)
+
     frames_received = int(report.merlin.get("frames_received", int(have_frame.sum())))
     summary = {
         "streamclust_version": __version__,
@@ -98,9 +123,11 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
         "elapsed_s": round(elapsed, 3),
         "frames_per_s": round(frames_received / report.elapsed_s, 1) if report.elapsed_s else None,
         "n_clusters": n_clusters,
-        "flags": [],  # second-phase flags arrive with issue 5
+        "flags": live.flags_summary(),
         "second_phase_f1": scores,
-        "ari_live_vs_offline": None,  # the live engine arrives with issue 4
+        "second_phase_f1_live": live_f1,
+        "ari_live_vs_offline": ari,
+        "engine": {k: v for k, v in live.engine.stats_.items() if not isinstance(v, np.ndarray)},
         "ingest": report.as_dict(),
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
     }
@@ -147,15 +174,15 @@ def _write_pictures(out: Path, phantom, labels: dict, vbf, eds, joined) -> None:
     import matplotlib.pyplot as plt
 
     ny, nx = phantom.scan_shape
-    fig, axes = plt.subplots(1, 5, figsize=(20, 4.2))
+    fig, axes = plt.subplots(1, 6, figsize=(24, 4.2))
     axes[0].imshow(vbf.reshape(ny, nx), cmap="gray")
     axes[0].set_title("virtual bright field")
     axes[1].imshow(phantom.truth.labels, cmap="tab10", interpolation="nearest")
     axes[1].set_title("ground truth (phantom)")
-    for ax, name in zip(axes[2:], ("merged", "eds_only", "cbed_only")):
+    for ax, name in zip(axes[2:], ("live", "merged", "eds_only", "cbed_only")):
         lab = np.ma.masked_less(labels[name].reshape(ny, nx), 0)
         ax.imshow(lab, cmap="tab10", interpolation="nearest")
-        ax.set_title(f"clusters: {name}")
+        ax.set_title("live engine (final)" if name == "live" else f"offline: {name}")
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])

@@ -26,9 +26,14 @@ def test_demo_writes_results_pictures_and_a_summary(tmp_path):
     assert summary["frames_dropped"] == 0
     assert set(summary["second_phase_f1"]) == {"merged", "eds_only", "cbed_only"}
     assert all(0.0 <= v <= 1.0 for v in summary["second_phase_f1"].values())
+    assert -1.0 <= summary["ari_live_vs_offline"] <= 1.0
+    assert summary["engine"]["positions_seen"] == 256
+    for flag in summary["flags"]:
+        assert 0.0 < flag["scan_fraction_at_first_flag"] <= 1.0 and len(flag["bbox"]) == 4
     with h5py.File(out / "results.h5") as f:
         assert f["labels/merged"].shape == (16, 16)
         assert int((f["labels/merged"][()] >= 0).sum()) == 256
+        assert int((f["labels/live"][()] >= 0).sum()) == 256
     for picture in ("cluster_maps.png", "cluster_spectra.png"):
         assert (out / picture).stat().st_size > 10_000
     assert "frames received" in proc.stdout
