@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
+from streamclust.adapters.background import BackgroundSocketThread
 from streamclust.adapters.wire import encode_array_message, end_header
 from streamclust.simulators.clock import ScanClock
 
@@ -83,7 +84,7 @@ class _Stopped(Exception):
     pass
 
 
-class EDSPublisher:
+class EDSPublisher(BackgroundSocketThread):
     """Publish a source's spectra over a PUSH (lossless) or PUB (viewers) socket, in its own thread.
 
     Parameters
@@ -162,21 +163,9 @@ class EDSPublisher:
         self._sequence = 0
         self._linger_ms = 0
 
-    # -- lifecycle -----------------------------------------------------------------------------
-    def start(self) -> "EDSPublisher":
-        if self._thread is not None:
-            raise RuntimeError("publisher already started")
-        self._thread = threading.Thread(target=self._run, name="eds-publisher", daemon=True)
-        self._thread.start()
-        return self
-
-    def wait_for_listen(self, timeout: float = 10.0) -> str:
-        """Block until the socket is bound; return the bound endpoint (with its real port)."""
-        if not self._listening.wait(timeout):
-            self._raise_error()
-            raise TimeoutError(f"EDS publisher did not bind within {timeout} s")
-        self._raise_error()
-        return self.endpoint
+    # -- lifecycle (start / wait_for_listen / context manager: BackgroundSocketThread) -----------
+    _thread_name = "eds-publisher"
+    _what = "EDS publisher"
 
     def stop(self, timeout: float = 5.0, *, linger_s: float = 1.0) -> None:
         """Stop the thread (interrupting a blocked send) and close the socket; re-raise its error.
@@ -184,25 +173,7 @@ class EDSPublisher:
         Messages still queued in ZeroMQ get ``linger_s`` seconds to leave (0 discards them).
         """
         self._linger_ms = int(max(0.0, min(linger_s, timeout)) * 1000)
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                raise TimeoutError(f"EDS publisher did not stop within {timeout} s")
-        self._raise_error()
-
-    def __enter__(self) -> "EDSPublisher":
-        self.start()
-        self.wait_for_listen()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise RuntimeError("EDS publisher thread failed") from err
+        self._join(timeout)
 
     @property
     def n_positions(self) -> int:

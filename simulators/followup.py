@@ -54,6 +54,7 @@ from collections import Counter
 import numpy as np
 import zmq
 
+from streamclust.adapters.background import BackgroundSocketThread
 from streamclust.adapters.wire import encode_array_message
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class _RequestError(Exception):
         self.kind = kind
 
 
-class FollowUpServer:
+class FollowUpServer(BackgroundSocketThread):
     """REP endpoint that re-acquires regions of a :class:`~streamclust.simulators.phantom.LamellaPhantom`.
 
     Parameters
@@ -100,43 +101,9 @@ class FollowUpServer:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    # -- lifecycle ------------------------------------------------------------------------------
-    def start(self) -> FollowUpServer:
-        if self._thread is not None:
-            raise RuntimeError("server already started")
-        self._thread = threading.Thread(target=self._run, name="followup-server", daemon=True)
-        self._thread.start()
-        return self
-
-    def wait_for_listen(self, timeout: float = 10.0) -> str:
-        """Block until bound; return the bound endpoint."""
-        if not self._listening.wait(timeout):
-            self._raise_error()
-            raise TimeoutError(f"follow-up server did not bind within {timeout} s")
-        self._raise_error()
-        return self.endpoint
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the thread and close the socket; re-raise an error of the thread."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                raise TimeoutError(f"follow-up server did not stop within {timeout} s")
-        self._raise_error()
-
-    def __enter__(self) -> FollowUpServer:
-        self.start()
-        self.wait_for_listen()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise RuntimeError("follow-up server thread failed") from err
+    # -- lifecycle (start / wait_for_listen / stop / context manager: BackgroundSocketThread) ----
+    _thread_name = "followup-server"
+    _what = "follow-up server"
 
     # -- serving --------------------------------------------------------------------------------
     def _run(self) -> None:
