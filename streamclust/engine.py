@@ -70,6 +70,7 @@ from . import fcm_kernels
 from .block_balance import BlockBalancer
 from .features import FrameReducer, SpectrumReducer
 from .fcm import DEFAULT_M, FuzzyCMeans, MiniBatchFuzzyCMeans
+from .host_refine import HostRefinement, compose_memberships, match_by_overlap
 from .incremental_pca import StreamingPCA
 from .position_store import PositionStore
 from .validity import partition_coefficient, partition_entropy, xie_beni
@@ -78,7 +79,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["StreamingEngine"]
 
-_STAGES = ("reduce_frames", "reduce_spectra", "balance", "pca", "basis", "store", "cluster", "refresh")
+_STAGES = ("reduce_frames", "reduce_spectra", "balance", "pca", "basis", "store", "cluster", "refresh", "host")
 
 
 class StreamingEngine:
@@ -155,6 +156,25 @@ class StreamingEngine:
     refit_angle_deg : float, default=10.0
         A full FCM re-fit is also tried when the largest principal angle between the previous and
         the new PCA subspace exceeds this, or the component count changed.
+    host_clusters : int, default=6
+        Sub-clusters of the host phase (0: single-level, the paper's pipeline as is). At every
+        refresh the largest cluster (the film matrix on a lamella) is re-scaled, re-projected and
+        re-clustered among its own positions (:mod:`streamclust.host_refine`), because on a whole
+        lamella the substrate and caps take the PCA and the clusters (docs/engine.md). The outputs
+        then have ``n_clusters + host_clusters`` columns; the host's own column is 0 (its mass is
+        in the sub-clusters, product rule).
+    host_threshold : float, default=0.9
+        Host membership a position needs to shape the level-2 space.
+    host_min_positions : int, default=256
+        Host positions needed before the level-2 model is built.
+    host_sample_size : int, default=8192
+        Host positions the level-2 statistics and PCA are computed on.
+    host_min_components : int, default=5
+        Floor of the 1 % rule at level 2.
+    host_refit_growth : float, default=0.25
+        The level-2 space is re-fitted when the host grew by this fraction since its last fit (or
+        the host cluster changed, or at :meth:`finalize`); in between only its clusters are
+        refreshed.
     blas_threads : int or None, default=1
         BLAS threads while processing (None: leave BLAS alone). One thread avoids BLAS spinning
         against Numba's threads (docs/streaming-statistics.md).
@@ -207,6 +227,12 @@ class StreamingEngine:
         final_n_init: int = 10,
         refit_sample: int = 4096,
         refit_angle_deg: float = 10.0,
+        host_clusters: int = 6,
+        host_threshold: float = 0.9,
+        host_min_positions: int = 256,
+        host_sample_size: int = 8192,
+        host_min_components: int = 5,
+        host_refit_growth: float = 0.25,
         blas_threads: int | None = 1,
         random_state: int | None = None,
     ) -> None:
@@ -239,6 +265,12 @@ class StreamingEngine:
         self.final_n_init = final_n_init
         self.refit_sample = refit_sample
         self.refit_angle_deg = refit_angle_deg
+        self.host_clusters = host_clusters
+        self.host_threshold = host_threshold
+        self.host_min_positions = host_min_positions
+        self.host_sample_size = host_sample_size
+        self.host_min_components = host_min_components
+        self.host_refit_growth = host_refit_growth
         self.blas_threads = blas_threads
         self.random_state = random_state
         self._init_state()
@@ -294,7 +326,17 @@ class StreamingEngine:
             method=self.pca_method, sketch_rank=sk, exact_max_features=max(8192, self.n_features_),
             gram_dtype="float32",
         )
-        self.memberships_ = np.full((n, int(self.n_clusters)), np.nan, dtype=np.float32)
+        if int(self.host_clusters) < 0 or int(self.host_clusters) == 1:
+            raise ValueError(f"host_clusters must be 0 (off) or >= 2, got {self.host_clusters!r}")
+        if not 0.0 < float(self.host_threshold) < 1.0:
+            raise ValueError(f"host_threshold must be in (0, 1), got {self.host_threshold!r}")
+        self.n_output_clusters_ = int(self.n_clusters) + int(self.host_clusters)
+        self.memberships_ = np.full((n, self.n_output_clusters_), np.nan, dtype=np.float32)
+        self.host_cluster_: int | None = None
+        self.host_: HostRefinement | None = None
+        self._host_fcm: FuzzyCMeans | None = None
+        self._host_scorer: tuple[np.ndarray, np.ndarray] | None = None
+        self._host_fit_size = 0
         self.warmed_up_ = False
         self._warm_buffer: list[tuple[np.ndarray, ...]] = []
         self._c_warm: np.ndarray | None = None
@@ -311,7 +353,8 @@ class StreamingEngine:
         self.explained_variance_ratio_ = np.zeros(0)
         self.validity_: dict[str, float] = {}
         self._counts = dict(positions=0, batches=0, refreshes=0, full_refits=0, basis_updates=0,
-                            pending_flushes=0, duplicates=0, incomplete=0, skipped=0)
+                            pending_flushes=0, duplicates=0, incomplete=0, skipped=0,
+                            host_space_fits=0)
         self._times = {s: 0.0 for s in _STAGES}
         self._busy = 0.0
 
@@ -550,7 +593,7 @@ class StreamingEngine:
             Z = x_warm @ A
             Z -= b
             self._fcm.partial_fit(Z)
-            self.memberships_[pos] = self._fcm.predict_memberships(Z)
+            self.memberships_[pos] = self._compose(self._fcm.predict_memberships(Z), x_warm)
             self._times["cluster"] += time.perf_counter() - t
         if sum(p.size for p, _ in self._pending) >= int(self.pending_limit):
             self._flush_pending()
@@ -624,7 +667,7 @@ class StreamingEngine:
         seed = int(self._rng.randint(np.iinfo(np.int32).max))
 
         prev = self._readout
-        U_prev = self.memberships_[idx]
+        U_prev = self._level1(self.memberships_[idx])
         have_prev = self._fcm is not None and not np.isnan(U_prev).any()
         warm_centres = None
         if have_prev:
@@ -670,7 +713,11 @@ class StreamingEngine:
                                   init_max_iter=1, n_init=1, random_state=seed)
         mb.partial_fit(Z)
         U = mb.predict_memberships(Z)
-        self.memberships_[idx] = U
+        if int(self.host_clusters):
+            t_host = time.perf_counter()
+            self._refine_host(idx, U, final, seed)
+            self._times["host"] += time.perf_counter() - t_host
+        self.memberships_[idx] = self._compose_stored(U, idx)
         self._fcm = mb
         self._readout = {"D": D, "V": V, "mean": mean_now}
         A = D[:, np.newaxis] * V
@@ -684,6 +731,124 @@ class StreamingEngine:
             "xie_beni": xie_beni(Z, mb.cluster_centers_, U, m=float(self.m)),
         }
         self._counts["refreshes"] += 1
+
+    # ------------------------------------------------------------------------------------------
+    # host refinement (level 2)
+    # ------------------------------------------------------------------------------------------
+    def _level1(self, U: np.ndarray) -> np.ndarray:
+        """Whole-scan (level-1) memberships from the output columns: the host's mass is back in
+        its own column."""
+        k1 = int(self.n_clusters)
+        u1 = np.array(U[:, :k1], dtype=np.float32)
+        if self.host_cluster_ is not None and U.shape[1] > k1:
+            u1[:, self.host_cluster_] += U[:, k1:].sum(axis=1)
+        return u1
+
+    def _inv_c_warm(self) -> np.ndarray:
+        c = np.asarray(self._c_warm, dtype=np.float64)
+        return np.where(c > 0, 1.0 / np.where(c > 0, c, 1.0), 0.0).astype(np.float32)
+
+    def _stored_vectors(self, idx: np.ndarray) -> np.ndarray:
+        """Warm-space vectors of stored positions (exact in the full store, the basis
+        reconstruction in the compact one)."""
+        store = self.store_
+        if hasattr(store, "vectors"):
+            return np.asarray(store.vectors(idx), dtype=np.float32)
+        if store.mode == "full":
+            return np.asarray(store.data[idx], dtype=np.float32)
+        B = store.basis_
+        return (np.asarray(store.data[idx][:, : B.shape[1]], dtype=np.float32) @ B.T.astype(np.float32)
+                + store.center_.astype(np.float32))
+
+    def _refine_host(self, idx: np.ndarray, U: np.ndarray, final: bool, seed: int) -> None:
+        """Level 2: re-cluster the host cluster among its own positions (module host_refine)."""
+        k2 = int(self.host_clusters)
+        mass = U.sum(axis=0)
+        host = int(np.argmax(mass))
+        prev_host = self.host_cluster_
+        if prev_host is not None and host != prev_host and mass[host] < 1.25 * mass[prev_host]:
+            # a film split by thickness into two level-1 clusters of similar size would swap the
+            # host at every refresh and renumber the sub-clusters (flags then flicker): switch
+            # only for a clearly larger cluster
+            host = prev_host
+        inside = idx[U[:, host] > float(self.host_threshold)]
+        if inside.size < max(int(self.host_min_positions), 4 * k2):
+            logger.debug("host cluster %d has %d clear positions: no refinement yet", host, inside.size)
+            return
+        changed = host != self.host_cluster_
+        grew = inside.size > (1.0 + float(self.host_refit_growth)) * max(self._host_fit_size, 1)
+        refit_space = self.host_ is None or changed or grew or final
+        rs = np.random.RandomState(seed)
+        if refit_space:
+            sample = inside
+            if inside.size > int(self.host_sample_size):
+                sample = np.sort(rs.choice(inside, int(self.host_sample_size), replace=False))
+            self.host_ = HostRefinement(
+                self.n_cbed_features_, k2, threshold=float(self.host_threshold),
+                min_components=int(self.host_min_components), max_components=int(self.max_components),
+                min_explained_ratio=float(self.min_explained_ratio), sample_size=int(self.host_sample_size),
+                m=float(self.m), random_state=seed,
+            ).fit_space(self._stored_vectors(sample) * self._inv_c_warm())
+            self._host_fit_size = inside.size
+            self._counts["host_space_fits"] += 1
+        A, b = self.host_.affine()
+        # the level-2 space is defined on raw features (its zero-IQR floor of 1 is in raw counts,
+        # so it is not invariant to the warm multiplier): fold 1 / c_warm into the map
+        A = (A * self._inv_c_warm()[:, np.newaxis]).astype(np.float32)
+        Z2 = self._stored_project(A, b, inside)
+        prev_labels = None
+        if self.host_cluster_ is not None and not changed:
+            prev = self.memberships_[inside, int(self.n_clusters):]
+            known = np.isfinite(prev).all(axis=1) & (prev.sum(axis=1) > 0)
+            prev_labels = np.where(known, np.argmax(np.nan_to_num(prev), axis=1), -1)
+        if refit_space or self._host_fcm is None:
+            n_init = int(self.final_n_init) if final else int(self.fcm_n_init)
+            sub = Z2 if Z2.shape[0] <= int(self.refit_sample) else Z2[
+                np.sort(rs.choice(Z2.shape[0], int(self.refit_sample), replace=False))]
+            fcm = FuzzyCMeans(k2, m=self.m, n_init=n_init, random_state=rs).fit(sub)
+            if sub is not Z2:
+                fcm = FuzzyCMeans(k2, m=self.m, init=fcm.cluster_centers_, n_init=1,
+                                  max_iter=300 if final else int(self.refresh_iter), random_state=seed).fit(Z2)
+        else:
+            fcm = FuzzyCMeans(k2, m=self.m, init=self._host_fcm.cluster_centers_, n_init=1,
+                              max_iter=300 if final else int(self.refresh_iter), random_state=seed).fit(Z2)
+        if prev_labels is not None and (prev_labels >= 0).any():
+            # keep sub-cluster numbers stable for a live view (a new space has new coordinates,
+            # so match by which positions they hold, not by centres)
+            perm = match_by_overlap(prev_labels, fcm.labels_, k2)
+            fcm.cluster_centers_ = fcm.cluster_centers_[perm]
+            fcm.memberships_ = fcm.memberships_[:, perm]
+            fcm.labels_ = np.argmax(fcm.memberships_, axis=1)
+        self._host_fcm = fcm
+        self._host_scorer = (A, b)
+        self.host_cluster_ = host
+        logger.info("host cluster %d refined: %d positions, %d components, %s", host, inside.size,
+                    self.host_.n_components_, "new space" if refit_space else "same space")
+
+    def _stored_project(self, A: np.ndarray, b: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        out = np.empty((idx.size, A.shape[1]), dtype=np.float32)
+        step = 16384
+        for s in range(0, idx.size, step):
+            sel = idx[s:s + step]
+            np.matmul(self._stored_vectors(sel), A, out=out[s:s + sel.size])
+        out -= b
+        return out
+
+    def _compose_stored(self, U: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        if self._host_scorer is None:
+            return compose_memberships(U, None, None, int(self.host_clusters))
+        A, b = self._host_scorer
+        U2 = self._host_fcm.predict_memberships(self._stored_project(A, b, idx))
+        return compose_memberships(U, U2, self.host_cluster_, int(self.host_clusters))
+
+    def _compose(self, U: np.ndarray, x_warm: np.ndarray) -> np.ndarray:
+        if not int(self.host_clusters):
+            return U
+        if self._host_scorer is None:
+            return compose_memberships(U, None, None, int(self.host_clusters))
+        A, b = self._host_scorer
+        U2 = self._host_fcm.predict_memberships(x_warm @ A - b)
+        return compose_memberships(U, U2, self.host_cluster_, int(self.host_clusters))
 
     def __getstate__(self) -> dict:
         return dict(self.__dict__)

@@ -6,13 +6,17 @@ A cluster ``k`` is a candidate when, among the scanned positions,
    and ``max_fraction`` of the scanned positions, and at least ``min_positions``;
 2. **localised and coherent**: the thresholded membership map is split into connected components
    (:func:`scipy.ndimage.label`, 8-connected). A component counts when it has at least
-   ``min_component_size`` positions and its bounding box spans less than ``max_extent`` of the
-   scan in both directions: a layer crossing the whole scan (substrate, cap) is a stratum, not an
+   ``min_component_size`` positions, does not touch the scan frame (``embedded_only``: a
+   substrate or cap layer enters from an edge, and split into pieces each piece is small), and its
+   bounding box spans less than ``max_extent`` of the scan in both directions: a layer crossing the whole scan (substrate, cap) is a stratum, not an
    embedded phase; and when at most ``max_open`` of its one-position ring is unscanned (a component
    on the scan front may be the first row of a layer: it counts once the scan has passed it). ``coherence`` = fraction of the cluster's positions inside counted components;
    it must reach ``coherence``;
 3. **distinct in each block**: the neighbouring cluster ``j`` is the one with the largest summed
-   membership on the one-position ring around the counted components. In each block separately
+   membership on the one-position ring around the counted components, among the clusters with at
+   least ``neighbour_size_ratio`` times as many positions as ``k`` (the matrix is larger than what it
+   embeds; without the rule the two halves of one phase split in two clusters were each other's
+   neighbour), or among all when none is that large. In each block separately
    (CBED features, EDS features) the separation of ``k`` from ``j`` is a cross-fitted
    discriminability: the positions are split into two interleaved folds (``(y + x) % 2``); the
    direction ``e`` from ``j``'s to ``k``'s mean is taken in one fold, and the other fold's
@@ -194,13 +198,21 @@ class SecondPhaseFlagger:
         Least overlap (intersection / smaller set) that makes a candidate the same flag.
     max_listed_positions : int
         Events list positions only up to this many (the bbox and components are always given).
+    embedded_only : bool
+        Components touching the scan frame (first or last row or column) do not count: strata
+        enter the scan from its edges; the price is that an inclusion cut by the frame is not
+        flagged (criterion 2).
+    neighbour_size_ratio : float
+        A neighbour (the matrix a candidate is compared with) has at least this many times the
+        candidate's positions when such a cluster touches it (criterion 3).
     """
 
     def __init__(self, *, min_fraction: float = 0.002, max_fraction: float = 0.25, min_positions: int = 8,
                  membership_threshold: float = 0.5, min_component_size: int = 4, coherence: float = 0.6,
                  max_extent: float = 0.5, max_open: float = 0.2, min_block_distance: float = 0.6, raise_after: int = 1,
                  retract_after: int = 2, hysteresis: float = 0.8, match_overlap: float = 0.3,
-                 max_listed_positions: int = 4096) -> None:
+                 max_listed_positions: int = 4096, neighbour_size_ratio: float = 2.0,
+                 embedded_only: bool = True) -> None:
         self.min_fraction = min_fraction
         self.max_fraction = max_fraction
         self.min_positions = min_positions
@@ -215,6 +227,8 @@ class SecondPhaseFlagger:
         self.hysteresis = hysteresis
         self.match_overlap = match_overlap
         self.max_listed_positions = max_listed_positions
+        self.neighbour_size_ratio = neighbour_size_ratio
+        self.embedded_only = embedded_only
         if not 0.0 < hysteresis <= 1.0:
             raise ValueError(f"hysteresis must be in (0, 1], got {hysteresis}")
         if raise_after < 1 or retract_after < 1:
@@ -288,6 +302,12 @@ class SecondPhaseFlagger:
                 if sl is None or sizes[i] < self.min_component_size:
                     continue
                 h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
+                if self.embedded_only and (sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == ny
+                                           or sl[1].stop == nx):
+                    # touches the scan frame: a layer entering the scan (substrate, cap), or a
+                    # piece of one, is not an embedded phase (measured: substrate strips split by
+                    # bending into 3-5 clusters raised flags against the film)
+                    continue
                 if unseen2d is not None and self._is_open(lab, i, sl, unseen2d):
                     continue
                 comps.append((sl[0].start, sl[1].start, sl[0].stop, sl[1].stop, h / ny, w / nx, i))
@@ -306,6 +326,15 @@ class SecondPhaseFlagger:
         ring = (ndimage.binary_dilation(base, structure=_EIGHT) & ~base).ravel() & seen
         weights = uz[ring].sum(axis=0) if ring.any() else uz[seen].sum(axis=0)
         weights[k] = -np.inf
+        # the matrix around an inclusion holds more positions than the inclusion: a cluster of
+        # similar size on the ring is more likely the other half of the same phase split in two
+        # (measured: a host refined into 6 sub-clusters put the second phase into two of them,
+        # each the other's ring neighbour, and neither was then distinct from its "matrix")
+        sizes_all = member.sum(axis=0)
+        big = sizes_all >= self.neighbour_size_ratio * max(n_k, 1)
+        big[k] = False
+        if big.any() and np.isfinite(weights[big]).any() and weights[big].max() > 0:
+            weights = np.where(big, weights, -np.inf)
         j = int(np.argmax(weights)) if uz.shape[1] > 1 else k
         mj = member[:, j] if j != k else np.zeros_like(mk)
         # distances only where size could still pass (the matrix itself is never measured)

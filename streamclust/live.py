@@ -61,7 +61,9 @@ class LiveAnalysis:
         self._centre_bin = max(1, min(h, w) // 32)
         self._centre_reducer = FrameReducer(bin_factor=self._centre_bin, frame_shape=(h, w)).fit()
         self._centre_shape = (h // self._centre_bin, w // self._centre_bin)
-        self.centres = ThresholdedCentres(n_clusters, tuple(thresholds), n_positions=self.n_positions,
+        # with host refinement the engine reports n_clusters + host sub-clusters (engine docs)
+        self.n_output_clusters = int(self.engine.n_output_clusters_)
+        self.centres = ThresholdedCentres(self.n_output_clusters, tuple(thresholds), n_positions=self.n_positions,
                                           cbed_shape=self._centre_shape)
         self.flagger = SecondPhaseFlagger()
         self.events = events
@@ -74,6 +76,11 @@ class LiveAnalysis:
         self.flag_log: list[dict] = []
         self.centre_set = None
         self.t0 = time.perf_counter()
+
+    @property
+    def seen(self) -> np.ndarray:
+        """Boolean mask (n_positions,) of positions that arrived (a frame or a spectrum)."""
+        return self._seen.copy()
 
     @property
     def n_seen(self) -> int:

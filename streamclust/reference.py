@@ -174,6 +174,9 @@ def run_reference(
     clusterer=None,
     n_clusters: int = 6,
     random_state: int | None = 0,
+    refine_host: int = 0,
+    host_threshold: float = 0.9,
+    host_min_components: int = 5,
 ) -> ReferenceResult:
     """Run the batch pipeline on feature matrices (rows = scan positions).
 
@@ -187,6 +190,13 @@ def run_reference(
         EDS block weighting for ``merged`` (module docstring).
     clusterer : estimator, optional
         Cloned before use; default ``KMeans(n_clusters, n_init=10)``.
+    refine_host : int, default=0
+        Sub-clusters of the host cluster (0: off). The engine's second level
+        (:mod:`streamclust.host_refine`) in batch form: the cluster with the largest total
+        membership is re-scaled, re-projected (1 % rule, at least ``host_min_components``) and
+        clustered with fuzzy C-means among its positions of membership > ``host_threshold``;
+        labels are the arg-max of the product-rule memberships (``labels`` then number
+        ``n_clusters + refine_host`` clusters, the host's own number unused).
     """
     if signals not in ("merged", "cbed", "eds"):
         raise ValueError(f"signals must be 'merged', 'cbed' or 'eds', got {signals!r}")
@@ -214,7 +224,39 @@ def run_reference(
     est = KMeans(n_clusters=n_clusters, n_init=10, random_state=random_state) if clusterer is None else clone(clusterer)
     labels = _labels_of(est, z)
     logger.info("reference %s: %d PCA components, EDS factor %.3g", signals, k, factor)
+    if refine_host:
+        raw = [np.asarray(b, dtype=np.float32) for b, use in ((cbed, signals in ("merged", "cbed")),
+                                                               (eds, signals in ("merged", "eds"))) if use]
+        labels = _refine_host(raw, labels, est, n_clusters, int(refine_host), host_threshold,
+                              host_min_components, variance_threshold, random_state)
     return ReferenceResult(labels, z, k, pca.explained_variance_ratio_, factor, est)
+
+
+def _refine_host(raw_blocks, labels, est, n_clusters, k2, threshold, min_components, variance_threshold,
+                 random_state) -> np.ndarray:
+    """Second level on the host cluster (see ``refine_host`` of :func:`run_reference`)."""
+    from streamclust.fcm import FuzzyCMeans
+    from streamclust.host_refine import HostRefinement, compose_memberships
+
+    u1 = getattr(est, "memberships_", None)
+    if u1 is None or np.asarray(u1).shape != (labels.size, n_clusters):
+        u1 = np.eye(n_clusters, dtype=np.float32)[labels]  # a hard partition's memberships
+    u1 = np.asarray(u1, dtype=np.float32)
+    host = int(np.argmax(u1.sum(axis=0)))
+    inside = u1[:, host] > threshold
+    if inside.sum() < max(4 * k2, 8):
+        # as the engine: no clear host, no second level (a noisy single-signal clustering)
+        logger.info("host cluster %d has %d clear positions: not refined", host, int(inside.sum()))
+        return labels
+    x = np.hstack(raw_blocks) if len(raw_blocks) > 1 else raw_blocks[0]
+    # one block alone: n_cbed = all features, no balancing
+    ref = HostRefinement(raw_blocks[0].shape[1], k2, threshold=threshold, min_components=min_components,
+                         min_explained_ratio=variance_threshold, random_state=random_state)
+    ref.fit_space(x[inside])
+    z2 = ref.project(x)
+    fcm = FuzzyCMeans(k2, n_init=10, random_state=random_state).fit(z2[inside])
+    u = compose_memberships(u1, fcm.predict_memberships(z2), host, k2)
+    return np.argmax(u, axis=1)
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ def _engine(**kw) -> StreamingEngine:
     params = dict(frame_shape=FRAME, n_channels=CHANNELS, energy_axis=(0.0, 0.1),
                   energy_window_kev=(0.0, 12.8), rebin=1, n_clusters=3, bin_factor=4,
                   warmup_positions=150, refresh_every=300, basis_rank=24, max_components=8,
-                  random_state=0)
+                  random_state=0, host_clusters=0)  # single level here; tests/test_host_refine.py
     params.update(kw)
     return StreamingEngine(N, **params)
 

@@ -83,7 +83,7 @@ def test_flag_raised_for_second_phase(with_inclusions):
     assert [f.flag_id for f in flagger.active_flags] == [ev.flag_id]
     by_cluster = {a.cluster: a for a in flagger.assessments_}
     # the decoy is coherent and localised, so only its signals can reject it: EDS shows matrix
-    assert by_cluster[DECOY].coherence > 0.9
+    assert by_cluster[DECOY].coherence >= flagger.coherence  # passes on shape alone
     assert by_cluster[DECOY].reason == "not_distinct_eds"
     # substrate, carbon and Pt/Pd are minor, coherent and distinct - but layers, not inclusions
     for layer in (0, 3, 4):
