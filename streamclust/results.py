@@ -1,0 +1,663 @@
+"""The results file of one scan: HDF5, written incrementally, crash-safe, readable by HyperSpy.
+
+:class:`ResultsWriter` turns the state of a :class:`~streamclust.live.LiveAnalysis` and the ingest
+counters into one HDF5 file per scan (layout in docs/results.md):
+
+``/``                 attrs: ``status`` (partial / complete / aborted), ``scan_id``, ``positions_seen``,
+                      ``n_positions``, ``checkpoint``, ``written_utc``, format versions
+``/scan``             ``energy_axis_kev``, ``seen`` (ny, nx) bool; attrs scan/frame shape, thresholds
+``/clustering``       ``memberships`` (ny, nx, k) float32 (NaN = not yet clustered), ``labels`` (ny, nx)
+                      int16 (-1 = unknown), ``cluster_centers`` (PCA space), ``explained_variance_ratio``;
+                      attrs ``n_components``, validity indices
+``/centres``          thresholded centres: ``cbed`` (T, k, h, w), ``eds`` (T, k, channels), ``weight``,
+                      ``count``, ``fe_co_ratio`` (T, k), ``thresholds``
+``/flags``            ``summary`` and ``log`` (one JSON document per flag / event) and a numeric table
+                      of the summary (``flag_id``, ``cluster``, ``score``, ``bbox``, ...)
+``/counters``         every counter as a scalar attribute, nested names joined by ``.``
+                      (``merlin.frames_received``, ``join.frames_without_spectrum``, ``engine.refreshes``)
+``/config``           attrs: the configuration flattened, and ``json`` (the whole of it)
+``/versions``         attrs: streamclust, numpy, numba, h5py, hdf5, python
+``/Experiments``      HyperSpy's layout (hspy format 3.1): ``memberships``, ``labels``, ``centre_spectra``,
+                      ``centre_patterns``; each ``data`` is a *hard link* to the dataset above, so
+                      the HyperSpy view costs no bytes
+
+Crash safety: h5py writes in place, and a process killed in the middle of an HDF5 write leaves a
+file that may not open. Every checkpoint is therefore written whole to a temporary file next to the
+target, flushed and fsync'ed, then moved over the target with :func:`os.replace` (atomic on POSIX),
+and the directory is fsync'ed. The target is always either the previous complete checkpoint or the
+new one; a ``kill -9`` loses at most what happened since the last checkpoint.
+
+Examples
+--------
+>>> import tempfile, pathlib
+>>> d = pathlib.Path(tempfile.mkdtemp())
+>>> flat = flatten_counters({"merlin": {"frames_received": 10, "dropped": {"truncated": 1}}, "complete": False})
+>>> sorted(flat.items())
+[('complete', False), ('merlin.dropped.truncated', 1), ('merlin.frames_received', 10)]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RESULTS_FORMAT_VERSION", "STATUSES", "ResultsWriter", "read_results", "validate_results",
+           "flatten_counters"]
+
+#: version of the layout described in the module docstring (bumped on incompatible changes)
+RESULTS_FORMAT_VERSION = 1
+#: HyperSpy's hspy format version whose attribute names the ``/Experiments`` group follows
+HSPY_FORMAT_VERSION = "3.1"
+STATUSES = ("partial", "complete", "aborted")
+#: top-level names the writer owns; ``extra`` may not write into them
+_RESERVED = ("scan", "clustering", "centres", "flags", "counters", "config", "versions", "Experiments")
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+# ---------------------------------------------------------------------------------------------
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return repr(obj)
+
+
+def _dumps(obj: Any) -> str:
+    # NaN is not JSON; write null so any JSON reader can parse the documents
+    return json.dumps(_nan_to_none(obj), default=_json_default, sort_keys=True)
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {str(k): _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def flatten_counters(counters: Mapping, prefix: str = "", *, numeric_lists: bool = False) -> dict[str, Any]:
+    """Nested counter dicts -> one flat dict with ``.``-joined names.
+
+    Scalars (numbers, bools, strings, None) stay as they are; anything else (lists of errors,
+    arrays) becomes a JSON string, so every value fits in an HDF5 attribute. With
+    ``numeric_lists``, flat lists of numbers are kept as lists (stored as attribute arrays).
+    """
+    out: dict[str, Any] = {}
+    for key, value in counters.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            if value:
+                out.update(flatten_counters(value, name + ".", numeric_lists=numeric_lists))
+            else:
+                out[name] = "{}"
+        elif value is None or isinstance(value, (bool, int, float, str, np.integer, np.floating, np.bool_)):
+            out[name] = value.item() if isinstance(value, np.generic) else value
+        elif (numeric_lists and isinstance(value, (list, tuple, np.ndarray)) and len(value)
+              and np.asarray(value).dtype.kind in "biuf" and np.asarray(value).ndim == 1):
+            out[name] = np.asarray(value).tolist()
+        else:
+            out[name] = _dumps(value)
+    return out
+
+
+def _attr_value(value: Any) -> Any:
+    """A value h5py can store as an attribute (None -> "None", nested -> JSON)."""
+    if value is None:
+        return "None"
+    if isinstance(value, (bool, int, float, str, np.generic)):
+        return value
+    arr = np.asarray(value) if isinstance(value, (list, tuple, np.ndarray)) else None
+    if arr is not None and arr.dtype.kind in "biuf" and arr.ndim <= 2:
+        return arr
+    return _dumps(value)
+
+
+def versions() -> dict[str, str]:
+    """Versions of everything that shapes a result (written to ``/versions``)."""
+    import h5py
+
+    from streamclust import __version__
+
+    out = {"streamclust": __version__, "numpy": np.__version__, "h5py": h5py.__version__,
+           "hdf5": h5py.version.hdf5_version, "python": platform.python_version(),
+           "platform": platform.platform()}
+    for mod in ("numba", "sklearn"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:  # an optional dependency missing is recorded, not fatal
+            out[mod] = "not installed"
+    return out
+
+
+def _seen_mask(live, n_positions: int) -> np.ndarray:
+    """Positions that delivered a frame or a spectrum.
+
+    LiveAnalysis keeps this mask privately (``_seen``); its public face is ``n_seen``. Without the
+    mask, the positions with finite memberships are the best available lower bound.
+    """
+    seen = getattr(live, "seen", None)
+    if seen is None:
+        seen = getattr(live, "_seen", None)
+    if seen is None:
+        u = np.asarray(live.engine.memberships_)
+        return np.isfinite(u).all(axis=1) if u.ndim == 2 else np.zeros(n_positions, bool)
+    return np.asarray(seen, dtype=bool).reshape(-1).copy()
+
+
+# ---------------------------------------------------------------------------------------------
+# the writer
+# ---------------------------------------------------------------------------------------------
+class ResultsWriter:
+    """Write one scan's results file, incrementally and crash-safe.
+
+    Parameters
+    ----------
+    path : str or Path
+        The results file (conventionally ``*.h5``; HyperSpy reads it with ``reader="hspy"``).
+    scan_shape : (ny, nx)
+    frame_shape : (h, w)
+        Detector frame shape (recorded; the centre patterns are stored binned).
+    energy_axis_kev : array
+        Channel centres of the spectra.
+    n_clusters : int
+        Clusters asked for (the engine may output more columns, e.g. host sub-clusters; the
+        file records both).
+    thresholds : sequence of float
+        Membership thresholds of the centres.
+    config : dict
+        The run's configuration (JSON-serialisable, nested allowed).
+    scan_id : str
+    checkpoint_every_s : float
+        Least time between two checkpoints unless forced.
+
+    Attributes
+    ----------
+    n_checkpoints_ : int
+        Files written (checkpoints and the final one).
+    last_write_ : dict
+        ``{"bytes", "seconds", "status"}`` of the last file written.
+
+    Notes
+    -----
+    Call :meth:`checkpoint` from the thread that drives :meth:`LiveAnalysis.process`, between
+    batches: the writer reads the live state without a lock.
+    """
+
+    def __init__(self, path, *, scan_shape, frame_shape, energy_axis_kev, n_clusters: int, thresholds,
+                 config: dict, scan_id: str, checkpoint_every_s: float = 10.0) -> None:
+        self.path = Path(path)
+        self.scan_shape = tuple(int(v) for v in scan_shape)
+        self.frame_shape = tuple(int(v) for v in frame_shape)
+        self.energy_axis_kev = np.asarray(energy_axis_kev, dtype=np.float64)
+        self.n_clusters = int(n_clusters)
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.config = dict(config)
+        self.scan_id = str(scan_id)
+        self.checkpoint_every_s = float(checkpoint_every_s)
+        if len(self.scan_shape) != 2 or min(self.scan_shape) < 1:
+            raise ValueError(f"scan_shape must be (ny, nx) >= 1, got {scan_shape!r}")
+        if self.energy_axis_kev.ndim != 1 or self.energy_axis_kev.size < 2:
+            raise ValueError("energy_axis_kev must be 1-D with at least 2 channels")
+        if self.n_clusters < 1 or not self.thresholds:
+            raise ValueError("n_clusters must be >= 1 and thresholds non-empty")
+        if self.checkpoint_every_s < 0:
+            raise ValueError("checkpoint_every_s must be >= 0")
+        try:
+            self._config_json = _dumps(self.config)
+        except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: a circular config
+            raise ValueError(f"config is not JSON-serialisable: {exc}") from exc
+        if not self.path.parent.is_dir():
+            raise FileNotFoundError(f"results directory {self.path.parent} does not exist")
+        self.n_checkpoints_ = 0
+        self.last_write_: dict[str, Any] = {}
+        self._last_time: float | None = None
+        self._finalized = False
+        self._versions = versions()
+        # a writer killed mid-checkpoint leaves its temporary file behind (the target is intact)
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            logger.info("removing %s, left by an interrupted checkpoint", stale)
+            stale.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ public
+    def checkpoint(self, live, counters: dict, *, force: bool = False) -> bool:
+        """Write a complete file marked ``status="partial"`` if ``checkpoint_every_s`` has passed
+        since the last one (or ``force``); return whether a file was written."""
+        if self._finalized:
+            raise RuntimeError(f"{self.path} is finalised; no more checkpoints")
+        now = time.monotonic()
+        if not force and self._last_time is not None and now - self._last_time < self.checkpoint_every_s:
+            return False
+        self._write(live, counters, status="partial", extra=None)
+        return True
+
+    def finalize(self, live, counters: dict, *, status: str = "complete", extra: dict | None = None) -> Path:
+        """Write the final file with ``status`` in {"complete", "partial", "aborted"}.
+
+        ``extra`` maps ``"group/name"`` paths to arrays or scalars written beside the results (for
+        example ``{"ground_truth/labels": truth}`` from the demo); they may not go into the
+        writer's own groups.
+        """
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        for key in extra or {}:
+            top = str(key).strip("/").split("/")[0]
+            if not str(key).strip("/") or top in _RESERVED:
+                raise ValueError(f"extra entry {key!r} would overwrite the writer's group {top!r}")
+        self._write(live, counters, status=status, extra=extra)
+        self._finalized = True
+        return self.path
+
+    # ------------------------------------------------------------------ snapshot
+    def _snapshot(self, live, counters: Mapping) -> dict[str, Any]:
+        """Copy what the file needs out of the live state (cheap; no HDF5 yet)."""
+        ny, nx = self.scan_shape
+        n = ny * nx
+        if tuple(live.scan_shape) != self.scan_shape:
+            raise ValueError(f"live scan_shape {tuple(live.scan_shape)} != writer's {self.scan_shape}")
+        eng = live.engine
+        u = np.array(eng.memberships_, dtype=np.float32, copy=True)
+        if u.ndim != 2 or u.shape[0] != n:
+            raise ValueError(f"memberships of shape {u.shape} do not cover {n} positions")
+        known = np.isfinite(u).all(axis=1)
+        labels = np.full(n, -1, np.int16)
+        labels[known] = np.argmax(u[known], axis=1)
+        seen = _seen_mask(live, n)
+        snap: dict[str, Any] = {
+            "memberships": u.reshape(ny, nx, -1),
+            "labels": labels.reshape(ny, nx),
+            "seen": seen.reshape(ny, nx),
+            "positions_seen": int(live.n_seen),
+            "positions_clustered": int(known.sum()),
+            "n_components": int(eng.n_components_),
+            "explained_variance_ratio": np.asarray(eng.explained_variance_ratio_, np.float64).copy(),
+            "cluster_centers": (None if eng.cluster_centers_ is None
+                                else np.asarray(eng.cluster_centers_, np.float64).copy()),
+            "validity": dict(eng.validity_ or {}),
+            "engine_stats": dict(eng.stats_),
+        }
+        try:
+            cs = live.centres.centres()
+        except RuntimeError:  # nothing stored yet (before the first joined position)
+            cs = None
+        snap["centres"] = cs
+        if cs is not None:
+            from streamclust.centres import fe_co_ratio
+
+            try:
+                ratio = np.asarray(fe_co_ratio(np.nan_to_num(cs.eds), self.energy_axis_kev), np.float64)
+                ratio = np.where(cs.count > 0, ratio, np.nan)
+            except ValueError as exc:  # an energy axis without the Fe/Co windows
+                logger.debug("no Fe/Co ratio: %s", exc)
+                ratio = np.full(cs.count.shape, np.nan)
+            snap["fe_co_ratio"] = ratio
+        snap["flags_summary"] = [dict(r) for r in live.flags_summary()]
+        snap["flag_log"] = [dict(r) for r in live.flag_log]
+        snap["counters"] = dict(counters or {})
+        snap["centre_stats"] = dict(getattr(live.centres, "stats", {}) or {})
+        return snap
+
+    # ------------------------------------------------------------------ file
+    def _write(self, live, counters: Mapping, *, status: str, extra: Mapping | None) -> None:
+        t0 = time.perf_counter()
+        snap = self._snapshot(live, counters)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self._write_hdf5(tmp, snap, status, extra)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # the data is on disk before the name points at it
+            finally:
+                os.close(fd)
+            size = tmp.stat().st_size
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.path.parent)
+        self._last_time = time.monotonic()
+        self.n_checkpoints_ += 1
+        self.last_write_ = {"bytes": size, "seconds": time.perf_counter() - t0, "status": status}
+        logger.debug("results %s: %s, %d positions, %d bytes in %.3f s", self.path, status,
+                     snap["positions_seen"], size, self.last_write_["seconds"])
+
+    def _write_hdf5(self, path: Path, snap: dict, status: str, extra: Mapping | None) -> None:
+        import h5py
+
+        ny, nx = self.scan_shape
+        with h5py.File(path, "w") as f:
+            a = f.attrs
+            a["file_format"] = "HyperSpy"  # so HyperSpy recognises /Experiments
+            a["file_format_version"] = HSPY_FORMAT_VERSION
+            a["streamclust_results_version"] = RESULTS_FORMAT_VERSION
+            a["status"] = status
+            a["scan_id"] = self.scan_id
+            a["n_positions"] = ny * nx
+            a["positions_seen"] = snap["positions_seen"]
+            a["positions_clustered"] = snap["positions_clustered"]
+            a["checkpoint"] = self.n_checkpoints_ + 1
+            a["written_utc"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+            g = f.create_group("scan")
+            g.attrs["scan_shape"] = np.array(self.scan_shape)
+            g.attrs["frame_shape"] = np.array(self.frame_shape)
+            g.attrs["n_clusters"] = self.n_clusters
+            g.attrs["thresholds"] = np.array(self.thresholds)
+            g.create_dataset("energy_axis_kev", data=self.energy_axis_kev)
+            g.create_dataset("seen", data=snap["seen"])
+
+            g = f.create_group("clustering")
+            mem = g.create_dataset("memberships", data=snap["memberships"])
+            mem.attrs["description"] = "fuzzy memberships (ny, nx, k); NaN = not yet clustered"
+            lab = g.create_dataset("labels", data=snap["labels"])
+            lab.attrs["description"] = "arg-max membership; -1 = not yet clustered"
+            g.attrs["n_output_clusters"] = snap["memberships"].shape[2]
+            g.attrs["n_components"] = snap["n_components"]
+            g.create_dataset("explained_variance_ratio", data=snap["explained_variance_ratio"])
+            if snap["cluster_centers"] is not None:
+                g.create_dataset("cluster_centers", data=snap["cluster_centers"])
+            vg = g.create_group("validity")
+            for k, v in snap["validity"].items():
+                vg.attrs[str(k)] = _attr_value(v)
+
+            g = f.create_group("centres")
+            cs = snap["centres"]
+            g.attrs["available"] = cs is not None
+            g.attrs["thresholds"] = np.array(self.thresholds)
+            if cs is not None:
+                g.create_dataset("thresholds_used", data=np.array(cs.thresholds))
+                g.create_dataset("cbed", data=cs.cbed.astype(np.float32))
+                g.create_dataset("eds", data=cs.eds.astype(np.float32))
+                g.create_dataset("weight", data=cs.weight)
+                g.create_dataset("count", data=cs.count.astype(np.int64))
+                g.create_dataset("fe_co_ratio", data=snap["fe_co_ratio"])
+                g["cbed"].attrs["description"] = "membership-weighted mean binned raw CBED (T, k, h, w)"
+                g["eds"].attrs["description"] = "membership-weighted mean raw spectrum (T, k, channels)"
+            for k, v in snap["centre_stats"].items():
+                g.attrs[f"stats.{k}"] = _attr_value(v)
+
+            self._write_flags(f.create_group("flags"), snap)
+
+            g = f.create_group("counters")
+            flat = flatten_counters(snap["counters"])
+            flat.update(flatten_counters({"engine": snap["engine_stats"]}))
+            flat["positions_seen"] = snap["positions_seen"]
+            flat["positions_clustered"] = snap["positions_clustered"]
+            for k, v in flat.items():
+                g.attrs[k] = _attr_value(v)
+            g.attrs["json"] = _dumps({"ingest": snap["counters"], "engine": snap["engine_stats"]})
+
+            g = f.create_group("config")
+            g.attrs["json"] = self._config_json
+            for k, v in flatten_counters(self.config, numeric_lists=True).items():
+                g.attrs[k] = _attr_value(v)
+
+            g = f.create_group("versions")
+            for k, v in self._versions.items():
+                g.attrs[k] = v
+
+            self._write_hyperspy(f, cs is not None)
+
+            for key, value in (extra or {}).items():
+                name = str(key).strip("/")
+                arr = np.asarray(value)
+                if arr.dtype.kind in "OU":
+                    f.create_dataset(name, data=_dumps(value) if arr.dtype.kind == "O" else str(value))
+                else:
+                    f.create_dataset(name, data=arr)
+            f.flush()
+
+    @staticmethod
+    def _write_flags(g, snap: dict) -> None:
+        import h5py
+
+        strs = h5py.string_dtype()
+        summary, log = snap["flags_summary"], snap["flag_log"]
+        g.attrs["n_flags"] = len(summary)
+        g.attrs["n_events"] = len(log)
+        g.attrs["n_active"] = sum(1 for s in summary if s.get("last_kind") != "retracted")
+        g.create_dataset("summary", data=np.array([_dumps(s) for s in summary], dtype=object), dtype=strs)
+        g.create_dataset("log", data=np.array([_dumps(r) for r in log], dtype=object), dtype=strs)
+        # the summary as a numeric table too, for tools that do not parse JSON
+        n = len(summary)
+        g.create_dataset("flag_id", data=np.array([s.get("flag_id", -1) for s in summary], np.int64).reshape(n))
+        g.create_dataset("cluster", data=np.array([s.get("cluster", -1) for s in summary], np.int64).reshape(n))
+        g.create_dataset("score", data=np.array([_num(s.get("score")) for s in summary], np.float64).reshape(n))
+        g.create_dataset("n_positions",
+                         data=np.array([s.get("n_positions", 0) for s in summary], np.int64).reshape(n))
+        g.create_dataset("scan_fraction_at_first_flag",
+                         data=np.array([_num(s.get("scan_fraction_at_first_flag")) for s in summary],
+                                       np.float64).reshape(n))
+        g.create_dataset("fe_co_ratio", data=np.array([_num(s.get("fe_co_ratio")) for s in summary],
+                                                      np.float64).reshape(n))
+        bbox = np.array([list(s.get("bbox", (-1, -1, -1, -1))) for s in summary], np.int64).reshape(n, 4)
+        d = g.create_dataset("bbox", data=bbox)
+        d.attrs["description"] = "(y0, x0, y1, x1), half-open, scan-position units"
+        g.create_dataset("active", data=np.array([s.get("last_kind") != "retracted" for s in summary], bool))
+
+    def _write_hyperspy(self, f, have_centres: bool) -> None:
+        """HyperSpy's hspy layout; every ``data`` is a hard link to the dataset written above."""
+        ny, nx = self.scan_shape
+        k = f["clustering/memberships"].shape[2]
+        exps = f.create_group("Experiments")
+        nav_y = _axis("y", ny, navigate=True, units="position")
+        nav_x = _axis("x", nx, navigate=True, units="position")
+        _hspy_signal(exps, "memberships", f["clustering/memberships"],
+                     [nav_y, nav_x, _axis("cluster", k, navigate=False)],
+                     title="Fuzzy memberships (s.T.plot() shows one map per cluster)",
+                     record_by="spectrum")
+        _hspy_signal(exps, "labels", f["clustering/labels"],
+                     [_axis("y", ny, navigate=False, units="position"),
+                      _axis("x", nx, navigate=False, units="position")],
+                     title="Arg-max cluster (-1 = not yet clustered)", record_by="image")
+        if not have_centres:
+            return
+        thr = _axis_values("threshold", np.array(self.thresholds), navigate=True)
+        e = self.energy_axis_kev
+        n_clu = f["centres/eds"].shape[1]
+        energy = _axis("Energy", e.size, navigate=False, units="keV", offset=float(e[0]),
+                       scale=float(e[1] - e[0]), is_binned=True)
+        _hspy_signal(exps, "centre_spectra", f["centres/eds"],
+                     [thr, _axis("cluster", n_clu, navigate=True), energy],
+                     title="Thresholded cluster-centre EDS spectra", record_by="spectrum",
+                     signal_type="EDS_TEM", quantity="Counts (mean per position)")
+        h, w = f["centres/cbed"].shape[2:]
+        _hspy_signal(exps, "centre_patterns", f["centres/cbed"],
+                     [_axis_values("threshold", np.array(self.thresholds), navigate=True),
+                      _axis("cluster", n_clu, navigate=True),
+                      _axis("ky", h, navigate=False, units="binned pixel"),
+                      _axis("kx", w, navigate=False, units="binned pixel")],
+                     title="Thresholded cluster-centre CBED patterns (binned)", record_by="image",
+                     quantity="Counts (mean per position)")
+
+
+def _num(v) -> float:
+    try:
+        return float(v) if v is not None else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _fsync_dir(directory: Path) -> None:
+    # the rename itself must reach the disk, or a power cut can bring the old name back
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not possible on every platform (Windows); the data file is synced already
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _axis(name: str, size: int, *, navigate: bool, units: str = "", offset: float = 0.0, scale: float = 1.0,
+          is_binned: bool = False) -> dict:
+    """HyperSpy's ``UniformDataAxis.get_axis_dictionary()`` keys (hspy 3.1)."""
+    return {"_type": "UniformDataAxis", "name": name, "units": units, "navigate": bool(navigate),
+            "is_binned": bool(is_binned), "size": int(size), "scale": float(scale), "offset": float(offset)}
+
+
+def _axis_values(name: str, values: np.ndarray, *, navigate: bool, units: str = "") -> dict:
+    """A uniform axis when the values are evenly spaced, else a non-uniform ``DataAxis``."""
+    v = np.asarray(values, np.float64)
+    if v.size == 1:
+        return _axis(name, 1, navigate=navigate, units=units, offset=float(v[0]))
+    step = np.diff(v)
+    if np.allclose(step, step[0]):
+        return _axis(name, v.size, navigate=navigate, units=units, offset=float(v[0]), scale=float(step[0]))
+    return {"_type": "DataAxis", "name": name, "units": units, "navigate": bool(navigate),
+            "is_binned": False, "size": int(v.size), "axis": v}
+
+
+def _hspy_signal(exps, name: str, dataset, axes: list[dict], *, title: str, record_by: str,
+                 signal_type: str = "", quantity: str = "") -> None:
+    if len(axes) != dataset.ndim:
+        raise ValueError(f"{name}: {len(axes)} axes for a {dataset.ndim}-D dataset")
+    g = exps.create_group(name)
+    g.attrs["package"] = ""
+    g.attrs["package_version"] = ""
+    g["data"] = dataset  # a hard link: the same bytes as the canonical dataset
+    for i, ax in enumerate(axes):
+        ag = g.create_group(f"axis-{i}")
+        for key, value in ax.items():
+            ag.attrs[key] = value
+    md = g.create_group("metadata")
+    gen = md.create_group("General")
+    gen.attrs["title"] = title
+    sig = md.create_group("Signal")
+    sig.attrs["signal_type"] = signal_type
+    sig.attrs["record_by"] = record_by
+    if quantity:
+        sig.attrs["quantity"] = quantity
+    g.create_group("original_metadata")
+    g.create_group("learning_results")
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+def read_results(path) -> dict:
+    """The whole results file as a nested dict.
+
+    Groups become dicts, datasets numpy arrays (string datasets: lists of str), and each
+    group's attributes sit under the key ``"attrs"``. For convenience the JSON documents are
+    also parsed: ``out["flags"]["summary_parsed"]``, ``out["flags"]["log_parsed"]``,
+    ``out["config"]["parsed"]``, ``out["counters"]["parsed"]``. ``/Experiments`` (HyperSpy's
+    view of the same datasets) is left out.
+    """
+    import h5py
+
+    def attrs(obj) -> dict:
+        out = {}
+        for k, v in obj.attrs.items():
+            if isinstance(v, bytes):
+                v = v.decode()
+            elif isinstance(v, np.generic):
+                v = v.item()
+            out[k] = v
+        return out
+
+    def walk(g) -> dict:
+        out: dict[str, Any] = {"attrs": attrs(g)}
+        for name, item in g.items():
+            if isinstance(item, h5py.Group):
+                if g.name == "/" and name == "Experiments":
+                    continue
+                out[name] = walk(item)
+            elif h5py.check_string_dtype(item.dtype) is not None:
+                data = item.asstr()[()]
+                out[name] = data.tolist() if isinstance(data, np.ndarray) else data
+            else:
+                out[name] = item[()]
+        return out
+
+    with h5py.File(path, "r") as f:
+        res = walk(f)
+    if "flags" in res:
+        res["flags"]["summary_parsed"] = [json.loads(s) for s in res["flags"].get("summary", [])]
+        res["flags"]["log_parsed"] = [json.loads(s) for s in res["flags"].get("log", [])]
+    for key in ("config", "counters"):
+        if key in res and "json" in res[key]["attrs"]:
+            res[key]["parsed"] = json.loads(res[key]["attrs"]["json"])
+    return res
+
+
+def validate_results(results) -> list[str]:
+    """Inconsistencies of a results file (a path or :func:`read_results` output); [] if none.
+
+    Checks what must hold whatever the status: positions seen within the scan and equal to the
+    ``seen`` map, memberships either a whole finite row summing to 1 or a whole NaN row, and only
+    at positions seen, labels equal to their arg-max (-1 exactly where unknown), the clustered count,
+    the counters' own copy of the positions seen, and the centres' shapes.
+    """
+    res = results if isinstance(results, dict) else read_results(results)
+    problems: list[str] = []
+    a = res["attrs"]
+    if a.get("status") not in STATUSES:
+        problems.append(f"status {a.get('status')!r} not in {STATUSES}")
+    n = int(a["n_positions"])
+    u = np.asarray(res["clustering"]["memberships"], np.float64)
+    ny, nx = (int(v) for v in res["scan"]["attrs"]["scan_shape"])
+    if u.ndim != 3 or u.shape[:2] != (ny, nx) or ny * nx != n:
+        return problems + [f"memberships of shape {u.shape} for scan {(ny, nx)} and {n} positions"]
+    u = u.reshape(n, -1)
+    seen = np.asarray(res["scan"]["seen"], bool).reshape(-1)
+    n_seen = int(a["positions_seen"])
+    if not 0 <= n_seen <= n:
+        problems.append(f"positions_seen {n_seen} outside [0, {n}]")
+    if int(seen.sum()) != n_seen:
+        problems.append(f"seen map holds {int(seen.sum())} positions, positions_seen says {n_seen}")
+    finite = np.isfinite(u)
+    rows = finite.all(axis=1)
+    partly = np.flatnonzero(finite.any(axis=1) & ~rows)
+    if partly.size:
+        problems.append(f"{partly.size} membership rows partly NaN (first at position {partly[0]})")
+    ghost = np.flatnonzero(rows & ~seen)
+    if ghost.size:
+        problems.append(f"{ghost.size} positions have memberships but were never seen (first {ghost[0]})")
+    if int(rows.sum()) != int(a.get("positions_clustered", -1)):
+        problems.append(f"{int(rows.sum())} clustered rows, positions_clustered says {a.get('positions_clustered')}")
+    if rows.any():
+        total = u[rows].sum(axis=1)
+        bad = np.flatnonzero(np.abs(total - 1.0) > 1e-3)
+        if bad.size or (u[rows] < -1e-6).any():
+            problems.append(f"{bad.size} membership rows do not sum to 1 or hold negatives")
+    lab = np.asarray(res["clustering"]["labels"]).reshape(-1)
+    if not np.array_equal(lab >= 0, rows):
+        problems.append("labels are not -1 exactly where memberships are unknown")
+    elif rows.any() and not np.array_equal(lab[rows], np.argmax(u[rows], axis=1)):
+        problems.append("labels differ from the arg-max membership")
+    if int(res["counters"]["attrs"].get("positions_seen", -1)) != n_seen:
+        problems.append("counters disagree with the file on positions_seen")
+    cg = res.get("centres", {})
+    if cg.get("attrs", {}).get("available"):
+        t = len(np.atleast_1d(cg["thresholds_used"]))
+        if cg["eds"].shape[0] != t or cg["count"].shape != cg["eds"].shape[:2]:
+            problems.append(f"centre shapes disagree: eds {cg['eds'].shape}, count {cg['count'].shape}")
+        elif (np.asarray(cg["count"]) > n_seen).any():
+            problems.append("a centre counts more positions than were seen")
+    return problems
