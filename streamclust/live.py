@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from streamclust.centres import ThresholdedCentres, centre_signals
 from streamclust.engine import StreamingEngine
@@ -102,6 +103,13 @@ class LiveAnalysis:
 
     def assess(self) -> list:
         """Re-assess clusters from the current memberships; publish and record flag events."""
+        # one BLAS thread: the flagger's matrix-vector products ran 12x slower with BLAS threads
+        # spinning against the receiver and Numba on 2 cores (98 vs 7.8 ms a block distance,
+        # benchmarks/bench_flag_latency.py)
+        with threadpool_limits(1, user_api="blas"):
+            return self._assess()
+
+    def _assess(self) -> list:
         u = self.engine.memberships_
         if not np.isfinite(u).any():
             return []
