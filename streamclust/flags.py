@@ -202,6 +202,9 @@ class SecondPhaseFlagger:
         Components touching the scan frame (first or last row or column) do not count: strata
         enter the scan from its edges; the price is that an inclusion cut by the frame is not
         flagged (criterion 2).
+    max_band_rows : int
+        Components that together lie within this many rows but span at least ``max_extent`` of
+        the scan width are one band (an interface), not inclusions (0: off).
     neighbour_size_ratio : float
         A neighbour (the matrix a candidate is compared with) has at least this many times the
         candidate's positions when such a cluster touches it (criterion 3).
@@ -212,7 +215,7 @@ class SecondPhaseFlagger:
                  max_extent: float = 0.5, max_open: float = 0.2, min_block_distance: float = 0.6, raise_after: int = 1,
                  retract_after: int = 2, hysteresis: float = 0.8, match_overlap: float = 0.3,
                  max_listed_positions: int = 4096, neighbour_size_ratio: float = 2.0,
-                 embedded_only: bool = True) -> None:
+                 embedded_only: bool = True, max_band_rows: int = 3) -> None:
         self.min_fraction = min_fraction
         self.max_fraction = max_fraction
         self.min_positions = min_positions
@@ -229,6 +232,7 @@ class SecondPhaseFlagger:
         self.max_listed_positions = max_listed_positions
         self.neighbour_size_ratio = neighbour_size_ratio
         self.embedded_only = embedded_only
+        self.max_band_rows = max_band_rows
         if not 0.0 < hysteresis <= 1.0:
             raise ValueError(f"hysteresis must be in (0, 1], got {hysteresis}")
         if raise_after < 1 or retract_after < 1:
@@ -302,6 +306,10 @@ class SecondPhaseFlagger:
                 if sl is None or sizes[i] < self.min_component_size:
                     continue
                 h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
+                if min(h, w) <= 2 and max(h, w) >= 4 * min(h, w):
+                    # a line one or two positions thick: a piece of an interface, not an
+                    # inclusion (inclusions are compact: a few to 20 positions across)
+                    continue
                 if self.embedded_only and (sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == ny
                                            or sl[1].stop == nx):
                     # touches the scan frame: a layer entering the scan (substrate, cap), or a
@@ -316,6 +324,14 @@ class SecondPhaseFlagger:
 
         strict = localised(self.max_extent)
         relaxed = localised(min(1.0 + 1e-9, self.max_extent / self.hysteresis))
+        if relaxed and self.max_band_rows:
+            # pieces of one thin band across the scan (an interface between layers, split into
+            # short runs) each look localised; together they are a stratum (measured: the
+            # substrate/film interface row raised flags on the single-phase phantom)
+            rows = (min(c[0] for c in relaxed), max(c[2] for c in relaxed))
+            cols = (min(c[1] for c in relaxed), max(c[3] for c in relaxed))
+            if rows[1] - rows[0] <= self.max_band_rows and (cols[1] - cols[0]) / nx >= self.max_extent:
+                strict, relaxed = [], []
         ids = [cpt[6] for cpt in relaxed]
         kept = np.isin(lab, ids) & (lab > 0) if ids else kept
         n_strict = int(np.isin(lab, [cpt[6] for cpt in strict]).sum()) if strict else 0
