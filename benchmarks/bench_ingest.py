@@ -1,47 +1,72 @@
-"""Ingest throughput: simulated Merlin server -> loopback TCP -> bare drain vs MerlinReceiver.
+"""Ingest throughput: receive + decode + join, against a bare socket drain of the same stream.
 
-For each stream (quad 12-bit U16, raw 1-bit quad R64) this prints, measured in the same run:
+Two processes stand in for the instruments, as on a real microscope (the detector PC and the EDS
+system are other machines; here they share this machine's cores, not our GIL):
 
-The simulated server runs in its own process (as the detector PC is its own machine), so it does
-not compete with the receiver for the GIL; both share this machine's cores.
+* a simulated Merlin (:class:`~streamclust.simulators.merlin.MerlinServer`) sending quad frames as
+  fast as it can;
+* a simulated EDS system (:class:`~streamclust.simulators.eds.EDSPublisher`, PUSH) sending one
+  2048-channel spectrum for each of the same positions.
 
-* ``drain``: a bare client that only ``recv_into``s one buffer (the baseline; it also measures
-  how fast the simulated server can send: the server must not be the limit);
-* ``receiver``: :class:`MerlinReceiver` receiving *and decoding* every frame (``copy=True`` new
-  image per frame, and ``copy=False`` reusing one image);
-* the ratio receiver / drain, and the stage costs (frame decode alone, header formatting alone).
+Measured in the same run, in interleaved rounds so that load from other processes hits all alike:
 
-Goals: receiver >= 0.9x drain, >= 2,000 frames/s quad 12-bit, >= 12,500 frames/s raw 1-bit.
+* ``drain``: a bare client that only ``recv_into``s the Merlin stream into one buffer (the
+  baseline; it is also how fast the simulated server sends, so the server is never the limit);
+* ``receive``: :class:`MerlinReceiver` receiving and decoding every frame, nothing else;
+* ``EDS alone``: the spectra of the same positions received without frames or join (what the
+  EDS half of ingest costs; ingest can be no faster than the slower of its two streams);
+* ``ingest``: receive + decode + join with the EDS spectra (:func:`join_streams`) into batches of
+  positions, frames and spectra: what the analysis gets. Every batch is checked for completeness
+  and the joiner's accounting invariants must hold.
+
+Streams: quad 12-bit (``U16``) and raw 1-bit (``R64``). Goals: ingest >= 0.9x drain,
+>= 2,000 frames/s quad 12-bit, >= 12,500 frames/s raw 1-bit.
 
 Run::
 
-    .venv/bin/python benchmarks/bench_ingest.py            # default sizes
-    .venv/bin/python benchmarks/bench_ingest.py --quick    # smaller, for a smoke run
-    .venv/bin/python benchmarks/bench_ingest.py --profile  # cProfile of the consumer thread
+    NUMBA_NUM_THREADS=1 .venv/bin/python benchmarks/bench_ingest.py            # default sizes
+    NUMBA_NUM_THREADS=1 .venv/bin/python benchmarks/bench_ingest.py --quick    # a smoke run
+    NUMBA_NUM_THREADS=1 .venv/bin/python benchmarks/bench_ingest.py --json     # + one JSON line
+    NUMBA_NUM_THREADS=1 .venv/bin/python benchmarks/bench_ingest.py --profile  # cProfile, all threads
+
+With ``--json`` the last stdout line is one JSON object with ``ingest_u16_fps``, ``drain_u16_fps``,
+``receive_u16_fps``, ``ingest_raw1_fps``, ``drain_raw1_fps``, ``receive_raw1_fps``, the ratios
+``ingest_u16_ratio`` and ``ingest_raw1_ratio`` (ingest / drain), the CPU time this process spent
+a frame or position (``cpu_us_*``: all its threads; unlike the rates, barely moved by other
+processes' load), the load average and the sizes.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import multiprocessing as mp
+import os
 import pstats
 import socket
+import threading
 import time
 
 import numpy as np
 
+from streamclust.adapters.eds import SpectrumReceiver
 from streamclust.adapters.framing import MPX_PREFIX_SIZE
+from streamclust.adapters.join import join_streams
 from streamclust.adapters.merlin import MerlinReceiver
 from streamclust.adapters.merlin_control import MerlinControl
 from streamclust.adapters.mib import FrameDecoder, parse_frame_header
+from streamclust.simulators.eds import ArraySpectrumSource, EDSPublisher
 from streamclust.simulators.merlin import ArraySource, MerlinServer
 from streamclust.simulators.mib_encode import FrameEncoder, encode_acquisition_header
 
 STREAMS = {
-    "quad 12-bit U16": dict(layout="2x2", counter_depth=12, raw=False),
-    "raw 1-bit quad R64": dict(layout="2x2", counter_depth=1, raw=True),
+    "u16": ("quad 12-bit U16", dict(layout="2x2", counter_depth=12, raw=False)),
+    "raw1": ("raw 1-bit quad R64", dict(layout="2x2", counter_depth=1, raw=True)),
 }
+GOALS = {"u16": 2000, "raw1": 12500}
+N_CHANNELS = 2048
+BATCH = 256
 
 
 def make_source(depth: int, n_distinct: int = 32, seed: int = 0) -> ArraySource:
@@ -52,29 +77,51 @@ def make_source(depth: int, n_distinct: int = 32, seed: int = 0) -> ArraySource:
     return ArraySource(frames)
 
 
-def _serve(conn, stream: dict) -> None:
-    """Child process: the simulated detector, so it does not share the receiver's GIL."""
+def _serve_merlin(conn, stream: dict) -> None:
+    """Child process: the simulated detector PC."""
     source = make_source(stream["counter_depth"])
     with MerlinServer(source, data_port=0, control_port=0, headless=True, **stream) as server:
         conn.send((server.data_address, server.control_address))
         conn.recv()  # wait for "stop"
 
 
-class RemoteServer:
+def _serve_eds(conn, n_positions: int) -> None:
+    """Child process: the simulated EDS system; publishes a scan on each request."""
+    rng = np.random.default_rng(1)
+    spectra = rng.poisson(0.02, (n_positions, N_CHANNELS)).astype(np.uint16)
+    with EDSPublisher(ArraySpectrumSource(spectra), hwm=100000, random_state=0) as pub:
+        conn.send(pub.endpoint)
+        while True:
+            msg = conn.recv()
+            if msg == "stop":
+                return
+            conn.send(pub.publish_scan(int(msg), timeout=600.0))
+
+
+class _Child:
+    def __init__(self, target, *args):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=target, args=(child, *args), daemon=True)
+        self.proc.start()
+
+    def stop(self) -> None:
+        self.conn.send("stop")
+        self.proc.join(10.0)
+
+
+class RemoteMerlin(_Child):
     """A MerlinServer in its own process; acquisitions sized through the real control port."""
 
     def __init__(self, stream: dict):
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, stream), daemon=True)
-        self._proc.start()
-        self.data_address, self.control_address = self._conn.recv()
+        super().__init__(_serve_merlin, stream)
+        self.data_address, self.control_address = self.conn.recv()
         self.control = MerlinControl(*self.control_address, timeout=10.0).connect()
 
     def set_frames(self, n: int) -> None:
         self.control.set("NUMFRAMESTOACQUIRE", n)
 
-    def wait_until_idle(self, timeout: float) -> None:
+    def wait_until_idle(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while self.control.status() != 0:
             if time.monotonic() > deadline:
@@ -83,23 +130,22 @@ class RemoteServer:
 
     def stop(self) -> None:
         self.control.close()
-        self._conn.send("stop")
-        self._proc.join(10.0)
+        super().stop()
 
 
-def start_server(source, n_frames, **stream) -> RemoteServer:
-    server = RemoteServer(stream)
-    # warm the server's pixel cache (and Numba here) with a first acquisition nobody times
-    server.set_frames(source.n_positions)
-    with MerlinReceiver(*server.data_address, timeout=30.0) as rx:
-        for _ in rx.frames():
-            pass
-    server.wait_until_idle(10.0)
-    server.set_frames(n_frames)
-    return server
+class RemoteEDS(_Child):
+    def __init__(self, n_positions: int):
+        super().__init__(_serve_eds, n_positions)
+        self.endpoint = self.conn.recv()
+
+    def publish(self, n: int) -> None:
+        self.conn.send(n)
+
+    def result(self) -> dict:
+        return self.conn.recv()
 
 
-def expected_bytes(n_frames: int, **stream) -> tuple[int, int]:
+def expected_bytes(n_frames: int, stream: dict) -> tuple[int, int]:
     hdr = MPX_PREFIX_SIZE + len(encode_acquisition_header(n_frames=n_frames, counter_depth=stream["counter_depth"],
                                                           layout=stream["layout"], raw=stream["raw"]))
     enc = FrameEncoder(image_shape=(512, 512), counter_depth=stream["counter_depth"], raw=stream["raw"],
@@ -107,8 +153,10 @@ def expected_bytes(n_frames: int, **stream) -> tuple[int, int]:
     return hdr, MPX_PREFIX_SIZE + enc.message_size
 
 
-def drain(server: RemoteServer, n_frames: int, **stream) -> float:
-    hdr, msg = expected_bytes(n_frames, **stream)
+def drain(server: RemoteMerlin, n_frames: int, stream: dict) -> tuple[float, float]:
+    """Bare drain of the Merlin stream: frames/s from the first frame to the last, and the CPU
+    microseconds this process spent a frame."""
+    hdr, msg = expected_bytes(n_frames, stream)
     total = hdr + n_frames * msg
     buf = bytearray(4 * 2**20)
     view = memoryview(buf)
@@ -120,39 +168,89 @@ def drain(server: RemoteServer, n_frames: int, **stream) -> float:
             k = s.recv_into(view, min(len(buf), total - got))
             if k == 0:
                 raise RuntimeError(f"server closed after {got} of {total} bytes")
-            if t0 is None and got + k > hdr:
-                t0 = time.perf_counter()
+            if t0 is None and got + k > hdr + msg:
+                t0, got0, c0 = time.perf_counter(), got + k, time.process_time()
             got += k
-        t1 = time.perf_counter()
-    server.wait_until_idle(10.0)
-    return n_frames / (t1 - t0)
+        t1, c1 = time.perf_counter(), time.process_time()
+    server.wait_until_idle()
+    n = (total - got0) / msg
+    return n / (t1 - t0), (c1 - c0) / n * 1e6
 
 
-def receive(server: RemoteServer, n_frames: int, copy: bool, profile: bool = False) -> tuple[float, dict]:
-    prof = cProfile.Profile() if profile else None
+def receive(server: RemoteMerlin, n_frames: int) -> tuple[float, float]:
+    """MerlinReceiver + decode only (what the frames thread of the join does): frames/s and CPU
+    microseconds (all threads of this process) a frame."""
     with MerlinReceiver(*server.data_address, timeout=10.0) as rx:
-        it = rx.frames(copy=copy)
-        first = next(it)
-        t0 = time.perf_counter()
-        if prof:
-            prof.enable()
+        it = rx.frames()
+        next(it)
+        t0, c0 = time.perf_counter(), time.process_time()
         count = 1
-        checksum = int(first.image[0, 0])
-        for f in it:
+        for _ in it:
             count += 1
-            checksum += int(f.image[0, 0])
-        t1 = time.perf_counter()
-        if prof:
-            prof.disable()
-            pstats.Stats(prof).sort_stats("cumulative").print_stats(12)
-        stats = rx.stats.as_dict()
-    server.wait_until_idle(10.0)
-    if count != n_frames or not stats["complete"]:
-        raise RuntimeError(f"received {count} of {n_frames} frames: {stats}")
-    return (count - 1) / (t1 - t0), stats
+        t1, c1 = time.perf_counter(), time.process_time()
+        complete = rx.stats.complete
+    server.wait_until_idle()
+    if count != n_frames or not complete:
+        raise RuntimeError(f"received {count} of {n_frames} frames")
+    return (count - 1) / (t1 - t0), (c1 - c0) / (count - 1) * 1e6
 
 
-def stage_rates(source, **stream) -> dict:
+def ingest(server: RemoteMerlin, eds: RemoteEDS, n_frames: int) -> tuple[float, dict]:
+    """Receive + decode + join with the EDS stream; positions/s from the first batch to the last."""
+    with SpectrumReceiver(eds.endpoint, max_buffer=8192) as spectra_rx:
+        eds.publish(n_frames)
+        with MerlinReceiver(*server.data_address, timeout=10.0) as rx:
+            frames = rx.frames(timeout=10.0)
+            # Both simulated instruments run free (no shared scan clock), so on a loaded machine
+            # the EDS stream can run thousands of positions ahead of the frames: let the joiner
+            # hold them (4 KiB each) rather than evict them, so every position is joined.
+            stream = join_streams(frames, spectra_rx.spectra(timeout=10.0), n_frames,
+                                  batch_size=BATCH, timeout_s=10.0, max_pending=n_frames + 1)
+            rows = 0
+            t0 = None
+            checksum = 0
+            for batch in stream:
+                if not (batch.has_frame.all() and batch.has_spectrum.all()):
+                    raise RuntimeError("incomplete batch in a lossless benchmark")
+                # touch the data as analysis would (one pixel and one channel a row)
+                checksum += int(batch.frames[:, 0, 0].sum()) + int(batch.spectra[:, 0].sum())
+                if t0 is None:
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    first = len(batch)
+                rows += len(batch)
+            t1, c1 = time.perf_counter(), time.process_time()
+            stats = stream.stats
+            stats["frame_blocks_allocated"] = frames.out_allocator.n_allocated
+            stream.joiner.check_invariants()
+            complete = rx.stats.complete
+        eds.result()
+    server.wait_until_idle()
+    if rows != n_frames or stats["joined"] != n_frames or not complete:
+        raise RuntimeError(f"joined {stats['joined']} of {n_frames} positions: {stats}")
+    stats["cpu_us_per_position"] = (c1 - c0) / (rows - first) * 1e6
+    return (rows - first) / (t1 - t0), stats
+
+
+def eds_only(eds: RemoteEDS, n: int) -> tuple[float, float]:
+    """The EDS stream alone (SpectrumReceiver, no frames, no join): spectra/s and CPU us a spectrum."""
+    with SpectrumReceiver(eds.endpoint, max_buffer=8192) as spectra_rx:
+        eds.publish(n)
+        it = spectra_rx.spectra(timeout=10.0)
+        next(it)
+        t0, c0 = time.perf_counter(), time.process_time()
+        count = 1
+        for _ in it:
+            count += 1
+        t1, c1 = time.perf_counter(), time.process_time()
+        eds.result()
+    if count != n:
+        raise RuntimeError(f"received {count} of {n} spectra")
+    return (count - 1) / (t1 - t0), (c1 - c0) / (count - 1) * 1e6
+
+
+def stage_rates(stream: dict) -> dict:
+    """Per-frame costs of the stages alone (one thread, no sockets)."""
+    source = make_source(stream["counter_depth"])
     enc = FrameEncoder(image_shape=(512, 512), counter_depth=stream["counter_depth"], raw=stream["raw"],
                        layout=stream["layout"])
     image = np.empty((512, 512), source.frame_dtype)
@@ -165,10 +263,10 @@ def stage_rates(source, **stream) -> dict:
     pixels = aligned[off:off + fh.pixel_bytes]
     pixels[:] = np.frombuffer(message, np.uint8, offset=fh.header_size)
     out = np.empty(fh.image_shape, fh.image_dtype)
+    block = np.empty((BATCH, *fh.image_shape), fh.image_dtype)
     rates = {}
-    for name, fn in (("decode (new image)", lambda: dec.decode(pixels)),
-                     ("decode (into out)", lambda: dec.decode(pixels, out=out)),
-                     ("header format", lambda: enc.header(7)),
+    for name, fn in (("decode (into out)", lambda: dec.decode(pixels, out=out)),
+                     ("copy image into batch", lambda: block.__setitem__(3, out)),
                      ("header parse (full)", lambda: parse_frame_header(message))):
         fn()
         n, t0 = 0, time.perf_counter()
@@ -179,37 +277,92 @@ def stage_rates(source, **stream) -> dict:
     return rates
 
 
+def _profile_all_threads(fn):
+    """Run ``fn`` with cProfile in every thread started meanwhile, print the merged top entries."""
+    profiles = []
+
+    def hook(*_):
+        prof = cProfile.Profile()
+        profiles.append(prof)
+        prof.enable()
+
+    threading.setprofile(hook)
+    main = cProfile.Profile()
+    main.enable()
+    try:
+        return fn()
+    finally:
+        main.disable()
+        threading.setprofile(None)
+        for p in profiles:
+            p.disable()
+        st = pstats.Stats(main)
+        for p in profiles:
+            st.add(p)
+        st.sort_stats("tottime").print_stats(25)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer frames")
-    parser.add_argument("--profile", action="store_true", help="cProfile the consumer (receiver, copy=True)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement (best is shown)")
+    parser.add_argument("--quick", action="store_true", help="fewer frames (smoke run)")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds (best is shown)")
+    parser.add_argument("--only", choices=sorted(STREAMS), help="one stream only")
+    parser.add_argument("--profile", action="store_true", help="cProfile one ingest run (all threads)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args(argv)
-    sizes = {"quad 12-bit U16": 1000 if args.quick else 6000, "raw 1-bit quad R64": 5000 if args.quick else 40000}
-    goals = {"quad 12-bit U16": 2000, "raw 1-bit quad R64": 12500}
-    print("Merlin ingest over loopback (best of %d interleaved rounds)" % args.repeat)
-    for name, stream in STREAMS.items():
-        n = sizes[name]
-        source = make_source(stream["counter_depth"])
-        server = start_server(source, n, **stream)
+    sizes = {"u16": 1500 if args.quick else 8000, "raw1": 8000 if args.quick else 40000}
+    result: dict = {"load_avg_1min": os.getloadavg()[0], "repeat": args.repeat, "cpus": os.cpu_count()}
+    print(f"Merlin ingest over loopback, best of {args.repeat} interleaved rounds; "
+          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    for key, (name, stream) in STREAMS.items():
+        if args.only and key != args.only:
+            continue
+        n = sizes[key]
+        server = RemoteMerlin(stream)
+        eds = RemoteEDS(n)
         try:
-            # interleaved rounds, so that load from other processes affects all three alike
-            runs = [(drain(server, n, **stream), receive(server, n, True)[0], receive(server, n, False)[0])
-                    for _ in range(args.repeat)]
-            d, r_copy, r_view = (max(col) for col in zip(*runs))
+            # warm-up (JIT, server pixel cache, sockets) that nobody times
+            server.set_frames(min(n, 512))
+            ingest(server, eds, min(n, 512))
+            server.set_frames(n)
             if args.profile:
-                receive(server, n, True, profile=True)
+                rate, stats = _profile_all_threads(lambda: ingest(server, eds, n))
+                print(f"profiled ingest: {rate:.0f} pos/s; {stats['frame_blocks_allocated']} frame blocks "
+                      f"of {BATCH} allocated for {n} positions")
+            runs = []
+            for _ in range(args.repeat):
+                d, r, (i, st), e = drain(server, n, stream), receive(server, n), ingest(server, eds, n), \
+                    eds_only(eds, n)
+                runs.append((d[0], r[0], i, e[0], d[1], r[1], st["cpu_us_per_position"], e[1]))
+            d, r, i, e = (max(col) for col in list(zip(*runs))[:4])
+            dc, rc, ic, ec = (min(col) for col in list(zip(*runs))[4:])
         finally:
             server.stop()
-        _, msg = expected_bytes(n, **stream)
-        print(f"\n{name}: {n} frames of {msg} bytes")
-        print(f"  bare drain (baseline, = server send rate) {d:10.0f} frames/s  {d * msg / 1e9:6.2f} GB/s")
-        print(f"  receiver + decode, new image each        {r_copy:10.0f} frames/s  ratio {r_copy / d:5.2f}x drain")
-        print(f"  receiver + decode, reused image          {r_view:10.0f} frames/s  ratio {r_view / d:5.2f}x drain")
-        print(f"  goal >= {goals[name]} frames/s and >= 0.9x drain: "
-              f"{'met' if max(r_copy, r_view) >= goals[name] and max(r_copy, r_view) >= 0.9 * d else 'NOT met'}")
-        for stage, rate in stage_rates(source, **stream).items():
-            print(f"  stage {stage:<22} {rate:10.0f} /s")
+            eds.stop()
+        _, msg = expected_bytes(n, stream)
+        print(f"\n{name}: {n} positions, frames of {msg} bytes + {N_CHANNELS}-channel uint16 spectra, "
+              f"batches of {BATCH}")
+        print(f"  bare drain (baseline, = server send rate) {d:9.0f} frames/s  {d * msg / 1e9:5.2f} GB/s"
+              f"          CPU {dc:6.1f} us/frame")
+        print(f"  receive + decode                          {r:9.0f} frames/s  {r / d:5.2f}x drain"
+              f"  CPU {rc:6.1f} us/frame")
+        print(f"  ingest = receive + decode + join          {i:9.0f} pos/s     {i / d:5.2f}x drain"
+              f"  CPU {ic:6.1f} us/position (EDS receive included)")
+        print(f"  EDS spectra alone (SpectrumReceiver)      {e:9.0f} spectra/s          "
+              f"  CPU {ec:6.1f} us/spectrum")
+        print(f"  goal >= {GOALS[key]} /s and >= 0.9x drain: "
+              f"{'met' if i >= GOALS[key] and i >= 0.9 * d else 'NOT met'}")
+        for stage, rate in stage_rates(stream).items():
+            print(f"  stage alone: {stage:<24} {rate:9.0f} /s")
+        result.update({f"drain_{key}_fps": round(d, 1), f"receive_{key}_fps": round(r, 1),
+                       f"ingest_{key}_fps": round(i, 1), f"ingest_{key}_ratio": round(i / d, 3),
+                       f"receive_{key}_ratio": round(r / d, 3), f"n_{key}": n,
+                       f"cpu_us_drain_{key}": round(dc, 1), f"cpu_us_receive_{key}": round(rc, 1),
+                       f"cpu_us_ingest_{key}": round(ic, 1), f"eds_only_{key}_sps": round(e, 1),
+                       f"cpu_us_eds_only_{key}": round(ec, 1)})
+    result["load_avg_1min_end"] = os.getloadavg()[0]
+    if args.json:
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ Speed
     of every position are kept after their first encoding when all positions fit in
     ``cache_bytes``: sources must then be deterministic (same frame for the same position, which the
     phantom and :class:`ArraySource` are). That is what lets raw 1-bit streams exceed 12,500
-    frames/s: a repeated acquisition costs a header format and a memcpy per frame.
+    frames/s: a repeated acquisition costs a header format and a memcpy per frame. Frames not in
+    the cache (a 128x128 quad 12-bit scan is 8 GiB: it never fits) are rendered and encoded ahead
+    by ``render_threads`` worker threads while the data thread sends, in sequence order.
 Faults (tests)
     ``faults=[Fault("truncate", at=7), ...]``: see :class:`Fault`.
 
@@ -52,10 +54,13 @@ True
 from __future__ import annotations
 
 import logging
+import os
 import select
 import socket
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Protocol
 
@@ -110,6 +115,69 @@ class ArraySource:
 
     def frame_into(self, position: int, out: np.ndarray) -> None:
         out[...] = self.frames[position]
+
+
+def _thread_safe(source) -> bool:
+    """May ``source.frame_into`` run in several threads at once? (declared, or a known source)."""
+    declared = getattr(source, "thread_safe", None)
+    if declared is not None:
+        return bool(declared)
+    if isinstance(source, ArraySource):
+        return True
+    from streamclust.simulators.phantom import LamellaPhantom  # lazy: a heavy module
+
+    # the phantom's kernels keep no state between calls: position seeds, read-only templates
+    return isinstance(source, LamellaPhantom)
+
+
+class _Renderer:
+    """Render and encode frames ahead of the sending thread, in worker threads.
+
+    The phantom's Numba kernels and NumPy's byte swapping release the GIL, so rendering the next
+    frames overlaps with sending this one (and with each other on several cores). Results come
+    back in sequence order; ``depth`` buffers bound the memory and how far ahead it runs.
+    """
+
+    def __init__(self, source, encoder, n_workers: int, max_count: int, dtype, n_total: int):
+        self.source, self.encoder, self.max_count = source, encoder, max_count
+        self.n_total = n_total  # 0: continuous
+        self.depth = 2 * n_workers
+        shape = tuple(source.frame_shape)
+        self._images = [np.empty(shape, dtype) for _ in range(self.depth)]
+        self._pixels = [np.empty(encoder.pixel_bytes, np.uint8) for _ in range(self.depth)]
+        dtype = np.dtype(dtype)
+        sat = getattr(source, "saturation", None)  # a source that saturates itself needs no clamp
+        self._clamp = (dtype.kind in "iu" and dtype.itemsize * 8 > encoder.counter_depth
+                       and not (sat is not None and sat <= max_count))
+        self._pool = ThreadPoolExecutor(n_workers, thread_name_prefix="merlin-sim-render")
+        self._futures: deque = deque()
+        self._next = 0  # next sequence index (0-based) to submit
+
+    def _render(self, position: int, slot: int) -> int:
+        image = self._images[slot]
+        self.source.frame_into(position, image)
+        if self._clamp:
+            np.minimum(image, self.max_count, out=image)  # the counter saturates
+        self.encoder.pixels(image, out=self._pixels[slot])
+        return slot
+
+    def _fill(self) -> None:
+        while len(self._futures) < self.depth and (self.n_total == 0 or self._next < self.n_total):
+            slot = self._next % self.depth
+            position = self._next % self.source.n_positions
+            self._futures.append(self._pool.submit(self._render, position, slot))
+            self._next += 1
+
+    def pixels(self) -> np.ndarray:
+        """Encoded pixels of the next frame in sequence (valid until the following call)."""
+        self._fill()
+        slot = self._futures.popleft().result()
+        return self._pixels[slot]
+
+    def close(self) -> None:
+        for f in self._futures:
+            f.cancel()
+        self._pool.shutdown(wait=True)
 
 
 @dataclass(frozen=True)
@@ -196,6 +264,11 @@ class MerlinServer:
         Upper bound of the pixel cache.
     seed : int
         Seed of garbage bytes.
+    render_threads : int or "auto"
+        Frames not served from the cache are rendered and encoded ahead of sending by this many
+        worker threads (0: in the sending thread). ``"auto"``: one per core (at most 4) for
+        sources known to be thread-safe (the phantom, :class:`ArraySource`, or a source with
+        ``thread_safe = True``), else 1 (calls stay sequential, only overlapped with sending).
     """
 
     def __init__(self, source: FrameSource, *, host: str = "127.0.0.1", data_port: int = 6342,
@@ -203,7 +276,7 @@ class MerlinServer:
                  raw: bool = False, layout: str = "2x2", dwell_s: float = 0.0, n_frames: int | None = None,
                  frames_per_trigger: int = 1, trigger: str = "internal", headless: bool = False,
                  faults: Iterable[Fault] = (), cache: bool | str = "auto", cache_bytes: int = 256 * 2**20,
-                 seed: int = 0):
+                 seed: int = 0, render_threads: int | str = "auto"):
         if trigger not in _TRIGGER_MODES:
             raise ValueError(f"trigger must be one of {tuple(_TRIGGER_MODES)}, got {trigger!r}")
         self.source = source
@@ -213,6 +286,11 @@ class MerlinServer:
         self.faults = tuple(faults)
         self.cache = cache
         self.cache_bytes = int(cache_bytes)
+        if render_threads == "auto":
+            render_threads = min(4, os.cpu_count() or 1) if _thread_safe(source) else 1
+        if not isinstance(render_threads, int) or render_threads < 0:
+            raise ValueError(f"render_threads must be 'auto' or an int >= 0, got {render_threads!r}")
+        self.render_threads = render_threads
         self._rng = np.random.default_rng(seed)
 
         self.settings = DetectorSettings()
@@ -548,6 +626,9 @@ class MerlinServer:
         cache = self._cache_for(acq, pb)
         faults = {f.at: f for f in self.faults if f.acquisition in (None, acq.number)}
         filled = 0
+        renderer = None
+        if cache is None and self.render_threads > 0:
+            renderer = _Renderer(src, enc, self.render_threads, max_count, image.dtype, n_total)
 
         def flush() -> None:
             nonlocal filled
@@ -576,6 +657,8 @@ class MerlinServer:
                 pixels = flat[base + MPX_PREFIX_SIZE + hs:base + msg]
                 if cache is not None and cache[1][position]:
                     pixels[:] = cache[0][position]
+                elif renderer is not None:
+                    pixels[:] = renderer.pixels()
                 else:
                     src.frame_into(position, image)
                     if image.dtype.kind in "iu" and image.dtype.itemsize * 8 > acq.counter_depth:
@@ -597,6 +680,8 @@ class MerlinServer:
             else:
                 ended = True
         finally:
+            if renderer is not None:
+                renderer.close()
             if not self._stopping.is_set():
                 try:
                     flush()

@@ -282,3 +282,123 @@ def test_items_expire_once_the_partner_stream_passed_them_or_went_silent():
     j.poll(now=2.6)                                       # silent for > 1 s and waited > 1 s
     assert j.stats["expired_spectra"] == 2
     assert j.check_invariants()
+
+
+# -- decoding straight into batch memory ----------------------------------------------------------
+from streamclust.adapters.join import FrameBlocks  # noqa: E402
+
+
+def test_frames_in_consecutive_block_rows_become_the_batch_without_a_copy():
+    blocks = FrameBlocks(rows=4)
+    j = ScanJoiner(8, batch_size=4)
+    rows = []
+    for p in range(8):
+        row = blocks((H, W), np.uint16)
+        row[...] = frame(p)
+        rows.append(row)
+        j.add_frame(p, row)
+        j.add_spectrum(p, spectrum(p))
+    out = j.poll()
+    assert [b.positions.tolist() for b in out] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    for b, first in zip(out, (rows[0], rows[4])):
+        assert np.shares_memory(b.frames, first)          # a view of the block: no copy
+        assert [int(f[0, 0]) for f in b.frames] == b.positions.tolist()
+    assert blocks.n_allocated == 2 and j.check_invariants()
+
+
+def test_reordered_or_incomplete_rows_fall_back_to_a_copy_with_the_right_values():
+    blocks = FrameBlocks(rows=4)
+    rows = [blocks((H, W), np.uint16) for _ in range(4)]
+    for p, row in enumerate(rows):
+        row[...] = frame(p)
+    j = ScanJoiner(4, batch_size=4, on_missing="emit")
+    for p in (1, 0, 2, 3):                                # joined out of block order
+        j.add_frame(p, rows[p])
+        if p != 3:
+            j.add_spectrum(p, spectrum(p))
+    j.poll()
+    b, = j.flush()
+    assert not np.shares_memory(b.frames, rows[0])
+    assert [int(f[0, 0]) for f in b.frames] == b.positions.tolist() == [1, 0, 2, 3]
+    assert b.has_spectrum.tolist() == [True, True, True, False] and j.check_invariants()
+
+
+def test_frame_blocks_are_reused_only_once_nothing_references_them():
+    blocks = FrameBlocks(rows=2)
+    a = blocks((2, 2), np.uint8)
+    b = blocks((2, 2), np.uint8)
+    held = blocks((2, 2), np.uint8)                       # second block; the first is still viewed
+    assert blocks.n_allocated == 2 and held.base is not a.base
+    del a, b
+    blocks((2, 2), np.uint8)                              # fills the second block's last row
+    again = blocks((2, 2), np.uint8)                      # first block is free now: reused
+    assert blocks.n_allocated == 2 and not np.shares_memory(again, held)
+    blocks((3, 3), np.uint16)                             # a new geometry starts afresh
+    assert blocks.n_allocated == 3
+    with pytest.raises(ValueError):
+        FrameBlocks(rows=0)
+
+
+def test_join_streams_gives_an_allocating_frame_source_blocks_and_keeps_batch_order():
+    class AllocatingSource:
+        """Like MerlinReceiver.frames(): decodes into whatever out_allocator hands out."""
+
+        def __init__(self, n):
+            self.out_allocator = None
+            self.n = n
+
+        def __iter__(self):
+            for p in range(self.n):
+                out = self.out_allocator((H, W), np.uint16)
+                out[...] = frame(p)
+                yield NS(position=p, image=out)
+
+    n = 40
+    source = AllocatingSource(n)
+    spectra = [NS(position=p, counts=spectrum(p)) for p in range(n)]
+    stream = join_streams(source, iter(spectra), n, batch_size=8, queue_size=8)
+    batches = list(stream)
+    assert isinstance(source.out_allocator, FrameBlocks)
+    assert [p for b in batches for p in b.positions.tolist()] == list(range(n))
+    assert all((b.frames[:, 0, 0] == b.positions).all() for b in batches)
+    assert all((b.spectra[:, 0] == b.positions + 1000).all() for b in batches)
+    assert stream.stats["joined"] == n and stream.joiner.check_invariants()
+
+
+def test_merlin_frames_are_decoded_straight_into_the_batches_over_a_real_socket():
+    from streamclust.adapters.merlin import MerlinReceiver
+    from streamclust.simulators.merlin import ArraySource, MerlinServer
+
+    n = 12
+    frames = np.random.default_rng(4).integers(0, 4096, (n, 256, 256)).astype(np.uint16)
+    spectra = [NS(position=p, counts=spectrum(p)) for p in range(n)]
+    with MerlinServer(ArraySource(frames), data_port=0, control_port=0, layout="1x1",
+                      headless=True) as server:
+        with MerlinReceiver(*server.data_address, timeout=5.0) as rx:
+            source = rx.frames()
+            stream = join_streams(source, iter(spectra), n, batch_size=4)
+            batches = list(stream)
+    assert isinstance(source.out_allocator, FrameBlocks)
+    assert [b.positions.tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    for b in batches:
+        np.testing.assert_array_equal(b.frames, frames[b.positions])
+        assert b.frames.base is not None and b.frames.base.shape == (4, 256, 256)  # a block, not a copy
+    assert stream.stats["joined"] == n and stream.joiner.check_invariants()
+
+
+def test_a_frame_waiting_long_for_its_spectrum_stops_pinning_its_block():
+    blocks = FrameBlocks(rows=4)
+    j = ScanJoiner(4, batch_size=2, timeout_s=60.0)
+    rows = [blocks((H, W), np.uint16) for _ in range(2)]
+    for p, row in enumerate(rows):
+        row[...] = frame(p)
+        j.add_frame(p, row, t=0.0)
+    j.poll(now=0.1)                                       # the usual lag: still zero-copy
+    assert all(np.shares_memory(j._pending[0][p][0], rows[p]) for p in range(2))
+    j.add_spectrum(0, spectrum(0), t=0.2)
+    j.poll(now=1.0)                                       # position 1 waited 1 s: copied out
+    assert not np.shares_memory(j._pending[0][1][0], rows[1])
+    rows[1][...] = 999                                    # the block may now be reused
+    j.add_spectrum(1, spectrum(1), t=1.1)
+    b, = j.poll(now=1.1)
+    assert [int(f[0, 0]) for f in b.frames] == [0, 1] and j.check_invariants()

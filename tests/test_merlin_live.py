@@ -195,3 +195,65 @@ def test_control_client_standalone(make_server):
     server = make_server(random_frames(1, (256, 256), 12), layout="1x1")
     with MerlinControl(*server.control_address) as ctl:
         assert ctl.get_int("IMAGEX") == 256
+
+
+@pytest.mark.parametrize("render_threads", [0, 1, 3])
+@pytest.mark.parametrize("layout,depth,raw", [("2x2", 12, False), ("2x2", 1, True), ("1x1", 24, True)])
+def test_frames_rendered_ahead_arrive_in_order_pixel_exact(make_server, render_threads, layout, depth, raw):
+    # values above the counter's range: the server saturates them like the detector would
+    frames = random_frames(9, SHAPES[layout], 12, seed=5).astype(np.uint32) * (2 if depth == 24 else 1)
+    server = make_server(frames, layout=layout, counter_depth=depth, raw=raw, headless=True, cache=False,
+                         render_threads=render_threads, n_frames=20)  # 20 frames cycle the 9 positions
+    with MerlinReceiver(*server.data_address, timeout=5.0) as rx:
+        got = [(f.sequence, f.image.copy()) for f in rx.frames()]
+    assert [s for s, _ in got] == list(range(1, 21)) and server.render_threads == render_threads
+    expected = np.minimum(frames, 2**depth - 1)
+    for seq, image in got:
+        np.testing.assert_array_equal(image, expected[(seq - 1) % 9])
+
+
+def test_render_threads_auto_and_validation():
+    frames = np.zeros((2, 256, 256), np.uint16)
+    assert MerlinServer(ArraySource(frames), layout="1x1").render_threads >= 1
+
+    class Opaque:  # an unknown source: its frame_into is never called from two threads at once
+        n_positions, frame_shape = 2, (256, 256)
+
+        def frame_into(self, position, out):
+            out[...] = position
+
+    assert MerlinServer(Opaque(), layout="1x1").render_threads == 1
+    with pytest.raises(ValueError, match="render_threads"):
+        MerlinServer(Opaque(), layout="1x1", render_threads=-1)
+
+
+def test_frames_decode_into_the_buffers_an_out_allocator_hands_out(make_server):
+    frames = random_frames(5, (512, 512), 12, seed=3)
+    server = make_server(frames, layout="2x2", counter_depth=12, headless=True)
+    handed = []
+
+    def allocate(shape, dtype):
+        handed.append(np.full(shape, 7, dtype))
+        return handed[-1]
+
+    with MerlinReceiver(*server.data_address, timeout=5.0) as rx:
+        it = rx.frames()
+        it.out_allocator = allocate
+        got = list(it)
+    assert len(got) == len(handed) == 5
+    for f, out in zip(got, handed):
+        assert f.image is out
+        np.testing.assert_array_equal(out, frames[f.sequence - 1])
+
+
+def test_phantom_rendered_by_several_threads_equals_its_frames():
+    """Numba's random state is per thread: parallel rendering must not change a single count."""
+    from streamclust.simulators.phantom import LamellaPhantom
+
+    ph = LamellaPhantom(scan_shape=(4, 4), seed=3)
+    with MerlinServer(ph, data_port=0, control_port=0, layout="2x2", counter_depth=12, headless=True,
+                      cache=False, render_threads=3) as server:
+        with MerlinReceiver(*server.data_address, timeout=10.0) as rx:
+            got = {f.sequence - 1: f.image.copy() for f in rx.frames()}
+    assert sorted(got) == list(range(16))
+    np.testing.assert_array_equal(np.stack([got[p] for p in range(16)]), ph.frames(np.arange(16)))
