@@ -1,7 +1,8 @@
 """Throughput of the streaming engine on quad 512x512 uint16 frames plus 2048-channel spectra.
 
 Run: ``.venv/bin/python benchmarks/bench_engine.py`` (``--quick`` for a short run; ``--accuracy``
-measures what the compact per-position store costs against the offline reference instead).
+measures what each per-position store costs against the offline reference instead; ``--json`` adds
+one JSON object as the last stdout line).
 
 Frames and spectra come from the lamella phantom and are generated *before* timing (a pool of
 ``--pool`` positions spread over the scan, replayed in raster order), so only the engine is measured:
@@ -21,7 +22,9 @@ Printed against baselines measured in the same process:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import time
 
 import numpy as np
@@ -44,8 +47,15 @@ def _pool(scan: int, pool: int, seed: int) -> tuple[LamellaPhantom, np.ndarray, 
     return ph, sel, frames, spectra
 
 
-def accuracy() -> None:
-    """What the per-position store costs: full versus basis store against the offline reference."""
+def _set_sketch_dtype(eng: StreamingEngine, sketch_dtype: str | None) -> None:
+    """Choose the StreamingPCA sketch update (before any data): float32 (default) or the float64
+    reference, to measure what the float32 update changes in the same run."""
+    if sketch_dtype is not None:
+        eng.pca_.set_params(sketch_dtype=sketch_dtype)
+
+
+def accuracy(stores: tuple[str, ...] = ("full", "counts", "basis"), sketch_dtype: str | None = None) -> dict:
+    """What the per-position store costs: each store against the offline reference."""
     from sklearn.metrics import adjusted_rand_score
 
     ph = LamellaPhantom(scan_shape=(48, 48), seed=5, n_inclusions=4, inclusion_radius=(8.0, 16.0))
@@ -54,9 +64,18 @@ def accuracy() -> None:
     eds = eds_window(ph.spectra(np.arange(n)), ph.energy_axis_kev, (0.2, 10.0), rebin=2)
     ref = run_reference(cbed, eds, clusterer=FuzzyCMeans(6, n_init=10, random_state=0), n_clusters=6)
     print(f"reference: {ref.n_components} components, ratios {np.round(ref.explained_variance_ratio[:4], 3)}")
-    for store in ("full", "basis"):
-        eng = StreamingEngine(n, energy_axis=(float(ph.energy_axis_kev[0]), ph.channel_width_kev),
-                              warmup_positions=256, refresh_every=512, store=store, random_state=0)
+    out: dict = {}
+    for store in stores:
+        try:
+            # as tests/test_live_vs_offline.py: one level of clusters against the paper's reference
+            eng = StreamingEngine(n, scan_shape=(48, 48), energy_axis=(float(ph.energy_axis_kev[0]),
+                                  ph.channel_width_kev), warmup_positions=256, refresh_every=512,
+                                  store=store, random_state=0, host_clusters=0)
+            eng.partial_fit_features(np.arange(0), cbed[:0], eds[:0])  # validates the parameters
+            _set_sketch_dtype(eng, sketch_dtype)
+        except ValueError as exc:
+            print(f"store={store:6s} not available in this engine: {exc}")
+            continue
         for s in range(0, n, 128):
             pos = np.arange(s, min(s + 128, n))
             eng.partial_fit_features(pos, cbed[pos], eds[pos])
@@ -67,9 +86,15 @@ def accuracy() -> None:
         stored = eng.store_.project(r["D"], r["V"], r["mean"])
         err = np.linalg.norm(stored - exact, axis=1) / np.linalg.norm(exact - exact.mean(0), axis=1).mean()
         quarters = [float(err[i * n // 4:(i + 1) * n // 4].mean()) for i in range(4)]
-        print(f"store={store:5s} {eng.stats_['bytes_per_position']:6d} B/position  "
-              f"ARI vs reference {adjusted_rand_score(ref.labels, eng.labels_):.3f}  "
-              f"components {eng.n_components_}  score error by quarter {np.round(quarters, 3)}")
+        ari = float(adjusted_rand_score(ref.labels, eng.labels_))
+        exact_rows = float(np.mean(np.all(eng.store_.vectors(np.arange(n)) == xw, axis=1)))
+        print(f"store={store:6s} {eng.stats_['bytes_per_position']:6d} B/position  "
+              f"ARI vs reference {ari:.3f}  components {eng.n_components_}  "
+              f"score error by quarter {np.round(quarters, 3)}  rows stored bit-exactly {exact_rows:.3f}")
+        out[store] = dict(bytes_per_position=int(eng.stats_["bytes_per_position"]), ari_vs_reference=ari,
+                          score_error_by_quarter=quarters, exact_rows=exact_rows,
+                          n_components=int(eng.n_components_))
+    return out
 
 
 def main() -> None:
@@ -79,14 +104,21 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--reference-positions", type=int, default=4096)
     ap.add_argument("--refresh-every", type=int, default=4096)
-    ap.add_argument("--store", default="auto", choices=("auto", "full", "basis"))
+    ap.add_argument("--store", default="auto", choices=("auto", "counts", "full", "basis"))
     ap.add_argument("--quick", action="store_true", help="4,096 positions, pool 512, reference on 2,048")
     ap.add_argument("--accuracy", action="store_true",
                     help="instead of throughput: full vs basis store against the offline reference")
+    ap.add_argument("--host-clusters", type=int, default=None,
+                    help="engine host_clusters (default: the engine's; 0 = the paper's single level)")
+    ap.add_argument("--pca-sketch-dtype", choices=("float32", "float64"), default=None,
+                    help="StreamingPCA sketch update (default: the engine's, float32)")
+    ap.add_argument("--json", action="store_true", help="one JSON object with the figures as the last line")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
     if args.accuracy:
-        accuracy()
+        res = accuracy(sketch_dtype=args.pca_sketch_dtype)
+        if args.json:
+            print(json.dumps({"benchmark": "engine_store_accuracy", "stores": res, "load_average": os.getloadavg()}))
         return
     if args.quick:
         args.positions, args.pool, args.reference_positions = 4096, 512, 2048
@@ -111,10 +143,12 @@ def main() -> None:
     r_red = n / t_red
 
     # the engine
+    extra = {} if args.host_clusters is None else {"host_clusters": args.host_clusters}
     eng = StreamingEngine(n, frame_shape=ph.frame_shape, n_channels=ph.n_channels,
                           energy_axis=(float(ph.energy_axis_kev[0]), ph.channel_width_kev),
                           n_clusters=6, warmup_positions=512, refresh_every=args.refresh_every,
-                          store=args.store, random_state=0).warm_up()
+                          store=args.store, random_state=0, **extra).warm_up()
+    _set_sketch_dtype(eng, args.pca_sketch_dtype)
     t = time.perf_counter()
     for s in range(0, n, args.batch):
         pos = np.arange(s, min(s + args.batch, n))
@@ -151,6 +185,21 @@ def main() -> None:
     print(f"store ({eng.store_.mode}): {st['bytes_per_position']} bytes/position -> "
           f"{st['bytes_per_position'] * 512 * 512 / 1e6:.0f} MB if a 512 x 512 scan used it; "
           f"{eng.n_components_} PCA components, validity {eng.validity_}")
+    if args.json:
+        print(json.dumps({
+            "benchmark": "engine",
+            "engine_positions_per_s": r_eng,
+            "baseline": "offline reference (run_reference, FuzzyCMeans) on the same data, positions/s",
+            "baseline_positions_per_s": r_ref,
+            "engine_vs_baseline_ratio": r_eng / r_ref,
+            "frame_reducer_frames_per_s": r_red,
+            "engine_vs_frame_reducer_ratio": r_eng / r_red,
+            "positions": n, "finalize_s": t_final, "store": eng.store_.mode,
+            "pca_sketch_dtype": eng.pca_.sketch_dtype, "host_clusters": int(eng.host_clusters),
+            "bytes_per_position": int(st["bytes_per_position"]),
+            "seconds_per_stage": st["seconds"],
+            "load_average": os.getloadavg(),
+        }))
 
 
 if __name__ == "__main__":

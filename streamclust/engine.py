@@ -129,13 +129,15 @@ class StreamingEngine:
     pca_method : {"sketch", "exact"}, default="sketch"
         StreamingPCA accumulator. "exact" keeps the F x F scatter (170 MB at 4,586 features) and needs
         an ARPACK read-out of ``basis_rank`` vectors for every basis update (seconds).
-    store : {"auto", "full", "basis"}, default="auto"
-        Per-position representation (:class:`~streamclust.position_store.PositionStore`): "full"
-        keeps every reduced vector (float32, 18 kB a position at 4,586 features; exact), "basis"
-        its coordinates in a rank-``basis_rank`` basis (513 bytes at rank 128; lossy, see
-        docs/engine.md). "auto" is "full" when it needs at most ``full_store_max_bytes``.
+    store : {"auto", "counts", "full", "basis"}, default="auto"
+        Per-position representation (:class:`~streamclust.position_store.PositionStore`): "counts"
+        keeps every reduced vector exactly as one-byte counts plus escapes for the rest (about
+        5 kB a position on the phantom), "full" as float32 (18 kB a position at 4,586 features;
+        exact), "basis" its coordinates in a rank-``basis_rank`` basis (513 bytes at rank 128;
+        lossy, see docs/engine.md). "auto" is "counts" when its dense part (one byte a feature)
+        fits ``full_store_max_bytes``, else "basis".
     full_store_max_bytes : int, default=2 GiB
-        Budget of the "auto" choice (2 GiB: up to 117,000 positions, e.g. 340 x 340).
+        Budget of the "auto" choice (2 GiB: up to about 460,000 positions, 680 x 680, in counts).
     pending_limit : int, default=8192
         Positions kept as full float32 vectors until the next refresh encodes them into the store's
         basis (updated first, so it has seen them); more than this many trigger an early encoding.
@@ -167,11 +169,11 @@ class StreamingEngine:
         Host membership a position needs to shape the level-2 space.
     host_min_positions : int, default=256
         Host positions needed before the level-2 model is built.
-    host_sample_size : int, default=8192
+    host_sample_size : int, default=4096
         Host positions the level-2 statistics and PCA are computed on.
     host_min_components : int, default=5
         Floor of the 1 % rule at level 2.
-    host_refit_growth : float, default=0.25
+    host_refit_growth : float, default=0.5
         The level-2 space is re-fitted when the host grew by this fraction since its last fit (or
         the host cluster changed, or at :meth:`finalize`); in between only its clusters are
         refreshed.
@@ -230,9 +232,9 @@ class StreamingEngine:
         host_clusters: int = 6,
         host_threshold: float = 0.9,
         host_min_positions: int = 256,
-        host_sample_size: int = 8192,
+        host_sample_size: int = 4096,
         host_min_components: int = 5,
-        host_refit_growth: float = 0.25,
+        host_refit_growth: float = 0.5,
         blas_threads: int | None = 1,
         random_state: int | None = None,
     ) -> None:
@@ -310,11 +312,11 @@ class StreamingEngine:
         self.n_features_ = self.n_cbed_features_ + self.n_eds_features_
         self.balancer_ = BlockBalancer(blocks=("cbed", "eds"), scaler_params=self.scaler_params)
         rank = min(int(self.basis_rank), self.n_features_)
-        if self.store not in ("auto", "full", "basis"):
-            raise ValueError(f"store must be 'auto', 'full' or 'basis', got {self.store!r}")
+        if self.store not in ("auto", "counts", "full", "basis"):
+            raise ValueError(f"store must be 'auto', 'counts', 'full' or 'basis', got {self.store!r}")
         mode = self.store
         if mode == "auto":
-            mode = "full" if n * self.n_features_ * 4 <= int(self.full_store_max_bytes) else "basis"
+            mode = "counts" if n * (self.n_features_ + 9) <= int(self.full_store_max_bytes) else "basis"
         self.store_ = PositionStore(n, self.n_features_, rank=rank, mode=mode)
         # the basis store reads ``rank`` directions out of the PCA; the full store only needs the
         # components the 1 % rule can keep (an exact read-out of 128 vectors takes seconds)
@@ -577,6 +579,8 @@ class StreamingEngine:
             eds[~hs] = centre[sl["eds"]]
         if first:
             self._c_warm = self.balancer_.multiplier_.copy()
+            # the counts store decodes code * c_warm (float32), the product made just below
+            self.store_.set_scale(self._c_warm)
         x_warm = self.balancer_.concatenate({"cbed": cbed, "eds": eds})
         x_warm *= self._c_warm.astype(np.float32)
         self._times["balance"] += time.perf_counter() - t

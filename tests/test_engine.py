@@ -57,7 +57,7 @@ def _feed(eng: StreamingEngine, frames, spectra, start: int = 0, stop: int = N, 
     return eng
 
 
-@pytest.mark.parametrize("store", ["full", "basis"])
+@pytest.mark.parametrize("store", ["counts", "full", "basis"])
 def test_engine_finds_the_phases_and_memberships_are_a_partition(scan, store):
     frames, spectra, truth = scan
     eng = _feed(_engine(scan_shape=(30, 30), store=store), frames, spectra).finalize()
@@ -118,7 +118,7 @@ def test_too_few_positions_to_cluster_is_refused(scan):
         eng.finalize()
 
 
-@pytest.mark.parametrize("store", ["full", "basis"])
+@pytest.mark.parametrize("store", ["counts", "full", "basis"])
 def test_pickle_mid_scan_continues_identically(scan, store):
     frames, spectra, _ = scan
     a = _feed(_engine(store=store), frames, spectra, stop=550)
@@ -197,7 +197,7 @@ def test_bad_parameters_are_refused():
 
 def test_auto_store_follows_the_memory_budget():
     small = StreamingEngine(1000, full_store_max_bytes=2**30)
-    assert small.store_.mode == "full"
+    assert small.store_.mode == "counts"
     big = StreamingEngine(512 * 512, full_store_max_bytes=2**30)
     assert big.store_.mode == "basis" and big.stats_["bytes_per_position"] == 513
 

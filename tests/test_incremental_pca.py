@@ -257,3 +257,38 @@ def test_live_chain_equals_offline_reference():
     # scores agree up to one constant offset per component (medians vs means as centres)
     diff = live - offline * signs
     np.testing.assert_allclose(diff - diff.mean(axis=0), 0.0, atol=1e-3 * np.abs(offline).max())
+
+
+def test_float32_sketch_matches_float64_reference():
+    """The fast float32 sketch update (orthogonal rows, periodic float64 re-orthogonalisation)
+    against the plain float64 one on raster-ordered counts: same subspace, variances, mean."""
+    rng = np.random.default_rng(33)
+    X = _raster_scan(rng, n_rows=30, n_cols=40, f=400)
+    c = 1.0 / (np.median(X[:300], axis=0) + 1.0)
+    opts = dict(max_components=8, method="sketch", sketch_rank=48)
+    ref = StreamingPCA(**opts, sketch_dtype="float64")
+    fast = StreamingPCA(**opts, sketch_dtype="float32", reorth_every=5)
+    for s in range(0, X.shape[0], 50):  # 24 updates: several float64 re-orthogonalisations
+        ref.partial_fit(X[s : s + 50] * c, warmup_multiplier=c)
+        fast.partial_fit((X[s : s + 50] * c).astype(np.float32), warmup_multiplier=c)
+    assert fast._sketch_.dtype == np.float32 and ref._sketch_.dtype == np.float64
+    S = fast._sketch_.astype(np.float64)
+    G = S @ S.T  # rows stay orthogonal, with the squared norms the update relies on
+    np.testing.assert_allclose(np.diag(G), fast._sketch_sq_, rtol=1e-4)
+    assert np.abs(G - np.diag(np.diag(G))).max() < 1e-4 * G.max()
+    for c_now in (c, c * rng.uniform(0.5, 2.0, c.size)):
+        ref.set_current_multiplier(c_now)
+        fast.set_current_multiplier(c_now)
+        np.testing.assert_allclose(fast.explained_variance_all_[:6], ref.explained_variance_all_[:6], rtol=1e-4)
+        assert _max_angle(fast.components_all_[:4], ref.components_all_[:4]) < 0.01
+        np.testing.assert_allclose(fast.mean_, ref.mean_, rtol=1e-6)
+        np.testing.assert_allclose(fast.total_variance_, ref.total_variance_, rtol=1e-6)
+        assert fast.n_components_ == ref.n_components_
+    q = pickle.loads(pickle.dumps(fast))
+    q.partial_fit(X[:50] * c)
+    fast.partial_fit(X[:50] * c)
+    np.testing.assert_array_equal(q.components_all_, fast.components_all_)
+    with pytest.raises(ValueError, match="sketch_dtype"):
+        StreamingPCA(method="sketch", sketch_dtype="float16").partial_fit(X)
+    with pytest.raises(ValueError, match="reorth_every"):
+        StreamingPCA(method="sketch", reorth_every=0).partial_fit(X)
