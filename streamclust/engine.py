@@ -41,7 +41,7 @@ Examples
 >>> eng = StreamingEngine(n, frame_shape=(16, 16), n_channels=64, energy_axis=(0.0, 0.25),
 ...                       energy_window_kev=(0.0, 16.0), rebin=1, n_clusters=2, bin_factor=4,
 ...                       warmup_positions=100, refresh_every=200, basis_rank=16,
-...                       max_components=5, random_state=0)
+...                       max_components=5, random_state=0, host_clusters=0)  # one level
 >>> for s in range(0, n, 100):
 ...     _ = eng.partial_fit(np.arange(s, s + 100), frames[s:s + 100], spectra[s:s + 100])
 >>> _ = eng.finalize()
