@@ -21,6 +21,7 @@ import numpy as np
 import zmq
 
 from streamclust.adapters.errors import WireFormatError
+from streamclust.adapters.security import apply_security, warn_if_exposed
 from streamclust.adapters.wire import MAX_HEADER_BYTES, decode_array_message
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ class SpectrumReceiver:
         claiming a huge message is disconnected by ZeroMQ before anything is allocated.
     hwm : int
         Receive high-water mark (messages).
+    security : CurveClient, optional
+        CURVE keys to receive from a CURVE publisher (:mod:`streamclust.adapters.security`).
     context : zmq.Context, optional
         Defaults to ``zmq.Context.instance()``.
 
@@ -78,7 +81,8 @@ class SpectrumReceiver:
 
     def __init__(self, endpoint: str, *, socket_type: str = "pull", max_buffer: int = 4096,
                  on_full: str | None = None, max_bytes: int = 1 << 24, hwm: int = 10000,
-                 bind: bool = False, max_positions: int = 1 << 26, context: zmq.Context | None = None):
+                 bind: bool = False, max_positions: int = 1 << 26, security=None,
+                 context: zmq.Context | None = None):
         if socket_type not in ("pull", "sub"):
             raise ValueError(f"socket_type must be 'pull' or 'sub', got {socket_type!r}")
         on_full = on_full or ("block" if socket_type == "pull" else "drop")
@@ -94,6 +98,7 @@ class SpectrumReceiver:
         self.hwm = int(hwm)
         self.bind = bind
         self.max_positions = int(max_positions)
+        self.security = security
         self._context = context
         self._queue: queue.Queue = queue.Queue(maxsize=self.max_buffer)
         self._lock = threading.Lock()
@@ -201,7 +206,9 @@ class SpectrumReceiver:
             sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_bytes + MAX_HEADER_BYTES)
             if self.socket_type == "sub":
                 sock.setsockopt(zmq.SUBSCRIBE, b"")
+            apply_security(sock, self.security, ctx, role="client")
             if self.bind:
+                warn_if_exposed(self.endpoint, self.security, "SpectrumReceiver")
                 sock.bind(self.endpoint)
                 self.bound_endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
             else:

@@ -36,6 +36,7 @@ import numpy as np
 import zmq
 
 from streamclust.adapters.errors import WireFormatError
+from streamclust.adapters.security import apply_security, release_server, warn_if_exposed
 from streamclust.adapters.wire import (DEFAULT_MAX_BYTES, MAX_HEADER_BYTES, decode_array_message,
                                        encode_array_message, end_header)
 
@@ -92,6 +93,9 @@ class FrameBridge:
         Images of at least this many bytes are sent zero-copy: ZeroMQ keeps a reference and reads
         the buffer later, so the frame source must not reuse an image's memory for a later frame.
         A source that does should pass a ``copy_threshold`` above its frame size.
+    security : CurveServer, optional
+        CURVE for endpoints reachable from the network (every socket of the bridge);
+        binding a non-loopback address without it logs a warning.
     context : zmq.Context, optional
 
     Examples
@@ -110,7 +114,7 @@ class FrameBridge:
     def __init__(self, frames: Iterable, *, push: str | None = None, push_each: list[str] | None = None,
                  pub: str | None = None, push_hwm: int = 1000, pub_hwm: int = 100, n_consumers: int = 1,
                  position_of: Callable | None = None, scan_id: str | None = None, end_timeout_s: float = 10.0,
-                 copy_threshold: int = _COPY_THRESHOLD, context: zmq.Context | None = None):
+                 copy_threshold: int = _COPY_THRESHOLD, security=None, context: zmq.Context | None = None):
         if push is None and not push_each and pub is None:
             raise ValueError("give at least one of push, push_each, pub")
         self.frames = frames
@@ -124,6 +128,7 @@ class FrameBridge:
         self.scan_id = scan_id if scan_id is not None else uuid.uuid4().hex[:12]
         self.end_timeout_s = float(end_timeout_s)
         self.copy_threshold = int(copy_threshold)
+        self.security = security
         self._context = context
         self._stop = threading.Event()
         self._listening = threading.Event()
@@ -224,11 +229,15 @@ class FrameBridge:
         """Bind, send every frame, send the end markers, close. :meth:`start` runs this in a thread."""
         ctx = self._context or zmq.Context.instance()
         sockets = []
+        n_secured = 0
         try:
             push_socks = []
             for endpoint in ([self.push] if self.push else []) + self.push_each:
                 s = ctx.socket(zmq.PUSH)
                 sockets.append(s)
+                apply_security(s, self.security, ctx, role="server")
+                n_secured += self.security is not None
+                warn_if_exposed(endpoint, self.security, "FrameBridge")
                 s.linger = 0
                 s.sndhwm = self.push_hwm
                 s.bind(endpoint)
@@ -237,6 +246,9 @@ class FrameBridge:
             if self.pub:
                 pub_sock = ctx.socket(zmq.PUB)
                 sockets.append(pub_sock)
+                apply_security(pub_sock, self.security, ctx, role="server")
+                n_secured += self.security is not None
+                warn_if_exposed(self.pub, self.security, "FrameBridge")
                 pub_sock.linger = 0
                 pub_sock.sndhwm = self.pub_hwm
                 pub_sock.setsockopt(zmq.XPUB_NODROP, 1)
@@ -275,6 +287,8 @@ class FrameBridge:
             self._listening.set()
             for s in sockets:
                 s.close(linger=0)
+            for _ in range(n_secured):
+                release_server(self.security, ctx)
 
     def _send_ends(self, push_socks, pub_sock, sequence: int) -> None:
         totals = self.stats
@@ -309,6 +323,8 @@ class ZmqFrameSource:
         Largest frame buffer accepted; larger messages are malformed (``too_large``).
     hwm : int
         Receive high-water mark (messages).
+    security : CurveClient, optional
+        CURVE keys to receive from a CURVE bridge (:mod:`streamclust.adapters.security`).
     context : zmq.Context, optional
 
     Attributes
@@ -319,7 +335,7 @@ class ZmqFrameSource:
     """
 
     def __init__(self, endpoint: str, socket_type: str = "pull", *, max_bytes: int = DEFAULT_MAX_BYTES,
-                 hwm: int = 1000, context: zmq.Context | None = None):
+                 hwm: int = 1000, security=None, context: zmq.Context | None = None):
         if socket_type not in ("pull", "sub"):
             raise ValueError(f"socket_type must be 'pull' or 'sub', got {socket_type!r}")
         self.endpoint = endpoint
@@ -332,6 +348,11 @@ class ZmqFrameSource:
         self._sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_bytes + MAX_HEADER_BYTES)
         if socket_type == "sub":
             self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        try:
+            apply_security(self._sock, security, ctx, role="client")
+        except BaseException:
+            self._sock.close(linger=0)
+            raise
         self._sock.connect(endpoint)
         self._stats = Counter()
         self._malformed = Counter()

@@ -1,4 +1,4 @@
-"""Run every benchmark script in turn (``make bench``), saving each one's output under out/bench/.
+"""Run every benchmark script in turn (``make bench``, ``streamclust bench``), saving each one's output under out/bench/.
 
 Each script measures its figures against a baseline run in the same process and prints both the
 absolute rates and the ratios; this runner only sequences them (never in parallel: they would
@@ -6,11 +6,22 @@ measure each other) and collects the outputs.
 
     .venv/bin/python benchmarks/run_all.py            # the default sizes
     .venv/bin/python benchmarks/run_all.py --quick    # shorter runs where a script offers it
+    .venv/bin/python benchmarks/run_all.py --json     # the headline scripts, one merged JSON object
+
+With ``--json`` only the scripts behind the headline figures run, each with ``--json`` (one JSON
+object on its last stdout line), and the last stdout line is one merged object holding at least
+``ingest_u16_fps``, ``drain_u16_fps``, ``ingest_raw1_fps``, ``drain_raw1_fps`` (bench_ingest.py),
+``end_to_end_fps`` (bench_end_to_end.py), ``fcm_speedup_vs_skfuzzy`` (bench_fcm.py) and
+``flag_latency_s`` (bench_flag_latency.py), plus ``details`` (each script's whole object),
+``errors`` (one entry per script that failed or did not report a figure: that figure is null, never
+invented), ``load_avg_1min`` and ``seconds`` per script.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import subprocess
 import sys
 import time
@@ -27,17 +38,103 @@ SCRIPTS = {
     "bench_stats.py": (["--blas-threads", "1"], ["--quick", "--blas-threads", "1"]),
     "bench_fcm.py": (["speed"], ["speed", "--sizes", "16384", "--iters", "10"]),
     "bench_engine.py": ([], ["--quick"]),
+    "bench_end_to_end.py": ([], ["--quick"]),
+    "bench_flag_latency.py": ([], ["--quick"]),
 }
+
+# the headline figures of ``--json``: script -> keys it must report
+HEADLINE = {
+    "bench_ingest.py": ("ingest_u16_fps", "drain_u16_fps", "ingest_raw1_fps", "drain_raw1_fps"),
+    "bench_end_to_end.py": ("end_to_end_fps",),
+    "bench_fcm.py": ("fcm_speedup_vs_skfuzzy",),
+    "bench_flag_latency.py": ("flag_latency_s",),
+}
+
+
+def last_json(stdout: str) -> dict | None:
+    """The JSON object on the last non-empty stdout line, or None."""
+    lines = [ln for ln in stdout.splitlines() if ln.strip()]
+    if not lines:
+        return None
+    try:
+        obj = json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _json_args(script: str, args: list[str]) -> list[str]:
+    # subcommand scripts (bench_fcm.py speed ...) take --json after the subcommand
+    return [*args, "--json"]
+
+
+def run_json(names: list[str], quick: bool, timeout_s: float, out: Path) -> dict:
+    """Run the headline scripts with ``--json`` and merge their figures (see the module docstring)."""
+    merged: dict = {key: None for keys in HEADLINE.values() for key in keys}
+    merged.update(details={}, errors=[], seconds={})
+    for script, keys in HEADLINE.items():
+        if names and script not in names:
+            continue
+        path = HERE / script
+        if not path.exists():
+            merged["errors"].append({"script": script, "error": "script not present", "keys": list(keys)})
+            continue
+        full, quick_args = SCRIPTS[script]
+        attempts = [_json_args(script, quick_args if quick else full)]
+        if attempts[0][-1] == "--json" and attempts[0][:1] and not attempts[0][0].startswith("-"):
+            attempts.append(["--json", *attempts[0][:-1]])  # --json defined before the subcommand
+        obj, proc, err = None, None, None
+        t0 = time.perf_counter()
+        for args in attempts:
+            try:
+                proc = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True,
+                                      timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                err = f"timed out after {timeout_s:.0f} s"
+                break
+            if proc.returncode == 2 and "unrecognized arguments" in proc.stderr:
+                continue
+            break
+        merged["seconds"][script] = round(time.perf_counter() - t0, 1)
+        if proc is not None:
+            (out / (path.stem + ".txt")).write_text(proc.stdout + f"\n[stderr]\n{proc.stderr}")
+            if proc.returncode:
+                err = f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"
+            else:
+                obj = last_json(proc.stdout)
+                if obj is None:
+                    err = "no JSON object on the last stdout line"
+        if obj is not None:
+            merged["details"][script] = obj
+            missing = [k for k in keys if obj.get(k) is None]
+            for k in keys:
+                merged[k] = obj.get(k)
+            if missing:
+                merged["errors"].append({"script": script, "error": "figure missing from its JSON",
+                                         "keys": missing})
+        else:
+            merged["errors"].append({"script": script, "error": err, "keys": list(keys)})
+        print(f"-- {script}: {'ok' if obj is not None else err} in {merged['seconds'][script]} s",
+              file=sys.stderr, flush=True)
+    merged["quick"] = quick
+    merged["load_avg_1min"] = round(os.getloadavg()[0], 2)
+    return merged
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", action="store_true", help="headline scripts only; one merged JSON object")
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds a script may take (--json)")
     ap.add_argument("--out", default="out/bench")
     ap.add_argument("names", nargs="*", help="only these scripts (e.g. bench_codec.py)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.json:
+        merged = run_json(args.names, args.quick, args.timeout, out)
+        print(json.dumps(merged))
+        return 0
     failed = []
     for script, (full, quick) in SCRIPTS.items():
         if args.names and script not in args.names:

@@ -31,6 +31,7 @@ import numpy as np
 import zmq
 
 from streamclust.adapters.background import BackgroundSocketThread
+from streamclust.adapters.security import apply_security, release_server, warn_if_exposed
 from streamclust.adapters.wire import encode_array_message, end_header
 from streamclust.simulators.clock import ScanClock
 
@@ -109,6 +110,9 @@ class EDSPublisher(BackgroundSocketThread):
         Seed of the fault generator.
     hwm : int
         Send high-water mark (messages). PUSH blocks at it (lossless), PUB drops and counts.
+    security : CurveServer, optional
+        CURVE for an endpoint reachable from the network (:mod:`streamclust.adapters.security`);
+        binding a non-loopback address without it logs a warning.
     context : zmq.Context, optional
         Defaults to ``zmq.Context.instance()``.
 
@@ -130,7 +134,8 @@ class EDSPublisher(BackgroundSocketThread):
     def __init__(self, source, *, endpoint: str = "tcp://127.0.0.1:0", clock: ScanClock | None = None,
                  socket_type: str = "push", scan_id: str | None = None, jitter_s: float = 0.0,
                  reorder: float = 0.0, drop: float = 0.0, duplicate: float = 0.0, delay_s: float = 0.0,
-                 random_state: int | None = None, hwm: int = 10000, context: zmq.Context | None = None):
+                 random_state: int | None = None, hwm: int = 10000, security=None,
+                 context: zmq.Context | None = None):
         if socket_type not in ("push", "pub"):
             raise ValueError(f"socket_type must be 'push' or 'pub', got {socket_type!r}")
         for name, p in (("reorder", reorder), ("drop", drop), ("duplicate", duplicate)):
@@ -150,6 +155,7 @@ class EDSPublisher(BackgroundSocketThread):
         self.random_state = random_state
         self.hwm = int(hwm)
         self._endpoint_requested = endpoint
+        self.security = security
         self._context = context
         self.endpoint: str | None = None
         #: one dict of totals per published scan, in order
@@ -223,7 +229,11 @@ class EDSPublisher(BackgroundSocketThread):
     def _run(self) -> None:
         ctx = self._context or zmq.Context.instance()
         sock = ctx.socket(zmq.PUSH if self.socket_type == "push" else zmq.PUB)
+        secured = False
         try:
+            apply_security(sock, self.security, ctx, role="server")
+            secured = True
+            warn_if_exposed(self._endpoint_requested, self.security, "EDSPublisher")
             sock.linger = 0
             sock.sndhwm = self.hwm
             if self.socket_type == "pub":
@@ -244,6 +254,8 @@ class EDSPublisher(BackgroundSocketThread):
             self._listening.set()
         finally:
             sock.close(linger=self._linger_ms if self._error is None else 0)
+            if secured:
+                release_server(self.security, ctx)
 
     def _serve_requests(self, sock) -> None:
         while not self._stop.is_set():

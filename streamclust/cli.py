@@ -1,44 +1,151 @@
-"""The ``streamclust`` command line."""
+"""The ``streamclust`` command line: demo, run, replay, simulate, bench, config.
+
+Every command takes ``--config FILE`` (docs/configuration.md); ``-v``/``-vv`` (before or after the
+command) raise the log level above ``[logging] level``. Scan commands show a one-line progress
+display on stderr (``--quiet`` turns it off; when stderr is not a terminal a plain line is written
+every ``[logging] progress_every_s``) and, with ``--live``, serve the live view and print its URL.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import subprocess
+import sys
 import threading
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import click
 
+from streamclust.config import Config, ConfigError, load_config
+
 logger = logging.getLogger(__name__)
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def _load(ctx: click.Context, param: click.Parameter, value: str | None) -> Config:
+    try:
+        return load_config(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
+def _setup_logging(ctx: click.Context, cfg: Config, verbose: int) -> None:
+    verbose = max(verbose, (ctx.find_root().params.get("verbose") or 0))
+    level = min(_LEVELS[cfg.logging.level], logging.WARNING - 10 * min(verbose, 2)) if verbose else \
+        _LEVELS[cfg.logging.level]
+    root = logging.getLogger()
+    root.setLevel(level)
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+
+
+def config_option(f):
+    """``--config FILE`` (validated when parsed) and ``-v``."""
+    f = click.option("-v", "--verbose", count=True, help="-v info, -vv debug (above [logging] level)")(f)
+    return click.option("--config", "cfg", type=click.Path(dir_okay=False), default=None,
+                        callback=_load, help="TOML configuration (docs/configuration.md)")(f)
+
+
+def scan_options(f):
+    """Options of the commands that run a scan."""
+    f = click.option("--quiet", "-q", is_flag=True, help="no progress display")(f)
+    return click.option("--live", is_flag=True, help="serve the live view (URL printed); also [liveview]")(f)
 
 
 @click.group()
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug")
+@click.version_option(package_name="streamclust")
 def main(verbose: int) -> None:
     """streamclust: live correlated 4D-STEM + EDS clustering."""
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+# -------------------------------------------------------------------------------------------------
+# shared pieces of the scan commands
+# -------------------------------------------------------------------------------------------------
+def _progress(cfg: Config, quiet: bool, total: int, scan_shape):
+    from streamclust.progress import ProgressDisplay
+
+    return ProgressDisplay(total, scan_shape, enabled=not quiet, every_s=cfg.logging.progress_every_s)
+
+
+def _liveview_factory(cfg: Config, live_flag: bool, stack: ExitStack):
+    """A factory the session calls with the scan shape and cluster count, or None."""
+    if not (live_flag or cfg.liveview.enabled):
+        return None
+
+    def make(scan_shape, n_clusters, title):
+        from streamclust.liveview import LiveView
+
+        view = LiveView(host=cfg.liveview.host, port=cfg.liveview.port, scan_shape=scan_shape,
+                        n_clusters=n_clusters, title=title).start()
+        stack.callback(view.stop)
+        click.echo(f"live view: {view.url}", err=True)
+        return view
+
+    return make
+
+
+@contextmanager
+def _stop_on_sigterm():
+    """An event set by SIGTERM while the block runs (the previous handler is restored after)."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _echo_summary(summary: dict, out_dir) -> None:
+    click.echo(
+        f"{summary['frames_received']} frames received, {summary['frames_processed']} processed, "
+        f"{summary['frames_dropped']} dropped in {summary['elapsed_s']:.1f} s "
+        f"({summary['frames_per_s']} frames/s)"
+    )
+    for flag in summary["flags"]:
+        click.echo(f"second-phase flag {flag['flag_id']}: cluster {flag['cluster']}, score {flag['score']:.2f}, "
+                   f"raised at {100 * flag['scan_fraction_at_first_flag']:.0f} % of the scan, bbox {flag['bbox']}")
+    if not summary["flags"]:
+        click.echo("no second-phase flag raised")
+    if summary.get("status", "complete") != "complete":
+        click.echo(f"scan status: {summary['status']}")
+    click.echo(f"results and summary.json in {out_dir}")
+
+
+# -------------------------------------------------------------------------------------------------
+# commands
+# -------------------------------------------------------------------------------------------------
 @main.command()
 @click.option("--out", "out_dir", default="out/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True, help="sample seed of the phantom")
-@click.option("--scan", "scan", default=64, show_default=True, help="scan positions a side (square scan)")
-@click.option("--clusters", default=6, show_default=True)
-@click.option("--dwell", default=0.0, show_default=True, help="seconds a position (0 = as fast as possible)")
-def demo(out_dir: str, seed: int, scan: int, clusters: int, dwell: float) -> None:
+@click.option("--scan", "scan", default=64, show_default=True, type=click.IntRange(4),
+              help="scan positions a side (square scan)")
+@click.option("--clusters", default=None, type=click.IntRange(2), help="clusters (default: [engine] n_clusters, 6)")
+@click.option("--dwell", default=0.0, show_default=True, type=click.FloatRange(0.0),
+              help="seconds a position (0 = as fast as possible)")
+@scan_options
+@config_option
+@click.pass_context
+def demo(ctx, out_dir: str, seed: int, scan: int, clusters: int | None, dwell: float, live: bool, quiet: bool,
+         cfg: Config, verbose: int) -> None:
     """Simulated live scan end to end: results.h5, pictures and summary.json in OUT."""
     from streamclust.demo import run_demo
 
-    with click.progressbar(length=scan * scan, label="scan positions") as bar:
-        last = [0]
-
-        def progress(done: int, total: int) -> None:
-            bar.update(done - last[0])
-            last[0] = done
-
-        summary = run_demo(out_dir, seed=seed, scan_shape=(scan, scan), n_clusters=clusters,
-                           dwell_s=dwell, progress=progress)
+    _setup_logging(ctx, cfg, verbose)
+    with ExitStack() as stack:
+        summary = run_demo(out_dir, seed=seed, scan_shape=(scan, scan), n_clusters=clusters, dwell_s=dwell,
+                           progress=_progress(cfg, quiet, scan * scan, (scan, scan)), config=cfg,
+                           liveview=_liveview_factory(cfg, live, stack))
     f1 = summary["second_phase_f1"]
     click.echo(
         f"{summary['frames_received']} frames received, {summary['frames_processed']} processed, "
@@ -57,6 +164,88 @@ def demo(out_dir: str, seed: int, scan: int, clusters: int, dwell: float) -> Non
 
 
 @main.command()
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="output folder (default: [results] out_dir)")
+@click.option("--host", default=None, help="Merlin PC (default: [detector] host)")
+@click.option("--data-port", default=None, type=click.IntRange(1, 65535), help="default: [detector] data_port")
+@click.option("--control-port", default=None, type=click.IntRange(1, 65535), help="default: [detector] control_port")
+@click.option("--eds", "eds_endpoint", default=None, help="EDS ZeroMQ endpoint (default: [eds] endpoint)")
+@click.option("--scan", "scan_shape", default=None, type=(click.IntRange(1), click.IntRange(1)),
+              help="scan shape ROWS COLS (default: [scan] shape)")
+@click.option("--start", is_flag=True, default=None,
+              help="send STARTACQUISITION once connected ([detector] start_acquisition)")
+@scan_options
+@config_option
+@click.pass_context
+def run(ctx, out_dir, host, data_port, control_port, eds_endpoint, scan_shape, start, live, quiet,
+        cfg: Config, verbose: int) -> None:
+    """Analyse a scan from a real instrument: Merlin data/control ports + the EDS ZeroMQ stream."""
+    from streamclust.run import run_scan
+
+    try:
+        cfg = cfg.override("detector", host=host, data_port=data_port, control_port=control_port,
+                           start_acquisition=start)
+        cfg = cfg.override("eds", endpoint=eds_endpoint)
+        cfg = cfg.override("scan", shape=list(scan_shape) if scan_shape else None)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    _setup_logging(ctx, cfg, verbose)
+    out = out_dir or cfg.results.out_dir
+    ny, nx = cfg.scan.shape
+    with ExitStack() as stack:
+        import socket
+
+        import zmq
+
+        stop = stack.enter_context(_stop_on_sigterm())
+        try:
+            summary = run_scan(cfg, out, progress=_progress(cfg, quiet, ny * nx, (ny, nx)),
+                               liveview=_liveview_factory(cfg, live, stack), stop=stop)
+        except (ConnectionError, TimeoutError, socket.gaierror) as exc:
+            raise click.ClickException(f"cannot reach the instrument ({cfg.detector.host}:"
+                                       f"{cfg.detector.data_port}, {cfg.eds.endpoint}): {exc}") from None
+        except zmq.ZMQError as exc:
+            raise click.ClickException(f"ZeroMQ socket error ([events] endpoint {cfg.events.endpoint}, "
+                                       f"[eds] endpoint {cfg.eds.endpoint}): {exc}") from None
+    _echo_summary(summary, out)
+    if summary["status"] != "complete":
+        sys.exit(3)
+
+
+@main.command()
+@click.argument("mib", type=click.Path(exists=True, dir_okay=False))
+@click.argument("eds_h5", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", default="out/replay", show_default=True, type=click.Path(file_okay=False))
+@click.option("--dask", "dask", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="replay on Dask distributed: a scheduler address, or alone for a local cluster")
+@scan_options
+@config_option
+@click.pass_context
+def replay(ctx, mib, eds_h5, out_dir, dask, live, quiet, cfg: Config, verbose: int) -> None:
+    """Replay a recorded scan (MIB + EDS recording) through the live pipeline, as fast as it goes."""
+    _setup_logging(ctx, cfg, verbose)
+    if dask is not None:
+        try:
+            from streamclust.dask_replay import replay_dask
+        except ImportError as exc:
+            raise click.ClickException(f"--dask needs streamclust.dask_replay and dask[distributed]: {exc}") from None
+        from streamclust.replay import dask_config
+
+        summary = replay_dask(mib, eds_h5, out_dir, scheduler=None if dask == "local" else dask,
+                              config=dask_config(cfg))
+        click.echo(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))},
+                              default=str))
+        click.echo(f"results in {out_dir}")
+        return
+    from streamclust.replay import replay_scan
+
+    with ExitStack() as stack:
+        summary = replay_scan(mib, eds_h5, out_dir, config=cfg, progress=_progress(cfg, quiet, 0, None),
+                              liveview=_liveview_factory(cfg, live, stack))
+    _echo_summary(summary, out_dir)
+
+
+@main.command()
 @click.option("--seed", default=0, show_default=True)
 @click.option("--scan", default=128, show_default=True, help="scan positions a side")
 @click.option("--host", default="127.0.0.1", show_default=True, help="interface to bind (loopback by default)")
@@ -64,26 +253,76 @@ def demo(out_dir: str, seed: int, scan: int, clusters: int, dwell: float) -> Non
 @click.option("--control-port", default=6341, show_default=True)
 @click.option("--eds-port", default=6343, show_default=True)
 @click.option("--dwell", default=0.01, show_default=True, help="seconds a position (0 = as fast as possible)")
-@click.option("--counter-depth", default=12, show_default=True, type=click.Choice(["1", "6", "12", "24"]))
+@click.option("--counter-depth", default="12", show_default=True, type=click.Choice(["1", "6", "12", "24"]))
 @click.option("--raw", is_flag=True, help="raw R64 pixel format (FILEFORMAT 2)")
 @click.option("--triggered", is_flag=True, help="wait for CMD,STARTACQUISITION instead of starting on connect")
-def simulate(seed, scan, host, data_port, control_port, eds_port, dwell, counter_depth, raw, triggered) -> None:
+@config_option
+@click.pass_context
+def simulate(ctx, seed, scan, host, data_port, control_port, eds_port, dwell, counter_depth, raw, triggered,
+             cfg: Config, verbose: int) -> None:
     """The simulated microscope alone, for other software to connect to; prints its endpoints."""
     from streamclust.simulators.microscope import MicroscopeConfig, SimulatedMicroscope
     from streamclust.simulators.phantom import LamellaPhantom
 
+    _setup_logging(ctx, cfg, verbose)
     phantom = LamellaPhantom(scan_shape=(scan, scan), seed=seed, counter_depth=int(counter_depth))
     config = MicroscopeConfig(host=host, data_port=data_port, control_port=control_port, eds_port=eds_port,
                               dwell_s=dwell, counter_depth=int(counter_depth), raw=raw, headless=not triggered)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with SimulatedMicroscope(phantom, config) as scope:
+    with _stop_on_sigterm() as stop, SimulatedMicroscope(phantom, config) as scope:
         click.echo(json.dumps(scope.endpoints))
+        sys.stdout.flush()
         try:
             while not stop.wait(0.5):
                 pass
         except KeyboardInterrupt:
             pass
+
+
+def benchmarks_dir() -> Path:
+    """The source tree's ``benchmarks/`` (beside the package); ClickException when not there."""
+    import streamclust
+
+    here = Path(streamclust.__file__).resolve().parent.parent / "benchmarks"
+    if not (here / "run_all.py").is_file():
+        raise click.ClickException(
+            f"no benchmarks/ beside the streamclust package (looked in {here}): the benchmarks ship "
+            "with the source tree, not the installed package; run from a clone (pip install -e .)")
+    return here
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print one merged JSON object (last stdout line)")
+@click.option("--quick", is_flag=True, help="small sizes (a smoke run)")
+@click.option("--only", multiple=True, help="only this script (repeatable), e.g. bench_ingest.py")
+@config_option
+@click.pass_context
+def bench(ctx, as_json: bool, quick: bool, only: tuple, cfg: Config, verbose: int) -> None:
+    """Run the benchmarks one after the other; each figure against its baseline in the same run."""
+    _setup_logging(ctx, cfg, verbose)
+    here = benchmarks_dir()
+    cmd = [sys.executable, str(here / "run_all.py"), *(["--json"] if as_json else []),
+           *(["--quick"] if quick else []), *only]
+    env = dict(os.environ)
+    env.setdefault("NUMBA_NUM_THREADS", "1")
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE if as_json else None, text=True)
+    if as_json:
+        lines = [ln for ln in (proc.stdout or "").splitlines() if ln.strip()]
+        if not lines:
+            raise click.ClickException(f"benchmarks/run_all.py printed nothing (exit {proc.returncode})")
+        click.echo(lines[-1])
+    if proc.returncode:
+        sys.exit(proc.returncode)
+
+
+@main.command("config")
+@click.option("--show", is_flag=True, default=True, help="print the effective configuration as TOML")
+@click.option("--plain", is_flag=True, help="without the comments")
+@config_option
+@click.pass_context
+def config_cmd(ctx, show: bool, plain: bool, cfg: Config, verbose: int) -> None:
+    """Print the effective configuration (defaults merged with --config FILE) as TOML."""
+    _setup_logging(ctx, cfg, verbose)
+    click.echo(cfg.to_toml(comments=not plain), nl=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

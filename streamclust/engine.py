@@ -356,7 +356,7 @@ class StreamingEngine:
         self.validity_: dict[str, float] = {}
         self._counts = dict(positions=0, batches=0, refreshes=0, full_refits=0, basis_updates=0,
                             pending_flushes=0, duplicates=0, incomplete=0, skipped=0,
-                            host_space_fits=0)
+                            host_space_fits=0, one_signal_positions=0)
         self._times = {s: 0.0 for s in _STAGES}
         self._busy = 0.0
 
@@ -552,6 +552,8 @@ class StreamingEngine:
         complete = sum(int(np.count_nonzero(b[3] & b[4])) for b in self._warm_buffer)
         if complete < int(self.warmup_positions) and not force:
             return
+        if force and complete < max(int(self.n_clusters), 2):
+            complete = self._one_signal_fallback()
         if complete < max(int(self.n_clusters), 2):
             raise ValueError(
                 f"only {complete} positions with both a frame and a spectrum arrived; at least "
@@ -565,6 +567,28 @@ class StreamingEngine:
         t = time.perf_counter()
         self._refresh(final=False)
         self._times["refresh"] += time.perf_counter() - t
+
+    def _one_signal_fallback(self) -> int:
+        """End of a scan in which one stream never (or almost never) arrived: cluster on the signal
+        that did. The missing block is left at zero for every position, so it has no variance and
+        adds nothing to any distance (balance weight 1, RobustScaler scale 1); counted in
+        ``stats_["one_signal_positions"]``. Returns the positions now usable."""
+        n_frames = sum(int(np.count_nonzero(b[3])) for b in self._warm_buffer)
+        n_spectra = sum(int(np.count_nonzero(b[4])) for b in self._warm_buffer)
+        use_frames = n_frames >= n_spectra
+        used = 0
+        for i, (pos, cbed, eds, hf, hs) in enumerate(self._warm_buffer):
+            have = hf if use_frames else hs
+            if use_frames:
+                eds[have] = 0.0
+            else:
+                cbed[have] = 0.0
+            self._warm_buffer[i] = (pos, cbed, eds, hf | have, hs | have)
+            used += int(np.count_nonzero(have))
+        self._counts["one_signal_positions"] += used
+        logger.warning("the %s stream never arrived: clustering %d positions on %s alone",
+                       "EDS" if use_frames else "frame", used, "CBED" if use_frames else "EDS")
+        return used
 
     def _process(self, pos, cbed, eds, hf, hs, first: bool = False) -> None:
         t = time.perf_counter()

@@ -41,6 +41,7 @@ import numpy as np
 import zmq
 
 from streamclust.adapters.errors import WireFormatError
+from streamclust.adapters.security import apply_security, release_server, warn_if_exposed
 from streamclust.adapters.wire import decode_array_message, encode_array_message, end_header
 from streamclust.flags import FlagEvent
 
@@ -172,12 +173,15 @@ class EventPublisher:
         Send high-water mark.
     send_timeout_s : float or None
         PUSH only: how long a send may wait for the receiver (None: forever).
+    security : CurveServer, optional
+        CURVE key pair (and client allow-list) for an endpoint reachable from the network
+        (:mod:`streamclust.adapters.security`); binding a non-loopback address without it logs a warning.
     context : zmq.Context, optional
     """
 
     def __init__(self, endpoint: str = "tcp://127.0.0.1:0", socket_type: str = "pub", *,
                  scan_id: str | int = "scan", hwm: int = 1000, send_timeout_s: float | None = 10.0,
-                 max_positions: int = 4096, context: zmq.Context | None = None) -> None:
+                 max_positions: int = 4096, security=None, context: zmq.Context | None = None) -> None:
         if socket_type not in ("pub", "push"):
             raise ValueError(f"socket_type must be 'pub' or 'push', got {socket_type!r}")
         self.socket_type = socket_type
@@ -191,7 +195,18 @@ class EventPublisher:
             self._sock.setsockopt(zmq.XPUB_NODROP, 1)
         elif send_timeout_s is not None:
             self._sock.setsockopt(zmq.SNDTIMEO, int(send_timeout_s * 1000))
-        self._sock.bind(endpoint)
+        self.security = security
+        secured = False
+        try:
+            apply_security(self._sock, security, self._ctx, role="server")
+            secured = security is not None
+            warn_if_exposed(endpoint, security, "EventPublisher")
+            self._sock.bind(endpoint)
+        except BaseException:
+            self._sock.close(linger=0)
+            if secured:
+                release_server(security, self._ctx)
+            raise
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._sequence = 0
         self.stats = Counter(sent=0, hwm_dropped=0, push_timeouts=0)
@@ -236,7 +251,9 @@ class EventPublisher:
         return True
 
     def close(self) -> None:
-        self._sock.close(linger=0)
+        if not self._sock.closed:
+            self._sock.close(linger=0)
+            release_server(self.security, self._ctx)
 
     def __enter__(self) -> EventPublisher:
         return self
@@ -249,10 +266,11 @@ class EventSubscriber:
     """Connect SUB or PULL to an :class:`EventPublisher` and receive validated events (dicts).
 
     Malformed messages are counted in ``stats["malformed_by_kind"]``, logged and skipped.
+    ``security`` (a :class:`~streamclust.adapters.security.CurveClient`) connects to a CURVE publisher.
     """
 
     def __init__(self, endpoint: str, socket_type: str = "sub", *, hwm: int = 1000,
-                 context: zmq.Context | None = None, max_bytes: int = 1 << 16) -> None:
+                 context: zmq.Context | None = None, max_bytes: int = 1 << 16, security=None) -> None:
         if socket_type not in ("sub", "pull"):
             raise ValueError(f"socket_type must be 'sub' or 'pull', got {socket_type!r}")
         self.endpoint = endpoint
@@ -265,6 +283,11 @@ class EventSubscriber:
         self._sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_bytes + 65536)
         if socket_type == "sub":
             self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        try:
+            apply_security(self._sock, security, self._ctx, role="client")
+        except BaseException:
+            self._sock.close(linger=0)
+            raise
         self._sock.connect(endpoint)
         self._max_bytes = max_bytes
         self.stats = {"received": 0, "malformed": 0, "malformed_by_kind": Counter()}

@@ -114,6 +114,11 @@ class LiveAnalysis:
         if not np.isfinite(u).any():
             return []
         self._last_assess = self.n_seen
+        if self.centres.stats["added"] == 0:
+            # no position had both a frame and a spectrum (one stream never came): the clusters
+            # exist (engine on one signal) but flags need both blocks' centres
+            logger.warning("no position with both signals: no second-phase assessment")
+            return []
         self.centre_set = self.centres.update(u)
         signals = centre_signals(self.centre_set, self.energy_axis_kev)
         cbed, eds = self.centres.features(eds_rebin=8, eds_channels=self._window)

@@ -67,7 +67,8 @@ _RESERVED = ("scan", "clustering", "centres", "flags", "counters", "config", "ve
 # ---------------------------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------------------------
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """``json.dumps`` fallback for NumPy scalars and arrays and sets (one for every JSON we write)."""
     if isinstance(obj, np.integer):
         return int(obj)
     if isinstance(obj, np.floating):
@@ -85,7 +86,7 @@ def _json_default(obj: Any) -> Any:
 
 def _dumps(obj: Any) -> str:
     # NaN is not JSON; write null so any JSON reader can parse the documents
-    return json.dumps(_nan_to_none(obj), default=_json_default, sort_keys=True)
+    return json.dumps(_nan_to_none(obj), default=json_default, sort_keys=True)
 
 
 def _nan_to_none(obj: Any) -> Any:

@@ -1,0 +1,1062 @@
+"""Replay a recorded scan on Dask distributed: chunks read on the workers, merged statistics, passes.
+
+A recorded scan (Merlin ``.mib`` + ``.hdr`` and the EDS recording, ``docs/wire-formats.md``) too
+large for one machine is re-analysed in chunks of scan positions. Every task opens the files itself
+(the ``.mib`` memory-mapped with :class:`~streamclust.adapters.mib.MibFile`, the spectra as an HDF5
+row slice) and returns a *partial state*; states are merged in a tree (:mod:`streamclust.mergeable`)
+and the client only ever holds merged, small results. The passes compute what the single-process
+engine holds after :meth:`~streamclust.engine.StreamingEngine.finalize`:
+
+1. **scaling**: per-block robust scalers and Welford variances (``BlockBalancer``) on the complete
+   positions -> the final multiplier ``c`` and centre (block medians);
+2. **PCA** of ``x * c`` (exact scatter, or the sketch) -> the 1 % rule read-out. The engine
+   accumulates in its warm-up space and reads out with ``D = c_now / c_warm``; with the exact
+   accumulator both are the PCA of the data at the final scales, which is what is computed here;
+3. **scores** ``x c V - mean V`` of every position, kept on the workers (``n x k`` floats);
+4. **fuzzy C-means**: ``final_n_init`` k-means++ restarts on at most ``refit_sample`` positions
+   (gathered, as the engine's final re-fit does), refined on all positions by distributed passes
+   (:class:`~streamclust.mergeable.FCMSums`) with the engine's stopping rule, then the one extra
+   pass the engine's mini-batch model makes from the refreshed centres;
+5. **level 2** (``host_clusters`` > 0, as the engine's :mod:`~streamclust.host_refine`): the host
+   (largest total membership) is re-scaled and projected on a sample of its clear positions
+   (``HostRefinement.fit_space`` on a worker), its positions are clustered as in 4, and every
+   position's memberships are composed by the product rule;
+6. **memberships, validity and thresholded centres** per chunk (frames re-read and binned to
+   32 x 32, as the live analysis stores them), merged.
+
+Reduced features are cached on the workers between passes when they fit ``cache_features_bytes``;
+otherwise each pass re-reads its chunk. Results go to ``out_dir/results.h5``.
+
+What differs from the streaming engine (``docs/dask.md``): the engine's final refresh also runs a
+warm start from its live memberships and keeps the lower objective; a replay has no live history,
+so it keeps the re-fit. Its seed is the first draw of ``RandomState(random_state)``, where the
+engine's final refresh uses the draw of its last refresh. Level 2 is fitted on ``x * c_final``
+where the engine uses its warm-up space ``x * c_warm`` (the same up to features whose host IQR
+is 0).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from streamclust.adapters.eds_file import EDSRecordingError
+from streamclust.adapters.errors import ProtocolError
+from streamclust.adapters.mib import MibFile
+
+from .block_balance import BlockBalancer
+from .features import FrameReducer, SpectrumReducer
+from .fcm import DEFAULT_M, FuzzyCMeans
+from .fcm_kernels import predict_memberships, sq_euclidean
+from .host_refine import HostRefinement, compose_memberships
+from .incremental_pca import StreamingPCA
+from .mergeable import CentreSums, FCMSums, merge_all, merge_into
+from .robust_scaling import FeatureMoments
+from .validity import ValidityAccumulator
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ReplayConfig", "RecordingInfo", "probe_recording", "replay_dask", "replay_local"]
+
+RESULTS_NAME = "results.h5"
+
+
+# -------------------------------------------------------------------------------------------------
+# configuration and the recording
+# -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReplayConfig:
+    """Parameters of a replay; defaults are the streaming engine's (:class:`~streamclust.engine.StreamingEngine`).
+
+    ``pca_method``: ``"exact"`` (F x F float64 scatter: 168 MB a partial state at 4,586 features;
+    exact and order-independent), ``"sketch"`` (rank ``sketch_rank``; merged sketches are an
+    approximation, docs/dask.md) or ``"auto"`` (exact up to ``exact_max_features``).
+    ``pca_gram_dtype``: "float64" (exact), or "float32" as the engine uses (``ssyrk`` products
+    flushed into the float64 scatter: about 2x faster, relative error of order 1e-6).
+    ``cache_features_bytes``: reduced features (4 bytes a feature and position) are kept on the
+    workers between passes when the whole scan needs at most this much; else every pass re-reads.
+    ``centre_shape``: binned pattern shape of the thresholded centres (the live analysis uses 32 x 32).
+    ``fan_in``: partial states merged per reduction task.
+    """
+
+    n_clusters: int = 6
+    m: float = DEFAULT_M
+    bin_factor: int = 8
+    frame_reducer_params: Mapping | None = None
+    energy_window_kev: tuple = (0.2, 10.0)
+    rebin: int = 2
+    scaler_params: Mapping | None = None
+    max_components: int = 20
+    min_explained_ratio: float = 0.01
+    pca_method: str = "auto"
+    sketch_rank: int = 128
+    exact_max_features: int = 8192
+    pca_gram_dtype: str = "float64"
+    final_n_init: int = 10
+    refit_sample: int = 4096
+    max_iter: int = 300
+    tol: float = 1e-5
+    tol_objective: float = 1e-7
+    host_clusters: int = 6
+    host_threshold: float = 0.9
+    host_min_positions: int = 256
+    host_sample_size: int = 4096
+    host_min_components: int = 5
+    thresholds: tuple = (0.5, 0.75)
+    centre_shape: tuple = (32, 32)
+    random_state: int | None = 0
+    cache_features_bytes: int = 2**30
+    fan_in: int = 4
+
+    @classmethod
+    def from_any(cls, config: ReplayConfig | Mapping | None) -> ReplayConfig:
+        """``None`` (defaults), a mapping of field names, or a config."""
+        if config is None:
+            return cls()
+        if isinstance(config, cls):
+            return config
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"unknown replay configuration keys {unknown}; known: {sorted(known)}")
+        return cls(**dict(config))
+
+    def validate(self) -> None:
+        if int(self.n_clusters) < 2:
+            raise ValueError(f"n_clusters must be >= 2, got {self.n_clusters!r}")
+        if self.pca_method not in ("auto", "exact", "sketch"):
+            raise ValueError(f"pca_method must be 'auto', 'exact' or 'sketch', got {self.pca_method!r}")
+        if int(self.host_clusters) < 0 or int(self.host_clusters) == 1:
+            raise ValueError(f"host_clusters must be 0 (off) or >= 2, got {self.host_clusters!r}")
+        if int(self.max_components) < 1 or int(self.fan_in) < 2 or int(self.refit_sample) < int(self.n_clusters):
+            raise ValueError("max_components >= 1, fan_in >= 2 and refit_sample >= n_clusters are required")
+
+
+@dataclass(frozen=True)
+class RecordingInfo:
+    """What a task needs to read its chunk: paths and the validated layout of both files."""
+
+    mib_path: str
+    eds_path: str
+    scan_shape: tuple
+    n_positions: int
+    n_frames: int
+    frame_shape: tuple
+    n_channels: int
+    energy_axis_kev: tuple = field(repr=False)
+
+
+def _eds_dataset(f: h5py.File, path: str) -> h5py.Dataset:
+    group = f.get("eds")
+    if not isinstance(group, h5py.Group) or group.attrs.get("format") not in ("streamclust-eds", b"streamclust-eds"):
+        raise EDSRecordingError(f"{path}: no /eds group of format 'streamclust-eds'")
+    if int(group.attrs.get("version", -1)) != 1:
+        raise EDSRecordingError(f"{path}: /eds version {group.attrs.get('version')!r} is not supported (expected 1)")
+    dset = group.get("spectra")
+    if not isinstance(dset, h5py.Dataset) or dset.ndim != 3 or dset.dtype.kind not in "ui":
+        raise EDSRecordingError(f"{path}: /eds/spectra must be an integer (ny, nx, channels) dataset")
+    return dset
+
+
+def probe_recording(mib_path: str | os.PathLike, eds_path: str | os.PathLike) -> RecordingInfo:
+    """Validate both files' headers and layouts without reading the data (client side).
+
+    The scan shape comes from the ``.hdr`` (``ScanX``/``ScanY``) when present, else from the EDS
+    recording; both must agree when both give one. A ``.mib`` holding fewer frames than positions
+    (a truncated recording) is accepted: the missing positions have no frame.
+
+    Raises
+    ------
+    HeaderError, PixelDataError
+        From :class:`~streamclust.adapters.mib.MibFile` (with the byte offset).
+    EDSRecordingError
+        Not a streamclust EDS recording, or a scan shape that disagrees with the ``.mib``'s.
+    """
+    mib_path, eds_path = os.fspath(mib_path), os.fspath(eds_path)
+    with MibFile(mib_path, on_truncated="skip") as mf:
+        n_frames = len(mf)
+        frame_shape = tuple(int(v) for v in mf.image_shape)
+        mib_scan = mf.acquisition_header.scan_shape if mf.acquisition_header is not None else None
+    if not os.path.exists(eds_path):
+        raise FileNotFoundError(eds_path)
+    with h5py.File(eds_path, "r") as f:
+        dset = _eds_dataset(f, eds_path)
+        ny, nx, nch = (int(v) for v in dset.shape)
+        attrs = dset.attrs
+        try:
+            width = float(attrs["channel_width_kev"])
+            offset = float(attrs["energy_offset_kev"])
+        except KeyError as exc:
+            raise EDSRecordingError(f"{eds_path}: /eds/spectra lacks attribute {exc}") from None
+        axis_ds = f["eds"].get("energy_axis_kev")
+        if isinstance(axis_ds, h5py.Dataset) and axis_ds.shape == (nch,):
+            axis = np.asarray(axis_ds[()], dtype=np.float64)
+        else:
+            axis = offset + width * np.arange(nch, dtype=np.float64)
+    scan = (ny, nx)
+    if mib_scan is not None and tuple(int(v) for v in mib_scan) != scan:
+        raise EDSRecordingError(f"{eds_path}: scan shape {scan} differs from {mib_path}'s header {tuple(mib_scan)}")
+    n = ny * nx
+    if n_frames > n:
+        logger.warning("%s holds %d frames for %d positions: the extra frames are ignored", mib_path, n_frames, n)
+    return RecordingInfo(mib_path, eds_path, scan, n, min(n_frames, n), frame_shape, nch,
+                         tuple(float(v) for v in axis))
+
+
+# -------------------------------------------------------------------------------------------------
+# chunk tasks (run on the workers; module-level so they pickle)
+# -------------------------------------------------------------------------------------------------
+def _one_blas_thread(fn: Callable) -> Callable:
+    """BLAS held to one thread inside a task: tasks are the parallelism (docs/streaming-statistics.md)."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        with threadpool_limits(1, user_api="blas"):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """Positions ``start <= p < stop`` of the scan."""
+
+    start: int
+    stop: int
+
+
+@dataclass
+class ChunkRaw:
+    positions: np.ndarray
+    frames: np.ndarray
+    spectra: np.ndarray
+    has_frame: np.ndarray
+    has_spectrum: np.ndarray
+    counters: dict
+
+
+@dataclass
+class ChunkFeatures:
+    """Reduced features of one chunk's positions that have a frame or a spectrum (raw units)."""
+
+    positions: np.ndarray
+    cbed: np.ndarray
+    eds: np.ndarray
+    has_frame: np.ndarray
+    has_spectrum: np.ndarray
+    counters: dict
+
+
+def read_chunk(info: RecordingInfo, spec: ChunkSpec) -> ChunkRaw:
+    """Read the frames and spectra of ``spec``'s positions (frames memory-mapped, spectra sliced).
+
+    A frame whose header is damaged is skipped, counted (``bad_frames``) and logged with its byte
+    offset; positions past the end of a truncated ``.mib`` have no frame; spectra follow the
+    recording's ``acquired`` mask.
+    """
+    start, stop = int(spec.start), int(spec.stop)
+    if not 0 <= start <= stop <= info.n_positions:
+        raise ValueError(f"chunk {start}..{stop} outside the scan's 0..{info.n_positions}")
+    n = stop - start
+    pos = np.arange(start, stop, dtype=np.int64)
+    counters = dict.fromkeys(_COUNTERS, 0)
+    has_frame = pos < info.n_frames
+    with MibFile(info.mib_path, on_truncated="skip") as mf:
+        frames = np.zeros((n, *info.frame_shape), dtype=mf.image_dtype)
+        for i in np.flatnonzero(has_frame):
+            try:
+                mf.frame(int(pos[i]), out=frames[i])
+            except ProtocolError as exc:
+                has_frame[i] = False
+                counters["bad_frames"] += 1
+                key = f"bad_frames_{exc.reason}"
+                counters[key] = counters.get(key, 0) + 1
+                logger.warning("position %d: frame skipped (%s)", int(pos[i]), exc)
+    counters["missing_frames"] += int(np.count_nonzero(~has_frame))
+    ny, nx = info.scan_shape
+    with h5py.File(info.eds_path, "r") as f:
+        dset = _eds_dataset(f, info.eds_path)
+        if tuple(dset.shape) != (ny, nx, info.n_channels):
+            raise EDSRecordingError(f"{info.eds_path}: /eds/spectra changed shape to {dset.shape}")
+        y0, y1 = start // nx, -(-stop // nx)
+        lo, hi = start - y0 * nx, stop - y0 * nx
+        spectra = np.asarray(dset[y0:y1]).reshape(-1, info.n_channels)[lo:hi]
+        acq_ds = f["eds"].get("acquired")
+        if isinstance(acq_ds, h5py.Dataset) and acq_ds.shape == (ny, nx):
+            has_spectrum = np.asarray(acq_ds[y0:y1], dtype=bool).reshape(-1)[lo:hi].copy()
+        else:
+            has_spectrum = np.ones(n, dtype=bool)
+    counters["missing_spectra"] += int(np.count_nonzero(~has_spectrum))
+    return ChunkRaw(pos, frames, spectra, has_frame, has_spectrum, counters)
+
+
+def _reducers(info: RecordingInfo, cfg: ReplayConfig) -> tuple[FrameReducer, SpectrumReducer]:
+    axis = info.energy_axis_kev
+    width = axis[1] - axis[0] if len(axis) > 1 else 0.01
+    fr = FrameReducer(bin_factor=int(cfg.bin_factor), frame_shape=tuple(info.frame_shape),
+                      **dict(cfg.frame_reducer_params or {})).fit()
+    sr = SpectrumReducer(energy_window_kev=tuple(cfg.energy_window_kev), rebin=int(cfg.rebin),
+                         energy_offset_kev=float(axis[0]), channel_width_kev=float(width),
+                         n_channels=int(info.n_channels)).fit()
+    return fr, sr
+
+
+@_one_blas_thread
+def chunk_features(info: RecordingInfo, cfg: ReplayConfig, spec: ChunkSpec) -> ChunkFeatures:
+    """Read a chunk and reduce it as the engine does (8 x 8 binning, energy window and rebinning)."""
+    raw = read_chunk(info, spec)
+    keep = raw.has_frame | raw.has_spectrum
+    raw.counters["skipped"] += int(np.count_nonzero(~keep))
+    fr, sr = _reducers(info, cfg)
+    hf, hs = raw.has_frame[keep], raw.has_spectrum[keep]
+    n = int(np.count_nonzero(keep))
+    cbed = np.zeros((n, fr.n_features_out_), dtype=np.float32)
+    eds = np.zeros((n, sr.n_features_out_), dtype=np.float32)
+    if hf.any():
+        cbed[hf] = fr.transform(raw.frames[keep][hf])
+    if hs.any():
+        eds[hs] = sr.transform(raw.spectra[keep][hs])
+    raw.counters["positions"] += n
+    raw.counters["incomplete"] += int(np.count_nonzero(~(hf & hs)))
+    return ChunkFeatures(raw.positions[keep], cbed, eds, hf, hs, raw.counters)
+
+
+def _features(src: ChunkFeatures | ChunkSpec, info: RecordingInfo, cfg: ReplayConfig) -> ChunkFeatures:
+    """Cached features (a resolved future) or a chunk to read now."""
+    return src if isinstance(src, ChunkFeatures) else chunk_features(info, cfg, src)
+
+
+_COUNTERS = ("positions", "incomplete", "skipped", "missing_frames", "bad_frames", "missing_spectra")
+
+
+def _add_counts(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
+    return {k: int(a.get(k, 0)) + int(b.get(k, 0)) for k in {**a, **b}}
+
+
+@dataclass
+class _ScalingState:
+    """Pass 1: the balancer of the complete positions and the chunk counters."""
+
+    balancer: BlockBalancer | None
+    counters: dict
+
+    def merge(self, other: _ScalingState) -> _ScalingState:
+        if other.balancer is not None:
+            self.balancer = other.balancer if self.balancer is None else self.balancer.merge(other.balancer)
+        self.counters = _add_counts(self.counters, other.counters)
+        return self
+
+
+@_one_blas_thread
+def scaling_partial(src, info: RecordingInfo, cfg: ReplayConfig) -> _ScalingState:
+    """Pass 1 on one chunk: robust-scaler histograms and Welford variances of complete positions."""
+    feats = _features(src, info, cfg)
+    both = feats.has_frame & feats.has_spectrum
+    bal = None
+    if both.any():
+        bal = BlockBalancer(blocks=("cbed", "eds"), scaler_params=cfg.scaler_params)
+        bal.partial_fit({"cbed": feats.cbed[both], "eds": feats.eds[both]})
+    return _ScalingState(bal, dict(feats.counters))
+
+
+def _scaled(feats: ChunkFeatures, multiplier: np.ndarray, centre: np.ndarray, n_cbed: int) -> np.ndarray:
+    """``concat(cbed, eds) * c`` in float32 with a missing block at its median (the engine's rule:
+    scaled value 0, no contribution to that block's distances)."""
+    x = np.concatenate([feats.cbed, feats.eds], axis=1)
+    hf, hs = feats.has_frame, feats.has_spectrum
+    if not hf.all():
+        x[~hf, :n_cbed] = centre[:n_cbed]
+    if not hs.all():
+        x[~hs, n_cbed:] = centre[n_cbed:]
+    x *= multiplier.astype(np.float32)
+    return x
+
+
+def _new_pca(cfg: ReplayConfig, n_features: int) -> StreamingPCA:
+    # the engine reads max_components + 1 directions (the 1 % rule needs to see the next one)
+    n_read = min(int(cfg.max_components) + 1, n_features)
+    return StreamingPCA(max_components=n_read, min_explained_ratio=float(cfg.min_explained_ratio),
+                        method=cfg.pca_method, sketch_rank=max(int(cfg.sketch_rank), n_read),
+                        exact_max_features=int(cfg.exact_max_features), gram_dtype=cfg.pca_gram_dtype)
+
+
+@_one_blas_thread
+def pca_partial(src, info: RecordingInfo, cfg: ReplayConfig, scaling: dict) -> StreamingPCA | None:
+    """Pass 2 on one chunk: PCA state of the complete positions at the final scales."""
+    feats = _features(src, info, cfg)
+    both = feats.has_frame & feats.has_spectrum
+    if not both.any():
+        return None
+    x = _scaled(feats, scaling["multiplier"], scaling["centre"], scaling["n_cbed"])[both]
+    pca = _new_pca(cfg, x.shape[1])
+    return pca.partial_fit(x, warmup_multiplier=scaling["multiplier"])
+
+
+@_one_blas_thread
+def pca_readout(pca: StreamingPCA, cfg: ReplayConfig) -> dict:
+    """The 1 % rule read-out of the merged PCA (on a worker: the exact scatter stays there)."""
+    k = int(min(pca.n_components_, int(cfg.max_components)))
+    return {
+        "components": pca.components_all_[:k].copy(),
+        "mean": pca.mean_.copy(),
+        "explained_variance_ratio": pca.explained_variance_ratio_all_[:k].copy(),
+        "explained_variance_ratio_all": pca.explained_variance_ratio_all_.copy(),
+        "n_components": k,
+        "method": pca.method_,
+        "n_samples": int(pca.n_samples_seen_),
+    }
+
+
+@dataclass
+class ChunkScores:
+    positions: np.ndarray
+    scores: np.ndarray
+
+
+@_one_blas_thread
+def chunk_scores(src, info: RecordingInfo, cfg: ReplayConfig, scaling: dict, projection: dict) -> ChunkScores:
+    """Pass 3: PCA scores ``x c V - mean V`` (float32, as the engine's store projects them)."""
+    feats = _features(src, info, cfg)
+    x = _scaled(feats, scaling["multiplier"], scaling["centre"], scaling["n_cbed"])
+    Z = x @ projection["P"]
+    Z += projection["p0"]
+    return ChunkScores(feats.positions, Z)
+
+
+def concat_scores(chunks: Sequence[ChunkScores]) -> ChunkScores:
+    """Scores of consecutive chunks as one block: the FCM passes then run one task per group."""
+    return ChunkScores(np.concatenate([c.positions for c in chunks]), np.concatenate([c.scores for c in chunks]))
+
+
+@_one_blas_thread
+def chunk_vectors(src, info: RecordingInfo, cfg: ReplayConfig, scaling: dict, positions: np.ndarray) -> np.ndarray:
+    """Scaled vectors ``x * c`` (float32) of the given positions of one chunk (the host sample)."""
+    feats = _features(src, info, cfg)
+    rows = np.searchsorted(feats.positions, positions)
+    return _scaled(feats, scaling["multiplier"], scaling["centre"], scaling["n_cbed"])[rows]
+
+
+@_one_blas_thread
+def fit_host_space(parts: Sequence[np.ndarray], n_cbed: int, params: dict) -> HostRefinement:
+    """Level 2: the host's own scaling, balance and PCA (:mod:`streamclust.host_refine`) on its sample."""
+    return HostRefinement(n_cbed, **params).fit_space(np.concatenate(parts))
+
+
+@_one_blas_thread
+def chunk_affine_scores(src, info: RecordingInfo, cfg: ReplayConfig, scaling: dict, A: np.ndarray,
+                        b: np.ndarray) -> ChunkScores:
+    """Level-2 scores ``(x c) A - b`` of every position of one chunk."""
+    feats = _features(src, info, cfg)
+    Z = _scaled(feats, scaling["multiplier"], scaling["centre"], scaling["n_cbed"]) @ A
+    Z -= b
+    return ChunkScores(feats.positions, Z)
+
+
+def select_positions(chunk: ChunkScores, positions: np.ndarray) -> ChunkScores:
+    rows = np.searchsorted(chunk.positions, positions)
+    return ChunkScores(chunk.positions[rows], chunk.scores[rows])
+
+
+@_one_blas_thread
+def chunk_compose(level1: ChunkResult, host_scores: ChunkScores | None, centres2: np.ndarray | None, m: float,
+                  host: int | None, n_sub: int) -> ChunkResult:
+    """Two-level memberships (the engine's product rule); without a level-2 model the sub-columns are 0."""
+    U2 = None
+    if host_scores is not None and centres2 is not None:
+        U2, _ = predict_memberships(np.ascontiguousarray(host_scores.scores), centres2, float(m))
+    return ChunkResult(level1.positions, compose_memberships(level1.memberships, U2, host, int(n_sub)))
+
+
+def score_moments(chunk: ChunkScores) -> FeatureMoments:
+    return FeatureMoments(ddof=0).update(chunk.scores)
+
+
+def score_rows(chunk: ChunkScores, rows: np.ndarray | None = None) -> np.ndarray:
+    return chunk.scores if rows is None else chunk.scores[rows]
+
+
+def n_rows(chunk: ChunkScores) -> int:
+    return int(chunk.positions.size)
+
+
+@_one_blas_thread
+def fcm_sums(chunk: ChunkScores, centres: np.ndarray, m: float) -> FCMSums:
+    return FCMSums.from_data(chunk.scores, centres, m=m)
+
+
+@dataclass
+class ChunkResult:
+    positions: np.ndarray
+    memberships: np.ndarray
+
+
+@dataclass
+class _FinalState:
+    validity: ValidityAccumulator
+    centres: CentreSums | None
+
+    def merge(self, other: _FinalState) -> _FinalState:
+        self.validity += other.validity
+        if other.centres is not None:
+            self.centres = other.centres if self.centres is None else self.centres.merge(other.centres)
+        return self
+
+
+@_one_blas_thread
+def chunk_memberships(chunk: ChunkScores, centres: np.ndarray, m: float) -> ChunkResult:
+    """Pass 4: memberships (float32, as the engine stores them)."""
+    U, _ = predict_memberships(np.ascontiguousarray(chunk.scores), centres, float(m))
+    return ChunkResult(chunk.positions, U.astype(np.float32))
+
+
+@_one_blas_thread
+def chunk_final(result: ChunkResult, level1: ChunkResult, chunk: ChunkScores, info: RecordingInfo,
+                cfg: ReplayConfig, centres: np.ndarray, spec: ChunkSpec) -> _FinalState:
+    """Last pass: validity sums (level 1, as the engine's ``validity_``) and thresholded-centre sums
+    of the output memberships (frames re-read, binned as the live analysis stores them)."""
+    acc = ValidityAccumulator(m=float(cfg.m))
+    Z = np.ascontiguousarray(chunk.scores)
+    if Z.shape[0]:
+        acc.update(level1.memberships, sq_euclidean(Z, centres))
+    raw = read_chunk(info, spec)
+    both = raw.has_frame & raw.has_spectrum
+    if not both.any():
+        return _FinalState(acc, None)
+    # memberships by position (result rows follow the chunk's kept positions)
+    u = np.full((raw.positions.size, result.memberships.shape[1]), np.nan, dtype=np.float32)
+    u[result.positions - spec.start] = result.memberships
+    h, w = info.frame_shape
+    b = max(1, min(h, w) // int(cfg.centre_shape[0]))
+    reducer = FrameReducer(bin_factor=b, frame_shape=(h, w)).fit()
+    shape = (h // b, w // b)
+    binned = reducer.transform(raw.frames[both]).reshape(-1, *shape)
+    sums = CentreSums.from_data(u[both], binned, raw.spectra[both], thresholds=tuple(cfg.thresholds),
+                                cbed_shape=shape)
+    return _FinalState(acc, sums)
+
+
+# -------------------------------------------------------------------------------------------------
+# executors: Dask, or in-process (the same tasks, for a one-machine run and as the tests' yardstick)
+# -------------------------------------------------------------------------------------------------
+class _LocalBackend:
+    """Runs every task at once in this process; handles are the values."""
+
+    n_workers = 1
+
+    def map(self, fn, *iterables, **kwargs):
+        return [fn(*args, **kwargs) for args in zip(*iterables)]
+
+    def submit(self, fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+    def share(self, obj):
+        return obj
+
+    def gather(self, handles):
+        return list(handles)
+
+
+class _DaskBackend:
+    def __init__(self, client) -> None:
+        self.client = client
+        self.n_workers = len(client.scheduler_info().get("workers", {})) or 1
+
+    def map(self, fn, *iterables, **kwargs):
+        return self.client.map(fn, *iterables, pure=False, **kwargs)
+
+    def submit(self, fn, *args, **kwargs):
+        return self.client.submit(fn, *args, pure=False, **kwargs)
+
+    def share(self, obj):
+        # sent to every worker once instead of once per task
+        # (wrapped in a list: scatter would split a dict into one future per value)
+        return self.client.scatter([obj], broadcast=True, hash=False)[0]
+
+    def gather(self, handles):
+        return self.client.gather(list(handles))
+
+
+def fold_chunks(fn: Callable, sources: Sequence, *args) -> Any:
+    """Apply ``fn(source, *args)`` to each chunk in turn, merging each partial state into one
+    accumulator as soon as it exists: a task holds one large state (histograms, scatter), not one
+    per chunk."""
+    acc = None
+    for src in sources:
+        acc = merge_into(acc, fn(src, *args))
+    return acc
+
+
+def _grouped(backend, fn: Callable, sources: Sequence, *args) -> list:
+    """One task per group of consecutive chunks (twice as many groups as workers, for balance):
+    the number of large partial states alive at once is bounded by the groups, not the chunks."""
+    n_groups = min(len(sources), max(1, 2 * int(backend.n_workers)))
+    groups = [list(g) for g in np.array_split(np.arange(len(sources)), n_groups)]
+    return [backend.submit(fold_chunks, fn, [sources[i] for i in g], *args) for g in groups]
+
+
+def _tree_reduce(backend, handles: Sequence, fan_in: int):
+    """Merge partial states ``fan_in`` at a time until one is left (on the workers)."""
+    handles = list(handles)
+    if not handles:
+        raise ValueError("nothing to merge")
+    while len(handles) > 1:
+        handles = [backend.submit(merge_all, handles[i:i + fan_in]) for i in range(0, len(handles), fan_in)]
+    return handles[0]
+
+
+# -------------------------------------------------------------------------------------------------
+# the replay
+# -------------------------------------------------------------------------------------------------
+def _engine_seed(random_state: int | None) -> int:
+    # the engine draws one seed per refresh from RandomState(random_state); we use the first draw
+    return int(np.random.RandomState(random_state).randint(np.iinfo(np.int32).max))
+
+
+def _fit_fcm(backend, scores: Sequence, sizes: np.ndarray, n_clusters: int, cfg: ReplayConfig,
+             rs: np.random.RandomState, *, moments: FeatureMoments | None, extra_pass: bool) -> dict[str, Any]:
+    """The engine's final re-fit on distributed scores: ``final_n_init`` k-means++ restarts on all
+    scores (at most ``refit_sample``) or a seeded sample of them, then merged FCM passes over all
+    positions to convergence; ``extra_pass``: the one pass the engine's mini-batch model makes from
+    the refreshed centres."""
+    k = len(scores)
+    m = float(cfg.m)
+    # an FCM pass is a round trip: one task per group of chunks (n x k floats, cheap to move)
+    n_groups = min(k, max(1, 2 * int(backend.n_workers)))
+    grouped = [backend.submit(concat_scores, [scores[i] for i in g]) for g in np.array_split(np.arange(k), n_groups)]
+    kg = len(grouped)
+    n_total = int(sizes.sum())
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    if n_total <= int(cfg.refit_sample):
+        sample = np.concatenate(backend.gather(backend.map(score_rows, grouped)))
+        whole = True
+    else:
+        idx = np.sort(rs.choice(n_total, int(cfg.refit_sample), replace=False))
+        chunk_of = np.searchsorted(offsets, idx, side="right") - 1
+        parts = [backend.submit(score_rows, scores[c], idx[chunk_of == c] - offsets[c]) for c in np.unique(chunk_of)]
+        sample = np.concatenate(backend.gather(parts))
+        whole = False
+    seeded = FuzzyCMeans(n_clusters, m=m, n_init=int(cfg.final_n_init), max_iter=int(cfg.max_iter),
+                         tol=float(cfg.tol), tol_objective=float(cfg.tol_objective), random_state=rs).fit(sample)
+    V = seeded.cluster_centers_
+    n_iter, converged, J = (int(seeded.n_iter_) if whole else 0), True, float(seeded.objective_)
+
+    def one_pass(V):
+        return backend.gather([_tree_reduce(backend, backend.map(fcm_sums, grouped, [V] * kg, [m] * kg),
+                                            int(cfg.fan_in))])[0]
+
+    if not whole:
+        if moments is None:
+            moments = backend.gather([_tree_reduce(backend, backend.map(score_moments, grouped), int(cfg.fan_in))])[0]
+        tol_shift = float(cfg.tol) * float(np.mean(moments.m2_ / moments.n_))
+        J_prev = np.inf
+        converged = False
+        for n_iter in range(1, int(cfg.max_iter) + 1):
+            sums = one_pass(V)
+            V, shift = sums.step()
+            J = sums.objective
+            if shift <= tol_shift or (cfg.tol_objective > 0 and abs(J_prev - J) <= float(cfg.tol_objective) * abs(J)):
+                converged = True
+                break
+            J_prev = J
+        if not converged:
+            logger.info("FCM refinement stopped at max_iter=%d before reaching tol", cfg.max_iter)
+    if extra_pass:
+        sums = one_pass(V)
+        J = float(sums.objective)
+        V, _ = sums.step()
+    return {"centres": V, "objective": J, "n_iter": n_iter, "converged": converged}
+
+
+def _refine_host(backend, U1: np.ndarray, src: Sequence, specs: Sequence[ChunkSpec], info_h, cfg: ReplayConfig,
+                 cfg_h, scaling_h, n_cbed: int, seed: int) -> dict[str, Any] | None:
+    """Level 2 as :meth:`StreamingEngine._refine_host` does it at ``finalize``: the host (largest
+    total membership) re-scaled, projected and clustered among its clear positions."""
+    k2 = int(cfg.host_clusters)
+    host = int(np.argmax(np.nansum(U1, axis=0)))
+    inside = np.flatnonzero(np.nan_to_num(U1[:, host]) > float(cfg.host_threshold))
+    if inside.size < max(int(cfg.host_min_positions), 4 * k2):
+        logger.info("host cluster %d has %d clear positions: no level-2 refinement", host, inside.size)
+        return None
+    rs = np.random.RandomState(seed)
+    sample = inside
+    if inside.size > int(cfg.host_sample_size):
+        sample = np.sort(rs.choice(inside, int(cfg.host_sample_size), replace=False))
+    starts = np.array([sp.start for sp in specs])
+    stops = np.array([sp.stop for sp in specs])
+    chunk_of = np.searchsorted(starts, sample, side="right") - 1
+    k = len(specs)
+    parts = [backend.submit(chunk_vectors, src[c], info_h, cfg_h, scaling_h, sample[chunk_of == c])
+             for c in np.unique(chunk_of)]
+    params = dict(n_clusters=k2, threshold=float(cfg.host_threshold), min_components=int(cfg.host_min_components),
+                  max_components=int(cfg.max_components), min_explained_ratio=float(cfg.min_explained_ratio),
+                  sample_size=int(cfg.host_sample_size), m=float(cfg.m), random_state=seed)
+    space = backend.gather([backend.submit(fit_host_space, parts, n_cbed, params)])[0]
+    A, b = space.affine()
+    A_h, b_h = backend.share(A), backend.share(b)
+    all_scores = backend.map(chunk_affine_scores, src, [info_h] * k, [cfg_h] * k, [scaling_h] * k, [A_h] * k,
+                             [b_h] * k)
+    chunk_in = [inside[(inside >= a) & (inside < z)] for a, z in zip(starts, stops)]
+    keep = [i for i in range(k) if chunk_in[i].size]
+    inside_scores = [backend.submit(select_positions, all_scores[i], chunk_in[i]) for i in keep]
+    sizes = np.array([chunk_in[i].size for i in keep], dtype=np.int64)
+    fit = _fit_fcm(backend, inside_scores, sizes, k2, cfg, rs, moments=None, extra_pass=False)
+    logger.info("host cluster %d refined: %d positions, %d components", host, inside.size, space.n_components_)
+    return {"host": host, "n_inside": int(inside.size), "space": space, "centres": fit["centres"],
+            "objective": fit["objective"], "n_iter": fit["n_iter"], "scores": all_scores}
+
+
+def _run(backend, info: RecordingInfo, cfg: ReplayConfig, chunk_positions: int) -> dict[str, Any]:
+    cfg.validate()
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    n = info.n_positions
+    step = max(1, int(chunk_positions))
+    specs = [ChunkSpec(s, min(n, s + step)) for s in range(0, n, step)]
+    fr, sr = _reducers(info, cfg)
+    n_cbed, n_eds = int(fr.n_features_out_), int(sr.n_features_out_)
+    n_features = n_cbed + n_eds
+    cache = n * n_features * 4 <= int(cfg.cache_features_bytes)
+    info_h, cfg_h = backend.share(info), backend.share(cfg)
+    # in-process this reads and reduces every chunk now; on Dask it only submits (time in "scaling")
+    t = time.perf_counter()
+    src = backend.map(chunk_features, [info_h] * len(specs), [cfg_h] * len(specs), specs) if cache else specs
+    seconds["read"] = time.perf_counter() - t
+    k = len(specs)
+
+    # 1. scaling
+    t = time.perf_counter()
+    scal = backend.gather([_tree_reduce(backend, _grouped(backend, scaling_partial, src, info_h, cfg_h),
+                                        int(cfg.fan_in))])[0]
+    counters = dict(scal.counters)
+    if scal.balancer is None or scal.balancer.n_samples_seen_ < int(cfg.n_clusters):
+        raise ValueError(f"{info.mib_path}: at least {cfg.n_clusters} positions with both a frame and a spectrum "
+                         f"are needed to cluster")
+    bal = scal.balancer
+    scaling = {"multiplier": bal.multiplier_, "centre": bal.center_, "n_cbed": n_cbed}
+    scaling_h = backend.share(scaling)
+    seconds["scaling"] = time.perf_counter() - t
+
+    # 2. PCA at the final scales
+    t = time.perf_counter()
+    pca_state = _tree_reduce(backend, _grouped(backend, pca_partial, src, info_h, cfg_h, scaling_h),
+                             int(cfg.fan_in))
+    readout = backend.gather([backend.submit(pca_readout, pca_state, cfg_h)])[0]
+    del pca_state
+    V = readout["components"].T
+    projection = {"P": V.astype(np.float32), "p0": (-(readout["mean"] @ V)).astype(np.float32)}
+    seconds["pca"] = time.perf_counter() - t
+
+    # 3. scores, kept on the workers (the cached features stay until level 2 has used them)
+    t = time.perf_counter()
+    proj_h = backend.share(projection)
+    scores = backend.map(chunk_scores, src, [info_h] * k, [cfg_h] * k, [scaling_h] * k, [proj_h] * k)
+    sizes = np.asarray(backend.gather(backend.map(n_rows, scores)), dtype=np.int64)
+    seconds["scores"] = time.perf_counter() - t
+
+    # 4. fuzzy C-means: restarts on (a sample of) the scores, refined on all by distributed passes
+    t = time.perf_counter()
+    nc, m = int(cfg.n_clusters), float(cfg.m)
+    seed = _engine_seed(cfg.random_state)
+    fit = _fit_fcm(backend, scores, sizes, nc, cfg, np.random.RandomState(seed), moments=None, extra_pass=True)
+    centres = fit["centres"]
+    seconds["fcm"] = time.perf_counter() - t
+
+    # 5. memberships (level 1) and the host's level 2
+    t = time.perf_counter()
+    level1 = backend.map(chunk_memberships, scores, [centres] * k, [m] * k)
+    U1 = np.full((n, nc), np.nan, dtype=np.float32)
+    for res in backend.gather(level1):
+        U1[res.positions] = res.memberships
+    host_info = None
+    k2 = int(cfg.host_clusters)
+    outputs = level1
+    if k2:
+        host_info = _refine_host(backend, U1, src, specs, info_h, cfg, cfg_h, scaling_h, n_cbed, seed)
+        if host_info is None:
+            outputs = backend.map(chunk_compose, level1, [None] * k, [None] * k, [m] * k, [None] * k, [k2] * k)
+        else:
+            outputs = backend.map(chunk_compose, level1, host_info.pop("scores"), [host_info["centres"]] * k,
+                                  [m] * k, [host_info["host"]] * k, [k2] * k)
+    del src
+    seconds["host"] = time.perf_counter() - t
+
+    # 6. output memberships, validity, thresholded centres
+    t = time.perf_counter()
+    final = _tree_reduce(backend, backend.map(chunk_final, outputs, level1, scores, [info_h] * k, [cfg_h] * k,
+                                              [centres] * k, specs), int(cfg.fan_in))
+    U = np.full((n, nc + k2), np.nan, dtype=np.float32)
+    for res in backend.gather(outputs):
+        U[res.positions] = res.memberships
+    final = backend.gather([final])[0]
+    seconds["final"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t_start
+    acc = final.validity
+    validity = {
+        "partition_coefficient": acc.partition_coefficient(),
+        "partition_entropy": acc.partition_entropy(),
+        "xie_beni": acc.xie_beni(centres),
+    }
+    counters.update(chunks=len(specs), fcm_passes=fit["n_iter"] + 1, workers=backend.n_workers)
+    return {
+        "memberships": U,
+        "cluster_centers": centres,
+        "objective": fit["objective"],
+        "n_iter": fit["n_iter"],
+        "converged": fit["converged"],
+        "host": host_info,
+        "pca": readout,
+        "scaling": {"multiplier": scaling["multiplier"], "centre": scaling["centre"],
+                    "weights": dict(bal.weights_)},
+        "centre_set": final.centres.centres() if final.centres is not None else None,
+        "validity": validity,
+        "counters": dict(counters),
+        "seconds": seconds,
+        "features_cached": cache,
+    }
+
+
+class _CentresView:
+    """What :class:`~streamclust.results.ResultsWriter` reads of the live centre store."""
+
+    def __init__(self, centre_set) -> None:
+        self._set = centre_set
+        self.stats: dict = {}
+
+    def centres(self):
+        if self._set is None:
+            raise RuntimeError("no position with both signals: no centres")
+        return self._set
+
+
+class _ReplayView:
+    """The replay's final state with the face of a :class:`~streamclust.live.LiveAnalysis`, so the
+    single-process replay's :class:`~streamclust.results.ResultsWriter` writes the same file."""
+
+    def __init__(self, info: RecordingInfo, res: dict) -> None:
+        from types import SimpleNamespace
+
+        U = res["memberships"]
+        self.scan_shape = tuple(info.scan_shape)
+        self.seen = np.isfinite(U).all(axis=1)
+        self.n_seen = int(self.seen.sum())
+        stats = dict(res["counters"])
+        stats["seconds"] = dict(res["seconds"])
+        self.engine = SimpleNamespace(
+            memberships_=U, n_components_=int(res["pca"]["n_components"]),
+            explained_variance_ratio_=res["pca"]["explained_variance_ratio"],
+            cluster_centers_=res["cluster_centers"], validity_=dict(res["validity"]), stats_=stats)
+        self.centres = _CentresView(res["centre_set"])
+        self.flag_log: list = []
+
+    def flags_summary(self) -> list:
+        # second-phase flags are a live decision (SecondPhaseFlagger on per-position features the
+        # replay does not gather); the replay reports none
+        return []
+
+
+def _extra(res: dict) -> dict[str, Any]:
+    """Replay-specific results beside the writer's groups (``/replay``)."""
+    out = {
+        "replay/objective": float(res["objective"]),
+        "replay/fcm_iterations": int(res["n_iter"]),
+        "replay/pca_method": str(res["pca"]["method"]),
+        "replay/pca_components": res["pca"]["components"],
+        "replay/pca_mean": res["pca"]["mean"],
+        "replay/scaling_multiplier": res["scaling"]["multiplier"],
+        "replay/scaling_centre": res["scaling"]["centre"],
+    }
+    host = res["host"]
+    if host is not None:
+        out.update({
+            "replay/host_cluster": int(host["host"]),
+            "replay/host_n_inside": int(host["n_inside"]),
+            "replay/host_cluster_centers": host["centres"],
+            "replay/host_components": host["space"].components_,
+            "replay/host_multiplier": host["space"].multiplier_,
+            "replay/host_mean": host["space"].mean_,
+            "replay/host_explained_variance_ratio": host["space"].explained_variance_ratio_,
+        })
+    return out
+
+
+def _write_results(path: Path, info: RecordingInfo, cfg: ReplayConfig, res: dict) -> None:
+    """Write with :class:`streamclust.results.ResultsWriter` (the single-process replay's file)
+    plus ``/replay``; without that module, :func:`_write_minimal`."""
+    try:
+        from streamclust.results import ResultsWriter
+    except ImportError:
+        _write_minimal(path, info, cfg, res)
+        return
+    writer = ResultsWriter(path, scan_shape=info.scan_shape, frame_shape=info.frame_shape,
+                           energy_axis_kev=np.asarray(info.energy_axis_kev), n_clusters=int(cfg.n_clusters),
+                           thresholds=tuple(cfg.thresholds), config={"replay_dask": asdict(cfg)},
+                           scan_id=f"replay-dask-{Path(info.mib_path).stem}")
+    writer.finalize(_ReplayView(info, res), {"replay": dict(res["counters"])}, extra=_extra(res))
+
+
+def _write_minimal(path: Path, info: RecordingInfo, cfg: ReplayConfig, res: dict) -> None:
+    """A minimal results file (when :mod:`streamclust.results` is not available)."""
+    ny, nx = info.scan_shape
+    U = res["memberships"]
+    known = ~np.isnan(U[:, 0])
+    labels = np.full(U.shape[0], -1, dtype=np.int64)
+    labels[known] = np.argmax(U[known], axis=1)
+    tmp = path.with_suffix(".h5.partial")
+    with h5py.File(tmp, "w") as f:
+        f.attrs["format"] = "streamclust-replay"
+        f.attrs["version"] = 1
+        f.attrs["mib_path"] = info.mib_path
+        f.attrs["eds_path"] = info.eds_path
+        f.attrs["config"] = json.dumps(asdict(cfg), default=list)
+        f.attrs["counters"] = json.dumps(res["counters"])
+        f.attrs["seconds"] = json.dumps(res["seconds"])
+        f.attrs["validity"] = json.dumps(res["validity"])
+        f.attrs["n_clusters"] = int(cfg.n_clusters)
+        f.attrs["host_clusters"] = int(cfg.host_clusters)
+        f.create_dataset("memberships", data=U.reshape(ny, nx, -1), compression="gzip")
+        f.create_dataset("labels", data=labels.reshape(ny, nx), compression="gzip")
+        f.create_dataset("cluster_centers", data=res["cluster_centers"])
+        f.attrs["objective"] = res["objective"]
+        g = f.create_group("pca")
+        g.attrs["n_components"] = res["pca"]["n_components"]
+        g.attrs["method"] = res["pca"]["method"]
+        g.create_dataset("components", data=res["pca"]["components"])
+        g.create_dataset("mean", data=res["pca"]["mean"])
+        g.create_dataset("explained_variance_ratio", data=res["pca"]["explained_variance_ratio"])
+        g = f.create_group("scaling")
+        g.create_dataset("multiplier", data=res["scaling"]["multiplier"])
+        g.create_dataset("centre", data=res["scaling"]["centre"])
+        g.attrs["block_weights"] = json.dumps(res["scaling"]["weights"])
+        host = res["host"]
+        if host is not None:
+            g = f.create_group("host")
+            g.attrs["host_cluster"] = host["host"]
+            g.attrs["n_inside"] = host["n_inside"]
+            g.attrs["n_components"] = host["space"].n_components_
+            g.attrs["objective"] = host["objective"]
+            g.create_dataset("cluster_centers", data=host["centres"])
+            g.create_dataset("components", data=host["space"].components_)
+            g.create_dataset("multiplier", data=host["space"].multiplier_)
+            g.create_dataset("mean", data=host["space"].mean_)
+            g.create_dataset("explained_variance_ratio", data=host["space"].explained_variance_ratio_)
+        cs = res["centre_set"]
+        if cs is not None:
+            g = f.create_group("centres")
+            g.create_dataset("thresholds", data=np.asarray(cs.thresholds))
+            g.create_dataset("cbed", data=cs.cbed)
+            g.create_dataset("eds", data=cs.eds)
+            g.create_dataset("weight", data=cs.weight)
+            g.create_dataset("count", data=cs.count)
+            g.create_dataset("energy_axis_kev", data=np.asarray(info.energy_axis_kev))
+    os.replace(tmp, path)
+
+
+def _summary(path: Path, res: dict, n_positions: int) -> dict[str, Any]:
+    return {
+        "results_path": str(path),
+        "n_positions": n_positions,
+        "n_components": int(res["pca"]["n_components"]),
+        "explained_variance_ratio": [float(v) for v in res["pca"]["explained_variance_ratio"]],
+        "pca_method": res["pca"]["method"],
+        "objective": res["objective"],
+        "fcm_iterations": res["n_iter"],
+        "converged": bool(res["converged"]),
+        "validity": res["validity"],
+        "counters": res["counters"],
+        "seconds": res["seconds"],
+        "positions_per_s": n_positions / res["seconds"]["total"] if res["seconds"]["total"] > 0 else 0.0,
+        "features_cached": bool(res["features_cached"]),
+        "host": None if res["host"] is None else {
+            "host_cluster": int(res["host"]["host"]), "n_inside": int(res["host"]["n_inside"]),
+            "n_components": int(res["host"]["space"].n_components_), "objective": float(res["host"]["objective"]),
+            "fcm_iterations": int(res["host"]["n_iter"])},
+        "n_output_clusters": int(res["memberships"].shape[1]),
+    }
+
+
+def replay_local(mib_path, eds_path, out_dir, *, chunk_positions: int | None = None,
+                 config: ReplayConfig | Mapping | None = None) -> dict[str, Any]:
+    """The same passes in this process, without Dask (``chunk_positions=None``: one chunk).
+
+    Returns the same summary as :func:`replay_dask` and writes the same results file.
+    """
+    cfg = ReplayConfig.from_any(config)
+    info = probe_recording(mib_path, eds_path)
+    with threadpool_limits(1, user_api="blas"):
+        res = _run(_LocalBackend(), info, cfg, chunk_positions or info.n_positions)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RESULTS_NAME
+    _write_results(path, info, cfg, res)
+    return _summary(path, res, info.n_positions)
+
+
+def replay_dask(mib_path, eds_path, out_dir, *, scheduler=None, n_workers: int = 2,
+                chunk_positions: int = 4096, config: ReplayConfig | Mapping | None = None) -> dict[str, Any]:
+    """Replay a recorded scan on Dask distributed and write ``out_dir/results.h5``.
+
+    Parameters
+    ----------
+    mib_path, eds_path : path-like
+        The Merlin recording (``.hdr`` beside it) and the EDS recording. With a remote scheduler the
+        workers must see the same paths (shared file system).
+    out_dir : path-like
+    scheduler : str or distributed.Client, optional
+        A scheduler address (``"tcp://host:8786"``) or a client; by default a
+        ``LocalCluster(n_workers, threads_per_worker=1, processes=True)`` for the call.
+    n_workers : int, default=2
+        Workers of the local cluster (ignored with ``scheduler``).
+    chunk_positions : int, default=4096
+        Positions per task.
+    config : ReplayConfig or mapping, optional
+
+    Returns
+    -------
+    dict
+        ``results_path``, ``n_components``, ``explained_variance_ratio``, ``objective``,
+        ``fcm_iterations``, ``validity``, ``counters`` (positions, incomplete, skipped, missing or
+        bad frames and spectra, chunks, passes, workers), ``seconds`` per pass (``total`` excludes
+        the cluster's start-up, given as ``startup``), ``positions_per_s``.
+    """
+    from dask.distributed import Client, LocalCluster
+
+    cfg = ReplayConfig.from_any(config)
+    cfg.validate()
+    info = probe_recording(mib_path, eds_path)
+    t0 = time.perf_counter()
+    cluster = client = None
+    own = not hasattr(scheduler, "submit")
+    try:
+        if scheduler is None:
+            cluster = LocalCluster(n_workers=int(n_workers), threads_per_worker=1, processes=True,
+                                   dashboard_address=":0", silence_logs=logging.WARNING)
+            client = Client(cluster)
+        elif own:
+            client = Client(scheduler)
+        else:
+            client = scheduler
+        startup = time.perf_counter() - t0
+        logger.info("replaying %d positions of %s on %s", info.n_positions, info.mib_path, client)
+        res = _run(_DaskBackend(client), info, cfg, chunk_positions)
+    finally:
+        if own and client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+    res["seconds"]["startup"] = startup
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RESULTS_NAME
+    _write_results(path, info, cfg, res)
+    return _summary(path, res, info.n_positions)
