@@ -1,0 +1,92 @@
+"""Issue 5's done-when on the real engine output (not on truth-derived memberships).
+
+The default lamella phantom (64 x 64, seed 0: eight inclusions, the first crossed at row 12 and
+passed at row 20) is fed to :class:`streamclust.live.LiveAnalysis` in raster batches of 256 as the
+joiner delivers them; flag events go out on a real ZeroMQ PUSH socket and are read back by a PULL
+subscriber. Measured (seed 0): the second phase is flagged at 50 % of the scan (row 32, bbox rows
+12-29, 98 % of the flagged positions second phase); the single-phase phantom raises nothing;
+raising the centre threshold from 0.5 to 0.75 moves the flagged cluster's Fe/Co K-alpha ratio
+toward the second phase's own.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamclust.adapters.join import Batch
+from streamclust.centres import fe_co_ratio
+from streamclust.events import EventPublisher, EventSubscriber
+from streamclust.live import LiveAnalysis
+from streamclust.simulators.phantom import LamellaPhantom
+
+SCAN = (64, 64)
+
+
+def _live_scan(**phantom_kw):
+    ph = LamellaPhantom(SCAN, seed=0, **phantom_kw)
+    n = ph.n_positions
+    pub = EventPublisher("tcp://127.0.0.1:0", socket_type="push", scan_id="test")
+    sub = EventSubscriber(pub.endpoint, socket_type="pull")
+    try:
+        live = LiveAnalysis(ph.scan_shape, ph.frame_shape, ph.energy_axis_kev, events=pub, random_state=0,
+                            assess_every=256, engine_params={"warmup_positions": 512, "refresh_every": 512})
+        for start in range(0, n, 256):
+            pos = np.arange(start, start + 256)
+            ones = np.ones(pos.size, bool)
+            live.process(Batch(pos, ph.frames(pos), ph.spectra(pos), ones, ones))
+        live.finish()
+        events = []
+        while (ev := sub.recv(timeout_s=1.0)) is not None:
+            events.append(ev)
+    finally:
+        sub.close()
+        pub.close()
+    return ph, live, events
+
+
+@pytest.fixture(scope="module")
+def lamella():
+    return _live_scan()
+
+
+def test_second_phase_is_flagged_before_the_scan_ends(lamella, record_property):
+    ph, live, events = lamella
+    truth = ph.truth.second_phase.ravel()
+    raised = [ev for ev in events if ev["event"] == "raised"]
+    assert raised, "no flag raised"
+    first = {f["flag_id"]: f for f in live.flags_summary()}
+    mid = [ev for ev in raised if first[ev["flag_id"]]["scan_fraction_at_first_flag"] < 1.0]
+    assert mid, "flags only at the end of the scan"
+    ev = mid[0]
+    fraction = first[ev["flag_id"]]["scan_fraction_at_first_flag"]
+    precision = float(truth[np.asarray(ev["positions"])].mean())
+    record_property("first_flag_scan_fraction", fraction)
+    record_property("first_flag_precision", precision)
+    assert precision >= 0.8, precision
+    # the scan first crosses the second phase at row 12 and passes the first inclusion at row 20
+    rows = np.nonzero(ph.truth.second_phase.any(axis=1))[0]
+    assert ev["bbox"][0] >= rows[0] - 1
+    assert fraction <= 0.6, fraction
+    # and a flag holding the second phase is active at the end
+    active = live.flagger.active_flags
+    assert active and max(truth[np.asarray(f.positions)].mean() for f in active) >= 0.8
+
+
+def test_higher_threshold_purifies_the_flagged_centre(lamella):
+    ph, live, _ = lamella
+    e = ph.energy_axis_kev
+    flag = max(live.flagger.active_flags, key=lambda f: ph.truth.second_phase.ravel()[f.positions].mean())
+    cs = live.centres.centres()
+    low = fe_co_ratio(cs.spectrum(flag.cluster, 0.5), e)
+    high = fe_co_ratio(cs.spectrum(flag.cluster, 0.75), e)
+    true_second = fe_co_ratio(ph.phase_spectrum("cfs_second"), e)
+    true_matrix = fe_co_ratio(ph.phase_spectrum("cfs_matrix"), e)
+    assert true_second > true_matrix
+    assert abs(high - true_second) <= abs(low - true_second), (low, high, true_second)
+
+
+def test_single_phase_lamella_raises_no_flag():
+    _, live, events = _live_scan(n_inclusions=0)
+    assert not [ev for ev in events if ev["event"] == "raised"]
+    assert not live.flagger.active_flags
