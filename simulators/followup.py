@@ -55,6 +55,7 @@ import numpy as np
 import zmq
 
 from streamclust.adapters.background import BackgroundSocketThread
+from streamclust.adapters.security import warn_if_exposed
 from streamclust.adapters.wire import encode_array_message
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class FollowUpServer(BackgroundSocketThread):
         self.max_region_positions = int(max_region_positions)
         self.max_dwell_s = float(max_dwell_s)
         self._endpoint_requested = endpoint
+        warn_if_exposed(endpoint, None, "FollowUpServer")
         self._context = context
         self.endpoint: str | None = None
         self.stats = {"requests": 0, "ok": 0, "errors": 0, "errors_by_kind": Counter()}

@@ -67,6 +67,7 @@ from typing import Iterable, Protocol
 import numpy as np
 
 from streamclust.adapters.framing import MPX_PREFIX_SIZE, encode_mpx_prefix, frame_message, parse_mpx_prefix
+from streamclust.adapters.security import warn_if_exposed
 from streamclust.simulators.clock import ScanClock, ScanRun
 from streamclust.simulators.merlin_control import BUSY, OK, DetectorSettings
 
@@ -281,6 +282,8 @@ class MerlinServer:
             raise ValueError(f"trigger must be one of {tuple(_TRIGGER_MODES)}, got {trigger!r}")
         self.source = source
         self.host = host
+        # the Merlin protocol has no authentication: say so when it faces the network
+        warn_if_exposed(f"tcp://{host}:{data_port}", None, "MerlinServer (plain TCP, no authentication)")
         self.clock = clock if clock is not None else ScanClock()
         self.layout = layout
         self.faults = tuple(faults)

@@ -23,6 +23,7 @@ Examples
 --------
 >>> import json, urllib.request
 >>> import numpy as np
+
 >>> from streamclust.liveview import LiveView
 >>> with LiveView(scan_shape=(4, 6), n_clusters=2, title="demo") as view:
 ...     labels = np.full(24, -1)
@@ -55,6 +56,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from .adapters.security import warn_if_exposed
 from .liveview_page import PAGE_TEMPLATE
 from .liveview_render import cluster_palette, encode_png, labels_and_confidence, render_rgba
 
@@ -146,6 +148,7 @@ class LiveView:
         if n_clusters < 1:
             raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
         self.host = host
+        warn_if_exposed(f"tcp://{host}:{port}", None, "LiveView (plain HTTP)")
         self.port = port
         self.scan_shape = (ny, nx)
         self.n_clusters = int(n_clusters)

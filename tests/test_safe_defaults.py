@@ -21,6 +21,9 @@ from streamclust.adapters.zmq_frames import FrameBridge
 from streamclust.events import EventPublisher
 from streamclust.simulators.eds import ArraySpectrumSource, EDSPublisher
 from streamclust.simulators.merlin import ArraySource, MerlinServer
+from streamclust.simulators.phantom import LamellaPhantom
+from streamclust.simulators.followup import FollowUpServer
+from streamclust.liveview import LiveView
 
 
 def _listening() -> set[tuple[str, int]]:
@@ -172,3 +175,20 @@ def test_loopback_bind_does_not_warn(caplog):
         with EDSPublisher(ArraySpectrumSource(np.zeros((2, 4), np.uint16))):
             pass
     assert not [r for r in caplog.records if "without CURVE" in r.getMessage()]
+
+
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda: MerlinServer(ArraySource(np.zeros((1, 256, 256), np.uint8)), host="0.0.0.0",
+                                      data_port=0, control_port=0, layout="1x1", counter_depth=6,
+                                      headless=True), id="MerlinServer"),
+    pytest.param(lambda: LiveView(host="0.0.0.0", scan_shape=(4, 4), n_clusters=2), id="LiveView"),
+    pytest.param(lambda: FollowUpServer(LamellaPhantom((8, 8), seed=0), endpoint="tcp://0.0.0.0:0"),
+                 id="FollowUpServer"),
+])
+def test_servers_without_authentication_warn_when_exposed(make, caplog):
+    """Servers whose protocol has no CURVE option still say so when they face the network
+    (constructed only: the warning is given before anything binds)."""
+    with caplog.at_level(logging.WARNING, logger="streamclust.adapters.security"):
+        make()
+    warnings = [r for r in caplog.records if "reachable from the network" in r.getMessage()]
+    assert len(warnings) == 1 and "0.0.0.0" in warnings[0].getMessage()
