@@ -40,6 +40,9 @@ SCRIPTS = {
     "bench_engine.py": ([], ["--quick"]),
     "bench_end_to_end.py": ([], ["--quick"]),
     "bench_flag_latency.py": ([], ["--quick"]),
+    "bench_serve.py": ([], ["--n", "1000", "--repeat", "1"]),
+    "bench_results.py": ([], []),
+    "bench_dask.py": ([], ["--scan", "32", "--frame", "256"]),
 }
 
 # the headline figures of ``--json``: script -> keys it must report
