@@ -64,6 +64,13 @@ class SimulatedMicroscope:
 
         cfg = self.config
         dwell = self.phantom.dwell_s if cfg.dwell_s is None else cfg.dwell_s
+        # Compile the phantom's kernels before anything is served: a cold Numba cache (a fresh
+        # clone) stalled the first frames for seconds while the spectra ran on, and the joiner
+        # gave 1,598 of 4,096 spectra up as unpaired (a real detector does not pause to compile)
+        for warm in ("frame", "spectrum", "frames", "spectra"):  # every path the servers use
+            fn = getattr(self.phantom, warm, None)
+            if fn is not None:
+                fn(0) if warm in ("frame", "spectrum") else fn([0])
         self._eds = EDSPublisher(
             self.phantom,
             endpoint=f"tcp://{cfg.host}:{cfg.eds_port}",
