@@ -96,7 +96,9 @@ def test_timeout_expires_partners_and_late_arrivals_are_counted_late():
     assert j.stats["late_spectra"] == 1 and j.stats["spectra_without_frame"] == 1
     j.add_spectrum(1, spectrum(1), t=1.4)  # in time: joins
     assert j.stats["joined"] == 1
-    j.poll(now=10.0)
+    j.poll(now=10.0)  # a spectrum outlives a silent frame stream for spectrum_timeout_s (30 s)
+    assert j.stats["expired_spectra"] == 0
+    j.poll(now=40.0)
     s = j.stats
     assert s["expired_spectra"] == 1 and s["pending_spectra"] == 0
     j.check_invariants()
@@ -279,7 +281,9 @@ def test_items_expire_once_the_partner_stream_passed_them_or_went_silent():
     j.add_spectrum(7, np.zeros(4, np.uint16), t=1.5)     # then the frame stream goes silent
     j.poll(now=2.0)
     assert j.stats["expired_spectra"] == 1
-    j.poll(now=2.6)                                       # silent for > 1 s and waited > 1 s
+    j.poll(now=2.6)                                       # silent for > 1 s: a spectrum still waits
+    assert j.stats["expired_spectra"] == 1
+    j.poll(now=31.4)                                      # silent for spectrum_timeout_s (30 s)
     assert j.stats["expired_spectra"] == 2
     assert j.check_invariants()
 
@@ -402,3 +406,25 @@ def test_a_frame_waiting_long_for_its_spectrum_stops_pinning_its_block():
     j.add_spectrum(1, spectrum(1), t=1.1)
     b, = j.poll(now=1.1)
     assert [int(f[0, 0]) for f in b.frames] == [0, 1] and j.check_invariants()
+
+
+def test_spectra_wait_out_a_frame_stall_that_would_expire_frames():
+    """A frame source stalled for 3 s (a cold JIT cache measured so) while spectra ran on: every
+    position still pairs; a frame waiting as long for a stalled EDS stream is given up."""
+    j = ScanJoiner(20, batch_size=20, timeout_s=2.0)
+    for p in range(10):
+        j.add_frame(p, frame(p), t=0.0)
+        j.add_spectrum(p, spectrum(p), t=0.0)
+    for p in range(10, 20):
+        j.add_spectrum(p, spectrum(p), t=0.1)        # the frames stall here
+    assert j.poll(now=3.1) == [] and j.stats["expired_spectra"] == 0
+    for p in range(10, 20):
+        j.add_frame(p, frame(p), t=3.2)              # and resume
+    batches = j.poll(now=3.3)
+    assert [b.positions.tolist() for b in batches] == [list(range(20))]
+    assert j.stats["joined"] == 20 and j.stats["late_frames"] == 0
+    k = ScanJoiner(4, batch_size=4, timeout_s=2.0)
+    k.add_frame(0, frame(0), t=0.0)                  # its spectrum stream is silent
+    k.poll(now=2.5)
+    assert k.stats["expired_frames"] == 1
+    assert j.check_invariants() and k.check_invariants()
