@@ -292,7 +292,15 @@ def write_pictures(results_path, out_dir, *, dpi: int = 110) -> list[Path]:
                                                      np.asarray(res["flags"]["active"]).tolist())]
     written = []
     title = (f"{res['attrs'].get('scan_id', '')}: memberships ({status}, {seen}/{total} positions)")
-    written.append(_save(membership_map_figure(u, (ny, nx), flags=flags, title=title),
+    attrs = res["clustering"].get("attrs", {})
+    host, n_sub = int(attrs.get("host_cluster", -1)), int(attrs.get("host_clusters", 0))
+    names = None
+    if host >= 0 and n_sub:
+        # the host's own column is empty: its positions are in the sub-clusters (host refinement)
+        k1 = u.shape[2] - n_sub
+        names = [f"cluster {c}" for c in range(u.shape[2])]
+        names[host] = f"cluster {host}: host, refined into {k1}-{u.shape[2] - 1}"
+    written.append(_save(membership_map_figure(u, (ny, nx), flags=flags, title=title, cluster_names=names),
                          out / "membership_map.png", dpi))
     written.append(_save(membership_grid_figure(u, (ny, nx)), out / "membership_per_cluster.png", dpi))
     cg = res.get("centres", {})

@@ -293,6 +293,9 @@ class ResultsWriter:
             "positions_seen": int(live.n_seen),
             "positions_clustered": int(known.sum()),
             "n_components": int(eng.n_components_),
+            # the level-1 cluster refined into the last host_clusters columns (-1: none yet)
+            "host_cluster": -1 if getattr(eng, "host_cluster_", None) is None else int(eng.host_cluster_),
+            "host_clusters": int(getattr(eng, "host_clusters", 0)),
             "explained_variance_ratio": np.asarray(eng.explained_variance_ratio_, np.float64).copy(),
             "cluster_centers": (None if eng.cluster_centers_ is None
                                 else np.asarray(eng.cluster_centers_, np.float64).copy()),
@@ -376,6 +379,8 @@ class ResultsWriter:
             lab.attrs["description"] = "arg-max membership; -1 = not yet clustered"
             g.attrs["n_output_clusters"] = snap["memberships"].shape[2]
             g.attrs["n_components"] = snap["n_components"]
+            g.attrs["host_cluster"] = snap["host_cluster"]
+            g.attrs["host_clusters"] = snap["host_clusters"]
             g.create_dataset("explained_variance_ratio", data=snap["explained_variance_ratio"])
             if snap["cluster_centers"] is not None:
                 g.create_dataset("cluster_centers", data=snap["cluster_centers"])
