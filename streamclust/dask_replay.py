@@ -782,7 +782,10 @@ def _run(backend, info: RecordingInfo, cfg: ReplayConfig, chunk_positions: int) 
     k2 = int(cfg.host_clusters)
     outputs = level1
     if k2:
-        host_info = _refine_host(backend, U1, src, specs, info_h, cfg, cfg_h, scaling_h, n_cbed, seed)
+        # level 2 is defined on raw features, as the engine's (x_warm / c_warm): its zero-IQR
+        # floor of 1 is in raw counts, so the whole-scan multiplier must not be applied first
+        raw_h = backend.share({**scaling, "multiplier": np.ones_like(scaling["multiplier"])})
+        host_info = _refine_host(backend, U1, src, specs, info_h, cfg, cfg_h, raw_h, n_cbed, seed)
         if host_info is None:
             outputs = backend.map(chunk_compose, level1, [None] * k, [None] * k, [m] * k, [None] * k, [k2] * k)
         else:

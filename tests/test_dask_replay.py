@@ -69,10 +69,8 @@ def _live_labels(recording):
     frames = read_mib(recording.mib)
     eds = read_eds_recording(recording.eds)
     spectra = eds.flat_spectra
-    # the single-level pipeline: the engine's level-2 host refinement (in progress beside this
-    # work, streamclust.host_refine) has no replay counterpart yet (docs/dask.md)
-    params = {"host_clusters": 0} if "host_clusters" in inspect.signature(StreamingEngine).parameters else {}
-    la = LiveAnalysis(SCAN, FRAME, eds.energy_axis_kev, random_state=0, engine_params=params)
+    # the engine's defaults: two levels (host refinement), as the replay's HOST configuration
+    la = LiveAnalysis(SCAN, FRAME, eds.energy_axis_kev, random_state=0)
     for s in range(0, recording.n_positions, 128):
         p = np.arange(s, s + 128)
         la.process(Batch(p, frames[p], spectra[p], np.ones(p.size, bool), np.ones(p.size, bool)))
@@ -100,8 +98,14 @@ def test_local_cluster_matches_in_process_and_live(recording, in_process, tmp_pa
 
     # the streaming engine on the same recording (sketch PCA, warm-up, refreshes): measured ARI 0.997
     eng = _live_labels(recording)
-    assert adjusted_rand_score(eng.labels_, got["level1_labels"]) >= 0.99
+    k1 = eng.n_clusters
+    level1 = eng.memberships_[:, :k1].copy()
+    if eng.host_cluster_ is not None:
+        level1[:, eng.host_cluster_] += eng.memberships_[:, k1:].sum(axis=1)
+    assert adjusted_rand_score(np.argmax(level1, axis=1), got["level1_labels"]) >= 0.99
     assert eng.n_components_ == summary["n_components"]
+    ari2 = adjusted_rand_score(eng.labels_, got["labels"])
+    print(f"streaming engine vs Dask replay, two levels: ARI {ari2:.4f}")
 
     # the merged thresholded centres are ThresholdedCentres' on the replay's memberships
     frames = read_mib(recording.mib)
@@ -120,10 +124,11 @@ def test_local_cluster_matches_in_process_and_live(recording, in_process, tmp_pa
 def test_host_refinement_matches_engine(recording, in_process):
     """Level 2 against StreamingEngine(host_clusters=6) with the exact PCA on the same recording.
 
-    Measured: level 1 agrees at ARI 1.0; with level 2, 0.89-0.97 depending on the engine's
-    revision (host refinement was being changed while this was written) and on rounding: level 2
-    splits 183 positions into 6 sub-clusters and is fragile at this size (docs/dask.md). So level
-    1 is held to 0.99 and the composed partition only to 0.8.
+    Measured: level 1 agrees at ARI 1.0; with level 2, 0.99 since the replay fits level 2 on raw
+    features as the engine does (0.89-0.97 before, on scaled ones). Level 2 splits 183 positions
+    into 6 sub-clusters and is fragile at this size (docs/dask.md), so the composed partition is
+    held to 0.95. Against the streaming engine (sketch PCA, its own seeds) level 1 agrees at 0.997
+    and the composed partition only at 0.56 on this 32 x 32 recording.
     """
     frames = read_mib(recording.mib)
     eds = read_eds_recording(recording.eds)
@@ -142,7 +147,9 @@ def test_host_refinement_matches_engine(recording, in_process):
     level1 = eng.memberships_[:, :k1].copy()
     level1[:, eng.host_cluster_] += eng.memberships_[:, k1:].sum(axis=1)
     assert adjusted_rand_score(np.argmax(level1, axis=1), got["level1_labels"]) >= 0.99
-    assert adjusted_rand_score(eng.labels_, got["labels"]) >= 0.8
+    ari2 = adjusted_rand_score(eng.labels_, got["labels"])
+    print(f"two-level ARI engine vs replay: {ari2:.4f}")
+    assert ari2 >= 0.95
     # the product rule: the host column's mass sits in the sub-columns
     host = in_process["host"]["host_cluster"]
     assert np.all(got["memberships"][:, host] == 0) and got["memberships"][:, k1:].sum() > 0
