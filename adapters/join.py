@@ -528,6 +528,9 @@ class JoinedStreams:
         add = joiner.add_frame if kind == _FRAME else joiner.add_spectrum
         frame_position = self._frame_position
         try:
+            if kind == _SPECTRUM and callable(getattr(source, "blocks", None)):
+                self._drain_blocks(source.blocks())
+                return
             for item in source:
                 if kind == _FRAME:
                     position, array = frame_position(item), item.image
@@ -551,6 +554,25 @@ class JoinedStreams:
             with cv:
                 self._running -= 1
                 cv.notify_all()
+
+    def _drain_blocks(self, blocks: Iterable[list]) -> None:
+        """Offer spectra a block at a time (``SpectrumStream.blocks()``): one lock and one poll
+        per block instead of per spectrum; a block holds only what had already arrived, so this
+        adds no wait."""
+        joiner, cv, stop = self.joiner, self._cv, self._stop
+        add = joiner.add_spectrum
+        for block in blocks:
+            with cv:
+                for item in block:
+                    add(int(item.position), item.counts)
+                done = joiner.poll()
+                if done:
+                    self._batches.extend(done)
+                    cv.notify_all()
+                while len(self._batches) > self.max_batches and not stop.is_set():
+                    cv.wait(0.1)  # bounded: back-pressure on the source
+            if stop.is_set():
+                return
 
     def __iter__(self) -> Iterator[Batch]:
         if self._started:
@@ -601,7 +623,9 @@ def join_streams(frames: Iterable, spectra: Iterable, n_positions: int, *,
         Objects with ``.image`` and either ``.position`` or a 1-based ``.sequence``
         (``position = sequence - 1``), e.g. ``MerlinReceiver`` or ``ZmqFrameSource`` output.
     spectra : iterable
-        Objects with ``.position`` and ``.counts`` (e.g. ``SpectrumReceiver.spectra()``).
+        Objects with ``.position`` and ``.counts`` (e.g. ``SpectrumReceiver.spectra()``). If it
+        has a ``blocks()`` method (``SpectrumStream`` does), that is iterated instead, for lists
+        of such objects.
     n_positions : int
     frame_position : callable, optional
         Maps a frame object to its scan position.

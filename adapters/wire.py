@@ -65,6 +65,9 @@ DEFAULT_MAX_BYTES = 1 << 26
 _MAX_NDIM = 8
 # explicit byte order, then kind (bool, signed, unsigned, float, complex), then item size
 _DTYPE_RE = re.compile(r"^([<>|])([biufc])(\d{1,2})$")
+_DECODER = json.JSONDecoder()
+#: dtype strings already validated, mapped to their dtype (filled by _parse_dtype)
+_DTYPE_CACHE: dict[str, np.dtype] = {}
 
 
 def _fail(kind: str, message: str, sequence: int | None = None) -> WireFormatError:
@@ -72,6 +75,20 @@ def _fail(kind: str, message: str, sequence: int | None = None) -> WireFormatErr
     # finer than WireFormatError.reason ("bad_message"): the key receivers count drops under
     err.kind = kind
     return err
+
+
+def _header_bytes(part) -> bytes:
+    """The header part as bytes: received with ``copy=True`` it already is (no second copy)."""
+    if type(part) is bytes:
+        return part
+    return _buffer_of(part).tobytes()
+
+
+def _payload(part):
+    """A 1-D byte buffer of the array part; ``bytes`` (``copy=True`` receives) pass through as is."""
+    if type(part) is bytes:
+        return part
+    return _buffer_of(part)
 
 
 def _buffer_of(part) -> memoryview:
@@ -83,6 +100,18 @@ def _buffer_of(part) -> memoryview:
     if view.ndim != 1 or view.itemsize != 1:
         view = view.cast("B") if view.c_contiguous else memoryview(bytes(view))
     return view
+
+
+def _loads(text: str):
+    """``json.loads(text)``, minus its whitespace scans for the usual compact header."""
+    try:
+        obj, end = _DECODER.raw_decode(text)
+        if end == len(text):
+            return obj
+    except ValueError:
+        pass
+    # leading/trailing whitespace, or not JSON: json.loads has the final word (and the message)
+    return json.loads(text)
 
 
 def _is_int(value) -> bool:
@@ -97,6 +126,13 @@ def _is_finite_number(value) -> bool:
         return math.isfinite(value)
     except OverflowError:
         return False
+
+
+def _is_finite_float(value) -> bool:
+    # the common case first: a float (NaN and inf fail ``v - v == 0``), then ints and the rest
+    if type(value) is float:
+        return value - value == 0.0
+    return _is_finite_number(value)
 
 
 def end_header(of_stream: str, scan_id: str, sequence: int, totals: dict, **extra) -> dict:
@@ -142,15 +178,19 @@ def _check_header(head: dict, expect_stream) -> int | None:
     for key in COMMON_KEYS:
         if key not in head:
             raise _fail("missing_key", f"header lacks key {key!r}", sequence)
-    if head["version"] != WIRE_VERSION:
+    if type(head["version"]) is not int or head["version"] != WIRE_VERSION:  # (true == 1, 1.0 == 1)
         raise _fail("bad_version", f"unsupported version {head['version']!r} (expected {WIRE_VERSION})", sequence)
     stream = head["stream"]
     if not isinstance(stream, str):
         raise _fail("bad_value", f"stream must be a string, got {stream!r}", sequence)
     if expect_stream is not None:
-        allowed = {expect_stream} if isinstance(expect_stream, str) else set(expect_stream)
-        allowed.add("end")
-        if stream not in allowed:
+        if isinstance(expect_stream, str):
+            ok = stream == expect_stream or stream == "end"
+        else:
+            ok = stream == "end" or stream in set(expect_stream)
+        if not ok:
+            allowed = {expect_stream} if isinstance(expect_stream, str) else set(expect_stream)
+            allowed.add("end")
             raise _fail("wrong_stream", f"stream {stream!r} where {sorted(allowed)} expected", sequence)
     if sequence is None or sequence < 1:
         raise _fail("bad_value", f"sequence must be an integer >= 1, got {seq!r}", None)
@@ -159,18 +199,18 @@ def _check_header(head: dict, expect_stream) -> int | None:
             raise _fail("missing_key", f"{stream!r} header lacks key {key!r}", sequence)
     if "position" in head:
         pos = head["position"]
-        if not _is_int(pos) or pos < 0:
+        if type(pos) is not int or pos < 0:  # (bool is a subclass of int, not the type int)
             raise _fail("bad_value", f"position must be an integer >= 0, got {pos!r}", sequence)
-    if not isinstance(head["scan_id"], (str, int)) or isinstance(head["scan_id"], bool):
+    if type(head["scan_id"]) not in (str, int):  # (not a bool, nor a str/int subclass: JSON has none)
         raise _fail("bad_value", f"scan_id must be a string or integer, got {head['scan_id']!r}", sequence)
     if stream == "eds":
         shape = head["scan_shape"]
-        if (not isinstance(shape, list) or not 1 <= len(shape) <= 3
-                or not all(_is_int(n) and n > 0 for n in shape)):
+        if (type(shape) is not list or not 1 <= len(shape) <= 3
+                or not all(type(n) is int and n > 0 for n in shape)):
             raise _fail("bad_value", f"scan_shape must be a list of positive integers, got {shape!r}", sequence)
         for key in ("live_time_s", "real_time_s", "energy_offset_kev", "channel_width_kev"):
             value = head[key]
-            if not _is_finite_number(value):
+            if not _is_finite_float(value):
                 raise _fail("bad_value", f"{key} must be a finite number, got {value!r}", sequence)
     if stream == "frame":
         ms = head["merlin_sequence"]
@@ -209,11 +249,11 @@ def decode_array_message(parts: Sequence, *, max_bytes: int | None = DEFAULT_MAX
     """
     if len(parts) != 2:
         raise _fail("part_count", f"message has {len(parts)} parts, expected 2 (header, buffer)")
-    raw = _buffer_of(parts[0])
-    if raw.nbytes > MAX_HEADER_BYTES:
-        raise _fail("header_too_large", f"header of {raw.nbytes} bytes exceeds {MAX_HEADER_BYTES}")
+    raw = _header_bytes(parts[0])
+    if len(raw) > MAX_HEADER_BYTES:
+        raise _fail("header_too_large", f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
     try:
-        head = json.loads(raw.tobytes().decode("utf-8"))
+        head = _loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         # RecursionError: nesting deeper than the interpreter's limit ("[[[[..." within 64 KiB)
         raise _fail("bad_json", f"header is not UTF-8 JSON: {exc}") from None
@@ -222,6 +262,36 @@ def decode_array_message(parts: Sequence, *, max_bytes: int | None = DEFAULT_MAX
     sequence = _check_header(head, expect_stream)
 
     dtype_str = head["dtype"]
+    # a scan repeats one dtype: a string validated once is looked up, not re-parsed
+    dtype = _DTYPE_CACHE.get(dtype_str) if type(dtype_str) is str else None
+    if dtype is None:
+        dtype = _parse_dtype(dtype_str, sequence)
+
+    shape = head["shape"]
+    if type(shape) is list and len(shape) == 1 and type(shape[0]) is int and shape[0] >= 0:
+        claimed = shape[0] * dtype.itemsize  # the 1-D case (spectra) without the general checks
+    else:
+        claimed = _check_shape(shape, dtype, sequence)
+    if max_bytes is not None and claimed > max_bytes:
+        raise _fail("too_large", f"array of {claimed} bytes exceeds the limit of {max_bytes}", sequence)
+    buf = _payload(parts[1])
+    nbytes = len(buf) if type(buf) is bytes else buf.nbytes
+    if nbytes != claimed:
+        raise _fail("size_mismatch",
+                    f"buffer has {nbytes} bytes, shape {shape} of {dtype_str} needs {claimed}", sequence)
+    try:
+        array = np.frombuffer(buf, dtype=dtype)
+        if len(shape) != 1:
+            array = array.reshape(shape)
+    except ValueError as exc:
+        # an empty buffer with a zero dimension beside a dimension numpy cannot index (> 2**63)
+        raise _fail("bad_shape", f"shape {shape} cannot be represented ({exc})", sequence) from None
+    array.flags.writeable = False
+    return head, array
+
+
+def _parse_dtype(dtype_str, sequence: int | None) -> np.dtype:
+    """Validate a header's dtype string; remember valid ones in :data:`_DTYPE_CACHE`."""
     match = _DTYPE_RE.match(dtype_str) if isinstance(dtype_str, str) else None
     if match is None:
         raise _fail("bad_dtype", f"dtype {dtype_str!r} is not a numeric dtype with explicit byte order", sequence)
@@ -231,27 +301,19 @@ def decode_array_message(parts: Sequence, *, max_bytes: int | None = DEFAULT_MAX
         raise _fail("bad_dtype", f"dtype {dtype_str!r} is not understood", sequence) from None
     if dtype.itemsize != int(match.group(3)) or (match.group(1) == "|") != (dtype.itemsize == 1):
         raise _fail("bad_dtype", f"dtype {dtype_str!r} is not canonical (expected {dtype.str!r})", sequence)
+    # bounded: the pattern admits 3 x 5 x 100 strings, and only canonical ones get here
+    _DTYPE_CACHE[dtype_str] = dtype
+    return dtype
 
-    shape = head["shape"]
+
+def _check_shape(shape, dtype: np.dtype, sequence: int | None) -> int:
+    """Validate a header's shape; return the byte size it claims (never allocated)."""
     if (not isinstance(shape, list) or len(shape) > _MAX_NDIM
             or not all(_is_int(n) and n >= 0 for n in shape)):
         raise _fail("bad_shape", f"shape must be a list of at most {_MAX_NDIM} integers >= 0, got {shape!r}",
                     sequence)
     # Python integers: a hostile shape cannot overflow into a small product
-    claimed = math.prod(shape) * dtype.itemsize
-    if max_bytes is not None and claimed > max_bytes:
-        raise _fail("too_large", f"array of {claimed} bytes exceeds the limit of {max_bytes}", sequence)
-    buf = _buffer_of(parts[1])
-    if buf.nbytes != claimed:
-        raise _fail("size_mismatch",
-                    f"buffer has {buf.nbytes} bytes, shape {shape} of {dtype_str} needs {claimed}", sequence)
-    try:
-        array = np.frombuffer(buf, dtype=dtype).reshape(shape)
-    except ValueError as exc:
-        # an empty buffer with a zero dimension beside a dimension numpy cannot index (> 2**63)
-        raise _fail("bad_shape", f"shape {shape} cannot be represented ({exc})", sequence) from None
-    array.flags.writeable = False
-    return head, array
+    return math.prod(shape) * dtype.itemsize
 
 
 def send_array(socket: zmq.Socket, header: dict, array: np.ndarray, *, copy_threshold: int = 65536,

@@ -241,6 +241,8 @@ class EngineSection:
     host_sample_size: int = _opt(4096, _int(16), "host positions the level-2 statistics and PCA use")
     host_min_components: int = _opt(5, _int(1), "floor of the 1 % rule at level 2")
     host_refit_growth: float = _opt(0.5, _float(0.0), "host growth that re-fits the level-2 space")
+    host_overlap: float = _opt(0.1, _float(0.0, 1.0), "level-1 clusters sharing this fuzzy overlap of positions "
+                                                      "with the host join it (a film split by thickness)")
     random_state: int = _opt(0, _int(0), "seed of every random choice (same seed, same result)")
 
     def resolved(self, n_positions: int) -> dict:

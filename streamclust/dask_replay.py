@@ -59,7 +59,7 @@ from .block_balance import BlockBalancer
 from .features import FrameReducer, SpectrumReducer
 from .fcm import DEFAULT_M, FuzzyCMeans
 from .fcm_kernels import predict_memberships, sq_euclidean
-from .host_refine import HostRefinement, compose_memberships
+from .host_refine import HostRefinement, compose_memberships, host_group
 from .incremental_pca import StreamingPCA
 from .mergeable import CentreSums, FCMSums, merge_all, merge_into
 from .robust_scaling import FeatureMoments
@@ -113,6 +113,7 @@ class ReplayConfig:
     host_min_positions: int = 256
     host_sample_size: int = 4096
     host_min_components: int = 5
+    host_overlap: float = 0.1
     thresholds: tuple = (0.5, 0.75)
     centre_shape: tuple = (32, 32)
     random_state: int | None = 0
@@ -683,8 +684,8 @@ def _refine_host(backend, U1: np.ndarray, src: Sequence, specs: Sequence[ChunkSp
     """Level 2 as :meth:`StreamingEngine._refine_host` does it at ``finalize``: the host (largest
     total membership) re-scaled, projected and clustered among its clear positions."""
     k2 = int(cfg.host_clusters)
-    host = int(np.argmax(np.nansum(U1, axis=0)))
-    inside = np.flatnonzero(np.nan_to_num(U1[:, host]) > float(cfg.host_threshold))
+    host, group = host_group(U1, overlap=float(cfg.host_overlap))  # as the engine
+    inside = np.flatnonzero(np.nan_to_num(U1[:, list(group)]).sum(axis=1) > float(cfg.host_threshold))
     if inside.size < max(int(cfg.host_min_positions), 4 * k2):
         logger.info("host cluster %d has %d clear positions: no level-2 refinement", host, inside.size)
         return None
@@ -711,8 +712,8 @@ def _refine_host(backend, U1: np.ndarray, src: Sequence, specs: Sequence[ChunkSp
     inside_scores = [backend.submit(select_positions, all_scores[i], chunk_in[i]) for i in keep]
     sizes = np.array([chunk_in[i].size for i in keep], dtype=np.int64)
     fit = _fit_fcm(backend, inside_scores, sizes, k2, cfg, rs, moments=None, extra_pass=False)
-    logger.info("host cluster %d refined: %d positions, %d components", host, inside.size, space.n_components_)
-    return {"host": host, "n_inside": int(inside.size), "space": space, "centres": fit["centres"],
+    logger.info("host %s refined: %d positions, %d components", group, inside.size, space.n_components_)
+    return {"host": host, "group": tuple(int(h) for h in group), "n_inside": int(inside.size), "space": space, "centres": fit["centres"],
             "objective": fit["objective"], "n_iter": fit["n_iter"], "scores": all_scores}
 
 
@@ -790,7 +791,7 @@ def _run(backend, info: RecordingInfo, cfg: ReplayConfig, chunk_positions: int) 
             outputs = backend.map(chunk_compose, level1, [None] * k, [None] * k, [m] * k, [None] * k, [k2] * k)
         else:
             outputs = backend.map(chunk_compose, level1, host_info.pop("scores"), [host_info["centres"]] * k,
-                                  [m] * k, [host_info["host"]] * k, [k2] * k)
+                                  [m] * k, [host_info["group"]] * k, [k2] * k)
     del src
     seconds["host"] = time.perf_counter() - t
 

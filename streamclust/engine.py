@@ -70,7 +70,7 @@ from . import fcm_kernels
 from .block_balance import BlockBalancer
 from .features import FrameReducer, SpectrumReducer
 from .fcm import DEFAULT_M, FuzzyCMeans, MiniBatchFuzzyCMeans
-from .host_refine import HostRefinement, compose_memberships, match_by_overlap
+from .host_refine import HostRefinement, compose_memberships, host_group, match_by_overlap
 from .incremental_pca import StreamingPCA
 from .position_store import PositionStore
 from .validity import partition_coefficient, partition_entropy, xie_beni
@@ -177,6 +177,9 @@ class StreamingEngine:
         The level-2 space is re-fitted when the host grew by this fraction since its last fit (or
         the host cluster changed, or at :meth:`finalize`); in between only its clusters are
         refreshed.
+    host_overlap : float, default=0.1
+        Level-1 clusters sharing at least this fuzzy overlap of positions with the host join it
+        (:func:`~streamclust.host_refine.host_group`: a film split by thickness is one host).
     blas_threads : int or None, default=1
         BLAS threads while processing (None: leave BLAS alone). One thread avoids BLAS spinning
         against Numba's threads (docs/streaming-statistics.md).
@@ -235,6 +238,7 @@ class StreamingEngine:
         host_sample_size: int = 4096,
         host_min_components: int = 5,
         host_refit_growth: float = 0.5,
+        host_overlap: float = 0.1,
         blas_threads: int | None = 1,
         random_state: int | None = None,
     ) -> None:
@@ -273,6 +277,7 @@ class StreamingEngine:
         self.host_sample_size = host_sample_size
         self.host_min_components = host_min_components
         self.host_refit_growth = host_refit_growth
+        self.host_overlap = host_overlap
         self.blas_threads = blas_threads
         self.random_state = random_state
         self._init_state()
@@ -335,6 +340,9 @@ class StreamingEngine:
         self.n_output_clusters_ = int(self.n_clusters) + int(self.host_clusters)
         self.memberships_ = np.full((n, self.n_output_clusters_), np.nan, dtype=np.float32)
         self.host_cluster_: int | None = None
+        self.host_group_: tuple[int, ...] | None = None
+        # the whole-scan partition, kept beside the composed one (the next refresh warm-starts from it)
+        self.level1_memberships_ = np.full((n, int(self.n_clusters)), np.nan, dtype=np.float32)
         self.host_: HostRefinement | None = None
         self._host_fcm: FuzzyCMeans | None = None
         self._host_scorer: tuple[np.ndarray, np.ndarray] | None = None
@@ -621,7 +629,9 @@ class StreamingEngine:
             Z = x_warm @ A
             Z -= b
             self._fcm.partial_fit(Z)
-            self.memberships_[pos] = self._compose(self._fcm.predict_memberships(Z), x_warm)
+            U1 = self._fcm.predict_memberships(Z)
+            self.level1_memberships_[pos] = U1
+            self.memberships_[pos] = self._compose(U1, x_warm)
             self._times["cluster"] += time.perf_counter() - t
         if sum(p.size for p, _ in self._pending) >= int(self.pending_limit):
             self._flush_pending()
@@ -695,7 +705,7 @@ class StreamingEngine:
         seed = int(self._rng.randint(np.iinfo(np.int32).max))
 
         prev = self._readout
-        U_prev = self._level1(self.memberships_[idx])
+        U_prev = self.level1_memberships_[idx]
         have_prev = self._fcm is not None and not np.isnan(U_prev).any()
         warm_centres = None
         if have_prev:
@@ -745,6 +755,7 @@ class StreamingEngine:
             t_host = time.perf_counter()
             self._refine_host(idx, U, final, seed)
             self._times["host"] += time.perf_counter() - t_host
+        self.level1_memberships_[idx] = U
         self.memberships_[idx] = self._compose_stored(U, idx)
         self._fcm = mb
         self._readout = {"D": D, "V": V, "mean": mean_now}
@@ -763,15 +774,6 @@ class StreamingEngine:
     # ------------------------------------------------------------------------------------------
     # host refinement (level 2)
     # ------------------------------------------------------------------------------------------
-    def _level1(self, U: np.ndarray) -> np.ndarray:
-        """Whole-scan (level-1) memberships from the output columns: the host's mass is back in
-        its own column."""
-        k1 = int(self.n_clusters)
-        u1 = np.array(U[:, :k1], dtype=np.float32)
-        if self.host_cluster_ is not None and U.shape[1] > k1:
-            u1[:, self.host_cluster_] += U[:, k1:].sum(axis=1)
-        return u1
-
     def _inv_c_warm(self) -> np.ndarray:
         c = np.asarray(self._c_warm, dtype=np.float64)
         return np.where(c > 0, 1.0 / np.where(c > 0, c, 1.0), 0.0).astype(np.float32)
@@ -791,19 +793,15 @@ class StreamingEngine:
     def _refine_host(self, idx: np.ndarray, U: np.ndarray, final: bool, seed: int) -> None:
         """Level 2: re-cluster the host cluster among its own positions (module host_refine)."""
         k2 = int(self.host_clusters)
-        mass = U.sum(axis=0)
-        host = int(np.argmax(mass))
-        prev_host = self.host_cluster_
-        if prev_host is not None and host != prev_host and mass[host] < 1.25 * mass[prev_host]:
-            # a film split by thickness into two level-1 clusters of similar size would swap the
-            # host at every refresh and renumber the sub-clusters (flags then flicker): switch
-            # only for a clearly larger cluster
-            host = prev_host
-        inside = idx[U[:, host] > float(self.host_threshold)]
+        # the host: the largest level-1 cluster with those sharing its positions (a film split by
+        # thickness); the primary only changes for a clearly larger cluster, or the sub-clusters
+        # would be renumbered (and flags flicker) at every refresh (host_refine.host_group)
+        host, group = host_group(U, overlap=float(self.host_overlap), previous=self.host_cluster_)
+        inside = idx[U[:, list(group)].sum(axis=1) > float(self.host_threshold)]
         if inside.size < max(int(self.host_min_positions), 4 * k2):
-            logger.debug("host cluster %d has %d clear positions: no refinement yet", host, inside.size)
+            logger.debug("host %s has %d clear positions: no refinement yet", group, inside.size)
             return
-        changed = host != self.host_cluster_
+        changed = host != self.host_cluster_ or group != self.host_group_
         grew = inside.size > (1.0 + float(self.host_refit_growth)) * max(self._host_fit_size, 1)
         refit_space = self.host_ is None or changed or grew or final
         rs = np.random.RandomState(seed)
@@ -850,7 +848,8 @@ class StreamingEngine:
         self._host_fcm = fcm
         self._host_scorer = (A, b)
         self.host_cluster_ = host
-        logger.info("host cluster %d refined: %d positions, %d components, %s", host, inside.size,
+        self.host_group_ = group
+        logger.info("host %s refined: %d positions, %d components, %s", group, inside.size,
                     self.host_.n_components_, "new space" if refit_space else "same space")
 
     def _stored_project(self, A: np.ndarray, b: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -867,7 +866,7 @@ class StreamingEngine:
             return compose_memberships(U, None, None, int(self.host_clusters))
         A, b = self._host_scorer
         U2 = self._host_fcm.predict_memberships(self._stored_project(A, b, idx))
-        return compose_memberships(U, U2, self.host_cluster_, int(self.host_clusters))
+        return compose_memberships(U, U2, self.host_group_, int(self.host_clusters))
 
     def _compose(self, U: np.ndarray, x_warm: np.ndarray) -> np.ndarray:
         if not int(self.host_clusters):
@@ -876,7 +875,7 @@ class StreamingEngine:
             return compose_memberships(U, None, None, int(self.host_clusters))
         A, b = self._host_scorer
         U2 = self._host_fcm.predict_memberships(x_warm @ A - b)
-        return compose_memberships(U, U2, self.host_cluster_, int(self.host_clusters))
+        return compose_memberships(U, U2, self.host_group_, int(self.host_clusters))
 
     def __getstate__(self) -> dict:
         return dict(self.__dict__)

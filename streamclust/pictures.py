@@ -294,12 +294,14 @@ def write_pictures(results_path, out_dir, *, dpi: int = 110) -> list[Path]:
     title = (f"{res['attrs'].get('scan_id', '')}: memberships ({status}, {seen}/{total} positions)")
     attrs = res["clustering"].get("attrs", {})
     host, n_sub = int(attrs.get("host_cluster", -1)), int(attrs.get("host_clusters", 0))
+    group = [int(h) for h in np.atleast_1d(attrs.get("host_group", [host] if host >= 0 else []))]
     names = None
-    if host >= 0 and n_sub:
-        # the host's own column is empty: its positions are in the sub-clusters (host refinement)
+    if group and n_sub:
+        # the host's own columns are empty: their positions are in the sub-clusters
         k1 = u.shape[2] - n_sub
         names = [f"cluster {c}" for c in range(u.shape[2])]
-        names[host] = f"cluster {host}: host, refined into {k1}-{u.shape[2] - 1}"
+        for h in group:
+            names[h] = f"cluster {h}: host, refined into {k1}-{u.shape[2] - 1}"
     written.append(_save(membership_map_figure(u, (ny, nx), flags=flags, title=title, cluster_names=names),
                          out / "membership_map.png", dpi))
     written.append(_save(membership_grid_figure(u, (ny, nx)), out / "membership_per_cluster.png", dpi))

@@ -236,14 +236,14 @@ def _refine_host(raw_blocks, labels, est, n_clusters, k2, threshold, min_compone
                  random_state) -> np.ndarray:
     """Second level on the host cluster (see ``refine_host`` of :func:`run_reference`)."""
     from streamclust.fcm import FuzzyCMeans
-    from streamclust.host_refine import HostRefinement, compose_memberships
+    from streamclust.host_refine import HostRefinement, compose_memberships, host_group
 
     u1 = getattr(est, "memberships_", None)
     if u1 is None or np.asarray(u1).shape != (labels.size, n_clusters):
         u1 = np.eye(n_clusters, dtype=np.float32)[labels]  # a hard partition's memberships
     u1 = np.asarray(u1, dtype=np.float32)
-    host = int(np.argmax(u1.sum(axis=0)))
-    inside = u1[:, host] > threshold
+    host, group = host_group(u1)  # the engine's host: the largest cluster with those sharing it
+    inside = u1[:, list(group)].sum(axis=1) > threshold
     if inside.sum() < max(4 * k2, 8):
         # as the engine: no clear host, no second level (a noisy single-signal clustering)
         logger.info("host cluster %d has %d clear positions: not refined", host, int(inside.sum()))
@@ -255,7 +255,7 @@ def _refine_host(raw_blocks, labels, est, n_clusters, k2, threshold, min_compone
     ref.fit_space(x[inside])
     z2 = ref.project(x)
     fcm = FuzzyCMeans(k2, n_init=10, random_state=random_state).fit(z2[inside])
-    u = compose_memberships(u1, fcm.predict_memberships(z2), host, k2)
+    u = compose_memberships(u1, fcm.predict_memberships(z2), group, k2)
     return np.argmax(u, axis=1)
 
 

@@ -249,7 +249,7 @@ def dask_config(cfg: Config) -> dict:
            # the two-level clustering must be the same as the engine's (docs/host-refinement.md)
            "host_clusters": e.host_clusters, "host_threshold": e.host_threshold,
            "host_min_positions": e.host_min_positions, "host_sample_size": e.host_sample_size,
-           "host_min_components": e.host_min_components}
+           "host_min_components": e.host_min_components, "host_overlap": e.host_overlap}
     if "engine.pca_method" in cfg.explicit:
         out["pca_method"] = e.pca_method
     try:

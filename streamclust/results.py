@@ -296,6 +296,7 @@ class ResultsWriter:
             # the level-1 cluster refined into the last host_clusters columns (-1: none yet)
             "host_cluster": -1 if getattr(eng, "host_cluster_", None) is None else int(eng.host_cluster_),
             "host_clusters": int(getattr(eng, "host_clusters", 0)),
+            "host_group": [int(h) for h in (getattr(eng, "host_group_", None) or ())],
             "explained_variance_ratio": np.asarray(eng.explained_variance_ratio_, np.float64).copy(),
             "cluster_centers": (None if eng.cluster_centers_ is None
                                 else np.asarray(eng.cluster_centers_, np.float64).copy()),
@@ -381,6 +382,7 @@ class ResultsWriter:
             g.attrs["n_components"] = snap["n_components"]
             g.attrs["host_cluster"] = snap["host_cluster"]
             g.attrs["host_clusters"] = snap["host_clusters"]
+            g.attrs["host_group"] = np.asarray(snap["host_group"], dtype=np.int64)
             g.create_dataset("explained_variance_ratio", data=snap["explained_variance_ratio"])
             if snap["cluster_centers"] is not None:
                 g.create_dataset("cluster_centers", data=snap["cluster_centers"])

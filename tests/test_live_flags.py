@@ -3,10 +3,11 @@
 The default lamella phantom (64 x 64, seed 0: eight inclusions, the first crossed at row 12 and
 passed at row 20) is fed to :class:`streamclust.live.LiveAnalysis` in raster batches of 256 as the
 joiner delivers them; flag events go out on a real ZeroMQ PUSH socket and are read back by a PULL
-subscriber. Measured (seed 0): the second phase is flagged at 50 % of the scan (row 32, bbox rows
-12-29, 98 % of the flagged positions second phase); the single-phase phantom raises nothing;
-raising the centre threshold from 0.5 to 0.75 moves the flagged cluster's Fe/Co K-alpha ratio
-toward the second phase's own.
+subscriber. Measured (seed 0): the second phase is flagged at 37.5 % of the scan (row 24, four
+rows after the scan passed the first inclusion; bbox rows 12-23, 98 % of the flagged positions
+second phase) and the flag stays active to the end (88 % precision then); the single-phase phantom
+raises nothing; raising the centre threshold from 0.5 to 0.75 moves the flagged cluster's Fe/Co
+K-alpha ratio from 2.11 to 2.42 (second phase 4.23, matrix 0.53).
 """
 
 from __future__ import annotations
