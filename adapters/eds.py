@@ -255,8 +255,9 @@ class SpectrumReceiver:
                     except zmq.Again:
                         break
                     parts_list.append(parts)
-                    # the next message is most likely as large as this one
-                    if len(parts) == 2:
+                    # the next spectrum is most likely as large as this one (an end marker's
+                    # empty buffer says nothing about the next scan's)
+                    if len(parts) == 2 and len(parts[1]):
                         self._copy = len(parts[1]) < COPY_THRESHOLD
                 self._handle_block(parts_list)
         except BaseException as exc:
@@ -346,7 +347,8 @@ class SpectrumStream:
     :meth:`blocks` yields lists of them (each what had arrived when it was taken, at most
     ``max_block``), which costs one lock per block instead of one per spectrum. Both end at the
     end marker or after ``timeout`` seconds without a spectrum, and may be mixed: nothing taken
-    from the receiver is lost between them.
+    from the receiver is lost between them. One consumer thread at a time: spectra taken but not
+    yet yielded are shared by all the receiver's streams.
     """
 
     def __init__(self, receiver: SpectrumReceiver, timeout: float | None):

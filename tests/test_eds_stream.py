@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from types import SimpleNamespace as NS
 
 import h5py
 import numpy as np
@@ -12,7 +13,7 @@ import zmq
 
 from streamclust.adapters.eds import Spectrum, SpectrumReceiver
 from streamclust.adapters.eds_file import EDSRecordingError, read_eds_recording
-from streamclust.adapters.join import ScanJoiner
+from streamclust.adapters.join import ScanJoiner, join_streams
 from streamclust.adapters.wire import encode_array_message
 from streamclust.simulators.clock import ScanClock
 from streamclust.simulators.eds import ArraySpectrumSource, EDSPublisher
@@ -243,3 +244,85 @@ def test_reader_rejects_a_file_that_is_not_hdf5(tmp_path):
     path.write_bytes(b"MPX,0000000384,HDR," + bytes(100))
     with pytest.raises(EDSRecordingError, match="not an HDF5"):
         read_eds_recording(path)
+
+
+# -- block hand-off (SpectrumStream.blocks) and the bounded buffer ----------------------------
+def test_blocks_yield_every_spectrum_in_order_and_stop_at_the_end_marker(source):
+    with EDSPublisher(source, random_state=0) as pub:
+        with SpectrumReceiver(pub.endpoint) as rx:
+            pub.publish_scan(timeout=30)
+            pub.publish_scan(timeout=30)  # a second scan queued behind the first's end marker
+            deadline = time.monotonic() + 10
+            while rx.stats["ends"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)  # both scans buffered: blocks are as large as they get
+            blocks = list(rx.spectra(timeout=10).blocks(max_block=100))
+            second = list(rx.spectra(timeout=10))
+            stats = rx.stats
+    assert all(0 < len(b) <= 100 for b in blocks) and len(blocks) >= N // 100
+    got = [s for b in blocks for s in b]
+    assert [s.position for s in got] == list(range(N)) == [s.position for s in second]
+    # the second scan's spectra came after the first's end marker, and only from the next stream
+    assert max(s.header["sequence"] for s in got) < min(s.header["sequence"] for s in second)
+    for s in got + second:
+        np.testing.assert_array_equal(s.counts, source.spectra[s.position])
+    assert stats["delivered"] == 2 * N and stats["buffered"] == 0
+
+
+def test_next_and_blocks_can_be_mixed_without_losing_a_spectrum(source):
+    with EDSPublisher(source, random_state=0) as pub:
+        with SpectrumReceiver(pub.endpoint) as rx:
+            pub.publish_scan(timeout=30)
+            stream = rx.spectra(timeout=10)
+            head = [next(stream) for _ in range(7)]
+            middle = next(iter(stream.blocks(max_block=50)))
+            tail = list(stream)
+            assert list(stream.blocks()) == []  # ended: the end marker was consumed
+    positions = [s.position for s in head + middle + tail]
+    assert positions == list(range(N)) and len(middle) == 50
+
+
+def test_a_blocking_receiver_never_holds_more_than_max_buffer(source):
+    with EDSPublisher(source, random_state=0) as pub:
+        with SpectrumReceiver(pub.endpoint, max_buffer=20) as rx:
+            pub.publish_scan(wait=False)
+            stream = rx.spectra(timeout=10)
+            seen_buffered, got = [], []
+            for block in stream.blocks(max_block=7):
+                seen_buffered.append(rx.stats["buffered"])
+                got.extend(block)
+                time.sleep(0.002)  # a slow consumer: the thread must wait, not overfill
+    assert [s.position for s in got] == list(range(N))
+    assert max(seen_buffered) <= 20 and rx.stats["dropped_full"] == 0
+
+
+def test_spectra_above_the_copy_threshold_arrive_intact():
+    # 8,192 float64 channels = 64 KiB: from the second message on they are received zero-copy
+    rng = np.random.default_rng(3)
+    spectra = rng.random((40, 8192))
+    src = ArraySpectrumSource(spectra, scan_shape=(40,))
+    with EDSPublisher(src, random_state=0) as pub:
+        with SpectrumReceiver(pub.endpoint) as rx:
+            pub.publish_scan(timeout=30)
+            got = list(rx.spectra(timeout=10))
+            assert rx._copy is False
+    assert [s.position for s in got] == list(range(40))
+    for s in got:
+        assert s.counts.dtype == np.float64 and not s.counts.flags.writeable
+        np.testing.assert_array_equal(s.counts, spectra[s.position])
+
+
+def test_join_streams_over_a_live_receiver_accounts_for_every_spectrum(source):
+    # the receiver's stream goes to the joiner in blocks; faults must still be counted exactly
+    frames = [NS(position=p, image=np.full((2, 2), p, np.uint16)) for p in range(N)]
+    with EDSPublisher(source, random_state=5, drop=0.05, duplicate=0.05, reorder=0.1) as pub:
+        with SpectrumReceiver(pub.endpoint) as rx:
+            totals = pub.publish_scan(timeout=30)
+            stream = join_streams(iter(frames), rx.spectra(timeout=10), N, batch_size=32)
+            batches = list(stream)
+    s = stream.stats
+    assert s["spectra_in"] == totals["sent"] == rx.stats["delivered"]
+    assert s["joined"] == N - totals["dropped"] and s["duplicate_spectra"] == totals["duplicated"]
+    for b in batches:
+        for i in np.flatnonzero(b.has_spectrum):
+            assert b.spectra[i, 0] == b.positions[i] == b.frames[i, 0, 0]
+    stream.joiner.check_invariants()

@@ -428,3 +428,58 @@ def test_spectra_wait_out_a_frame_stall_that_would_expire_frames():
     k.poll(now=2.5)
     assert k.stats["expired_frames"] == 1
     assert j.check_invariants() and k.check_invariants()
+
+
+# -- spectra handed over in blocks (SpectrumStream.blocks) -----------------------------------------
+class BlockSpectra:
+    """A spectrum source offering ``blocks()`` (as ``SpectrumStream`` does); plain iteration is an error,
+    so a test passes only if the joiner took the block path."""
+
+    def __init__(self, items, block_size, fail_after=None):
+        self.items, self.block_size, self.fail_after = items, block_size, fail_after
+        self.blocks_taken = 0
+
+    def __iter__(self):
+        raise AssertionError("a source with blocks() must be consumed by blocks")
+
+    def blocks(self):
+        for i in range(0, len(self.items), self.block_size):
+            if self.fail_after is not None and self.blocks_taken == self.fail_after:
+                raise ConnectionError("EDS link died")
+            self.blocks_taken += 1
+            yield self.items[i:i + self.block_size]
+
+
+def test_join_streams_takes_spectra_by_blocks_and_accounts_for_each():
+    n = 200
+    rng = np.random.default_rng(4)
+    frames = [NS(sequence=p + 1, image=frame(p)) for p in range(n)]
+    spectra = [NS(position=int(p), counts=spectrum(p)) for p in rng.permutation(n) if p % 10 != 3]
+    spectra.insert(5, spectra[3])                            # a duplicate inside one block
+    spectra.append(NS(position=n + 7, counts=spectrum(0)))   # outside the scan
+    spectra.append(NS(position=0, counts=np.zeros(C + 1, np.uint32)))  # wrong length
+    source = BlockSpectra(spectra, block_size=32)
+    stream = join_streams(iter(frames), source, n, batch_size=16, on_missing="emit")
+    rows = all_rows(list(stream))
+    s = stream.stats
+    assert source.blocks_taken == -(-len(spectra) // 32)
+    assert s["spectra_in"] == len(spectra) and s["joined"] == 180
+    assert s["duplicate_spectra"] == 1 and s["out_of_range_spectra"] == 1 and s["rejected_spectra"] == 1
+    assert sorted(p for p, _, _ in rows) == list(range(n))  # frames without spectrum emitted alone
+    for p, b, i in rows:
+        if b.has_spectrum[i]:
+            assert b.spectra[i, 0] == p + 1000
+    stream.joiner.check_invariants()
+
+
+def test_join_streams_reraises_a_failing_block_source():
+    spectra = [NS(position=p, counts=spectrum(p)) for p in range(8)]
+    stream = join_streams([NS(sequence=p + 1, image=frame(p)) for p in range(8)],
+                          BlockSpectra(spectra, block_size=4, fail_after=1), 8, batch_size=4)
+    batches = []
+    with pytest.raises(RuntimeError, match="source") as info:
+        for b in stream:
+            batches.append(b)
+    assert isinstance(info.value.__cause__, ConnectionError)
+    paired = sorted(int(p) for b in batches for p, has in zip(b.positions, b.has_spectrum) if has)
+    assert paired == [0, 1, 2, 3]  # the block taken before the failure was joined

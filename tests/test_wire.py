@@ -141,6 +141,14 @@ MALFORMED = {
     "too_large": with_header(shape=[1 << 40, 1 << 20]),
     "size_mismatch": with_header(shape=[2, 3]),
     "wrong_stream": with_header(stream="eds"),
+    # JSON true and 1.0 compare equal to 1: the version must be the integer itself
+    "bad_version_bool": with_header(version=True),
+    "bad_version_float": with_header(version=1.0),
+    # the 1-D fast path (spectra) checks what the general one does
+    "bad_shape_1d_negative": with_header(shape=[-4]),
+    "bad_shape_1d_bool": with_header(shape=[True]),
+    "bad_shape_1d_float": with_header(shape=[4.0]),
+    "size_mismatch_1d": with_header(shape=[5]),
 }
 
 
@@ -151,7 +159,9 @@ def test_each_malformed_kind_is_rejected_with_its_kind(push_pull, name):
     kind = {"bad_json_utf8": "bad_json", "bad_json_array": "bad_json", "missing_stream_key": "missing_key",
             "bad_value_bool": "bad_value", "bad_sequence": "bad_value", "bad_dtype_native": "bad_dtype",
             "bad_dtype_noncanonical": "bad_dtype", "bad_shape_type": "bad_shape",
-            "wrong_stream": "wrong_stream"}.get(name, name)
+            "wrong_stream": "wrong_stream", "bad_version_bool": "bad_version", "bad_version_float": "bad_version",
+            "bad_shape_1d_negative": "bad_shape", "bad_shape_1d_bool": "bad_shape", "bad_shape_1d_float": "bad_shape",
+            "size_mismatch_1d": "size_mismatch"}.get(name, name)
     with pytest.raises(WireFormatError) as info:
         recv_array(pull, max_bytes=1 << 20, expect_stream="frame")
     assert info.value.kind == kind
@@ -193,3 +203,39 @@ def test_random_headers_only_ever_raise_wire_format_error(head, buf):
     except WireFormatError:
         return
     assert arr.nbytes == len(buf)
+
+
+def test_a_cached_dtype_does_not_let_a_different_one_through():
+    # "<u2" is validated once and then looked up; its neighbours must still be judged on their own
+    ok = with_header(shape=[4])
+    for _ in range(2):
+        header, array = decode_array_message(ok)
+        assert array.dtype == np.dtype("<u2") and array.tolist() == [0, 1, 2, 3]
+    big = with_header(dtype=">u2", shape=[4])
+    assert decode_array_message(big)[1].tolist() == [0, 256, 512, 768]
+    for bad in ("|u2", "=u2", "<u2 ", "u2"):
+        with pytest.raises(WireFormatError) as info:
+            decode_array_message(with_header(dtype=bad, shape=[4]))
+        assert info.value.kind == "bad_dtype"
+
+
+def test_headers_are_parsed_as_json_loads_would():
+    _, buf = good_parts()
+    head = json.loads(with_header()[0])
+    text = json.dumps(head)
+    assert decode_array_message([f"  {text}\n".encode(), buf])[0] == head  # whitespace around: fine
+    for bad in (text + "x", text + text, "\ufeff" + text):
+        with pytest.raises(WireFormatError) as info:
+            decode_array_message([bad.encode(), buf])
+        assert info.value.kind == "bad_json"
+
+
+def test_bytes_parts_from_a_copying_receive_decode_like_frames(push_pull):
+    push, pull = push_pull
+    parts = encode_array_message(frame_header(), np.arange(12, dtype="<i4").reshape(3, 4))
+    push.send_multipart(parts)
+    copied = pull.recv_multipart(copy=True)
+    assert all(type(p) is bytes for p in copied)
+    header, array = decode_array_message(copied)
+    assert array.shape == (3, 4) and array.tolist() == np.arange(12).reshape(3, 4).tolist()
+    assert not array.flags.writeable
