@@ -539,12 +539,7 @@ class JoinedStreams:
                 with cv:
                     add(position, array)
                     # poll on every item: complete batches leave at once, expiry stays current
-                    done = joiner.poll()
-                    if done:
-                        self._batches.extend(done)
-                        cv.notify_all()
-                    while len(self._batches) > self.max_batches and not stop.is_set():
-                        cv.wait(0.1)  # bounded: back-pressure on the source
+                    self._hand_over_locked()
                 if stop.is_set():
                     return
         except BaseException as exc:
@@ -559,20 +554,25 @@ class JoinedStreams:
         """Offer spectra a block at a time (``SpectrumStream.blocks()``): one lock and one poll
         per block instead of per spectrum; a block holds only what had already arrived, so this
         adds no wait."""
-        joiner, cv, stop = self.joiner, self._cv, self._stop
-        add = joiner.add_spectrum
+        cv, stop = self._cv, self._stop
+        add = self.joiner.add_spectrum
         for block in blocks:
             with cv:
                 for item in block:
                     add(int(item.position), item.counts)
-                done = joiner.poll()
-                if done:
-                    self._batches.extend(done)
-                    cv.notify_all()
-                while len(self._batches) > self.max_batches and not stop.is_set():
-                    cv.wait(0.1)  # bounded: back-pressure on the source
+                self._hand_over_locked()
             if stop.is_set():
                 return
+
+    def _hand_over_locked(self) -> None:
+        """With the lock held: move completed batches to the consumer, then wait while too many
+        are queued (bounded back-pressure on the source calling this)."""
+        done = self.joiner.poll()
+        if done:
+            self._batches.extend(done)
+            self._cv.notify_all()
+        while len(self._batches) > self.max_batches and not self._stop.is_set():
+            self._cv.wait(0.1)
 
     def __iter__(self) -> Iterator[Batch]:
         if self._started:
