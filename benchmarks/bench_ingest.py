@@ -177,22 +177,29 @@ def drain(server: RemoteMerlin, n_frames: int, stream: dict) -> tuple[float, flo
     return n / (t1 - t0), (c1 - c0) / n * 1e6
 
 
+def _timed_count(it) -> tuple[int, float, float]:
+    """Exhaust ``it``; the clock starts at its first item (connection set-up is not timed).
+    Returns (items, items/s, CPU microseconds of all threads of this process an item)."""
+    next(it)
+    t0, c0 = time.perf_counter(), time.process_time()
+    count = 1
+    for _ in it:
+        count += 1
+    t1, c1 = time.perf_counter(), time.process_time()
+    n = max(count - 1, 1)
+    return count, n / (t1 - t0), (c1 - c0) / n * 1e6
+
+
 def receive(server: RemoteMerlin, n_frames: int) -> tuple[float, float]:
     """MerlinReceiver + decode only (what the frames thread of the join does): frames/s and CPU
     microseconds (all threads of this process) a frame."""
     with MerlinReceiver(*server.data_address, timeout=10.0) as rx:
-        it = rx.frames()
-        next(it)
-        t0, c0 = time.perf_counter(), time.process_time()
-        count = 1
-        for _ in it:
-            count += 1
-        t1, c1 = time.perf_counter(), time.process_time()
+        count, rate, cpu_us = _timed_count(rx.frames())
         complete = rx.stats.complete
     server.wait_until_idle()
     if count != n_frames or not complete:
         raise RuntimeError(f"received {count} of {n_frames} frames")
-    return (count - 1) / (t1 - t0), (c1 - c0) / (count - 1) * 1e6
+    return rate, cpu_us
 
 
 def ingest(server: RemoteMerlin, eds: RemoteEDS, n_frames: int) -> tuple[float, dict]:
@@ -247,20 +254,14 @@ def eds_only(eds: RemoteEDS, n: int) -> tuple[float, float]:
     """The EDS stream alone (SpectrumReceiver, no frames, no join): spectra/s and CPU us a spectrum."""
     with SpectrumReceiver(eds.endpoint, max_buffer=8192) as spectra_rx:
         eds.publish(n)
-        it = spectra_rx.spectra(timeout=10.0)
-        next(it)
-        t0, c0 = time.perf_counter(), time.process_time()
-        count = 1
-        for _ in it:
-            count += 1
-        t1, c1 = time.perf_counter(), time.process_time()
+        count, rate, cpu_us = _timed_count(spectra_rx.spectra(timeout=10.0))
         eds.result()
         # lost_in_transport > 0: never reached this receiver; received > delivered: lost in it
         report = dict(spectra_rx.end_report(), delivered=spectra_rx.stats["delivered"])
     _let_the_publisher_see_the_receiver_go()
     if count != n:
         raise RuntimeError(f"received {count} of {n} spectra: {report}")
-    return (count - 1) / (t1 - t0), (c1 - c0) / (count - 1) * 1e6
+    return rate, cpu_us
 
 
 def stage_rates(stream: dict) -> dict:
