@@ -43,9 +43,8 @@ import logging
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from sklearn.decomposition import PCA
-
 from streamclust.fcm import DEFAULT_M
+from streamclust.sample_pca import one_percent_pca
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +72,8 @@ class HostRefinement:
         second on one core at 4,586 features).
     m : float
         Fuzzifier of the level-2 clustering.
+    iterated_power : int, default=7
+        Power iterations of the randomized SVD (:mod:`streamclust.sample_pca`).
     random_state : int or None
 
     Attributes
@@ -93,7 +94,7 @@ class HostRefinement:
 
     def __init__(self, n_cbed: int, n_clusters: int = 6, *, threshold: float = 0.9, min_components: int = 5,
                  max_components: int = 20, min_explained_ratio: float = 0.01, sample_size: int = 4096,
-                 m: float = DEFAULT_M, random_state: int | None = None) -> None:
+                 m: float = DEFAULT_M, iterated_power: int = 7, random_state: int | None = None) -> None:
         self.n_cbed = n_cbed
         self.n_clusters = n_clusters
         self.threshold = threshold
@@ -102,6 +103,7 @@ class HostRefinement:
         self.min_explained_ratio = min_explained_ratio
         self.sample_size = sample_size
         self.m = m
+        self.iterated_power = iterated_power
         self.random_state = random_state
 
     def fit_space(self, X: np.ndarray) -> HostRefinement:
@@ -125,25 +127,21 @@ class HostRefinement:
             v_e = float(S[:, nc:].var(axis=0).sum())
             factor = float(np.sqrt(v_c / v_e)) if v_e > 0 else 1.0
         S[:, nc:] *= np.float32(factor)
-        # the 1 % rule needs the ratios of the first max_components + 1 components; a few more
-        # keep the randomized SVD accurate for those, and 3 power iterations suffice for them
-        # (scikit-learn's default 7 on 50 components took 7 s of the engine's 11 at 128 x 128)
-        n_max = int(min(int(self.max_components) + 10, n - 1, f))
-        solver = "randomized" if n_max < min(n, f) // 2 else "full"
-        pca = PCA(n_components=n_max, svd_solver=solver, iterated_power=3,
-                  random_state=self.random_state).fit(S)
-        evr = pca.explained_variance_ratio_
-        below = np.nonzero(evr < float(self.min_explained_ratio))[0]
-        k = int(below[0]) if below.size else int(evr.size)
-        k = int(np.clip(k, min(int(self.min_components), evr.size), int(self.max_components)))
+        # randomized SVD with 7 power iterations: the host's spectrum is flat near 1 %, and fewer
+        # flipped the kept count and the level-2 partition with it (streamclust.sample_pca)
+        pca = one_percent_pca(S, max_components=int(self.max_components), min_components=int(self.min_components),
+                              min_explained_ratio=float(self.min_explained_ratio),
+                              iterated_power=int(self.iterated_power), random_state=self.random_state)
+        k = pca.n_components
+        evr = pca.explained_variance_ratio
         w = np.ones(f)
         w[nc:] = factor
         self.center_ = med.astype(np.float64)
         self.scale_ = iqr
         self.eds_factor_ = factor
         self.multiplier_ = w / iqr
-        self.components_ = pca.components_[:k].T.astype(np.float64)
-        self.mean_ = self.center_ * self.multiplier_ + pca.mean_.astype(np.float64)
+        self.components_ = pca.components
+        self.mean_ = self.center_ * self.multiplier_ + pca.mean
         self.n_components_ = k
         self.explained_variance_ratio_ = evr[:k].copy()
         self.n_samples_fit_ = n

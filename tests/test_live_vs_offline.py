@@ -133,9 +133,10 @@ def test_replayed_features_give_the_same_result(live_scan):
 # ------------------------------------------------------------------ the whole lamella, two levels
 # The default phantom's whole scan (substrate, film with small inclusions, caps): one level finds
 # no second phase (F1 0.17, tests/test_reference.py); the host refinement (streamclust.host_refine)
-# finds it live as well as offline. Measured (seed 0, 64 x 64, the host a group of level-1 film
-# clusters): live F1 0.67, reference 0.65, ARI live vs reference 0.92 (0.75 / 0.75 / 0.95 with a
-# single-cluster host, which found the second phase only at the end of the scan).
+# finds it live as well as offline. Measured (64 x 64, seeds 0 / 2 / 3): ARI live vs reference
+# 0.988 / 0.993 / 0.993 since the final refresh reads the PCA from the stored positions
+# (engine ``final_pca_sample``; with the streaming sketch's read-out 0.918 / 0.948 / 0.646) and
+# level 2 uses 7 power iterations (streamclust.sample_pca).
 @pytest.fixture(scope="module")
 def whole_scan():
     ph = LamellaPhantom(scan_shape=(64, 64), seed=0)
@@ -178,4 +179,7 @@ def test_whole_lamella_second_phase_is_its_own_cluster_live(whole_scan, record_p
     # one cluster (not a union) is the second phase, and it is a sub-cluster of the host
     assert live.single >= 0.6 and live.single_cluster >= N_CLUSTERS
     assert f1_one < 0.4
-    assert ari >= 0.9
+    assert ari >= 0.95, f"whole lamella, two levels: live partition disagrees with the reference: ARI {ari:.3f}"
+    # the final read-out came from the stored positions, and kept the reference's component count
+    assert eng.stats_["sample_pca"] == 1
+    assert abs(eng.n_components_ - ref.n_components) <= 1
