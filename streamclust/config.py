@@ -233,6 +233,8 @@ class EngineSection:
     store: str = _opt("auto", _choice("auto", "counts", "full", "basis"),
                       "per-position representation (docs/engine.md)")
     final_n_init: int = _opt(10, _int(1), "k-means++ restarts of the final re-fit")
+    final_pca_sample: int = _opt(8192, _int(0), "stored positions the final PCA read-out is taken from "
+                                                 "(0: the streaming sketch's)")
     host_clusters: int = _opt(6, _host_clusters,
                               "sub-clusters of the host phase (0: single level; docs/host-refinement.md)")
     host_threshold: float = _opt(0.9, _float(0.0, 1.0, lo_open=True, hi_open=True),
@@ -288,7 +290,7 @@ class FlagsSection:
     min_positions: int = _opt(8, _int(1), "smallest cluster (positions)")
     membership_threshold: float = _opt(0.5, _float(0.0, 1.0, hi_open=True), "membership counted as inside")
     min_component_size: int = _opt(4, _int(1), "smallest connected component counted")
-    coherence: float = _opt(0.6, _float(0.0, 1.0), "fraction of the cluster inside counted components")
+    coherence: float = _opt(0.5, _float(0.0, 1.0), "fraction of the cluster inside counted components")
     max_extent: float = _opt(0.5, _float(0.0, 1.0, lo_open=True), "largest component span (scan fraction)")
     max_open: float = _opt(0.2, _float(0.0, 1.0), "largest unscanned fraction of a component's ring")
     min_block_distance: float = _opt(0.6, _float(0.0), "cross-fitted separation needed in each block")
@@ -301,6 +303,10 @@ class FlagsSection:
     embedded_only: bool = _opt(True, _bool, "count only components that do not touch the scan frame")
     max_band_rows: int = _opt(3, _int(0), "components within this many rows spanning max_extent of the width "
                                           "are one band (an interface), not inclusions; 0: off")
+    min_contiguity: float = _opt(0.5, _float(0.0, 1.0), "fraction of the flagged positions' scanned "
+                                                        "8-neighbours in the same cluster")
+    min_ring_share: float = _opt(0.25, _float(0.0, 1.0), "a cluster holding this share of the ring "
+                                                         "(and at least the candidate's size) must be distinct too")
 
 
 @dataclass(frozen=True)

@@ -22,17 +22,23 @@ engine holds after :meth:`~streamclust.engine.StreamingEngine.finalize`:
    (``HostRefinement.fit_space`` on a worker), its positions are clustered as in 4, and every
    position's memberships are composed by the product rule;
 6. **memberships, validity and thresholded centres** per chunk (frames re-read and binned to
-   32 x 32, as the live analysis stores them), merged.
+   32 x 32, as the live analysis stores them), merged;
+7. **second-phase flags** (``cfg.flags``): the live analysis' end-of-scan assessment, with the block
+   distances from mergeable per-fold sums (:mod:`streamclust.flag_sums`; the sums share pass 6,
+   the projections on the fitted directions are one more pass) and the map-level criteria on the
+   client (:class:`~streamclust.flags.SecondPhaseFlagger` through its ``block_distances`` hook).
 
 Reduced features are cached on the workers between passes when they fit ``cache_features_bytes``;
 otherwise each pass re-reads its chunk. Results go to ``out_dir/results.h5``.
 
-What differs from the streaming engine (``docs/dask.md``): the engine's final refresh also runs a
-warm start from its live memberships and keeps the lower objective; a replay has no live history,
-so it keeps the re-fit. Its seed is the first draw of ``RandomState(random_state)``, where the
-engine's final refresh uses the draw of its last refresh. Level 2 is fitted on ``x * c_final``
-where the engine uses its warm-up space ``x * c_warm`` (the same up to features whose host IQR
-is 0).
+The seed is the engine's: the draw of ``RandomState(random_state)`` its final refresh makes, which
+:func:`final_refresh_draw` counts from the single-process replay's batches and the engine's
+refresh schedule (level 2 on a small host has near-equal FCM optima: with the first draw instead,
+ARI 0.96 against the single-process replay, 1.000 with this one). What still differs from the
+streaming engine (``docs/dask.md``): its final refresh also runs a warm start from its live
+memberships and keeps the lower objective; its host choice prefers the previous refresh's host
+(``host_group(previous=...)``); the flags have no history (a flag raised earlier in the scan and
+retracted is not in the replay's log; a flag kept only by hysteresis is not raised).
 """
 
 from __future__ import annotations
@@ -42,9 +48,10 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import wraps
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import h5py
@@ -61,13 +68,15 @@ from .fcm import DEFAULT_M, FuzzyCMeans
 from .fcm_kernels import predict_memberships, sq_euclidean
 from .host_refine import HostRefinement, compose_memberships, host_group
 from .incremental_pca import StreamingPCA
+from .flag_sums import DistancePlan, FoldSums, ProjectionMoments, eds_window, flag_features, pair_distances, scan_fold
 from .mergeable import CentreSums, FCMSums, merge_all, merge_into
 from .robust_scaling import FeatureMoments
 from .validity import ValidityAccumulator
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ReplayConfig", "RecordingInfo", "probe_recording", "replay_dask", "replay_local"]
+__all__ = ["ReplayConfig", "RecordingInfo", "final_refresh_draw", "probe_recording", "replay_dask", "replay_flags",
+           "replay_local"]
 
 RESULTS_NAME = "results.h5"
 
@@ -88,6 +97,16 @@ class ReplayConfig:
     workers between passes when the whole scan needs at most this much; else every pass re-reads.
     ``centre_shape``: binned pattern shape of the thresholded centres (the live analysis uses 32 x 32).
     ``fan_in``: partial states merged per reduction task.
+    ``final_pca_sample``: the PCA as the engine's final refresh takes it, a randomized PCA
+    (:mod:`streamclust.sample_pca`) of at most this many complete positions, the engine's seeded
+    sample; 0: the exact scatter (or sketch, ``pca_method``) of all complete positions, merged.
+    ``batch_size``, ``warmup_positions``, ``refresh_every``: the single-process replay's batches
+    (``[scan] batch_size``) and the engine's schedule (``"auto"`` resolved as ``[engine]`` does;
+    the defaults are ``streamclust replay``'s, not ``StreamingEngine``'s 512 and 4096): they fix
+    how many seeds the engine draws before its final refresh, whose draw the replay uses
+    (:func:`final_refresh_draw`).
+    ``flags``: the end-of-scan second-phase assessment (:mod:`streamclust.flag_sums`) with
+    :class:`~streamclust.flags.SecondPhaseFlagger` parameters ``flag_params`` (``[flags]``).
     """
 
     n_clusters: int = 6
@@ -119,6 +138,12 @@ class ReplayConfig:
     random_state: int | None = 0
     cache_features_bytes: int = 2**30
     fan_in: int = 4
+    final_pca_sample: int = 8192
+    batch_size: int = 256
+    warmup_positions: int | str = "auto"
+    refresh_every: int | str | None = "auto"
+    flags: bool = True
+    flag_params: Mapping | None = None
 
     @classmethod
     def from_any(cls, config: ReplayConfig | Mapping | None) -> ReplayConfig:
@@ -142,6 +167,26 @@ class ReplayConfig:
             raise ValueError(f"host_clusters must be 0 (off) or >= 2, got {self.host_clusters!r}")
         if int(self.max_components) < 1 or int(self.fan_in) < 2 or int(self.refit_sample) < int(self.n_clusters):
             raise ValueError("max_components >= 1, fan_in >= 2 and refit_sample >= n_clusters are required")
+        if int(self.batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
+        for name in ("warmup_positions", "refresh_every"):
+            v = getattr(self, name)
+            if not (v == "auto" or (v is None and name == "refresh_every") or (isinstance(v, (int, np.integer))
+                                                                                and int(v) >= 1)):
+                raise ValueError(f"{name} must be a positive integer or 'auto', got {v!r}")
+        if self.flag_params is not None:
+            from .flags import SecondPhaseFlagger
+
+            SecondPhaseFlagger(**dict(self.flag_params))  # unknown or invalid parameters fail here
+
+    def schedule(self, n_positions: int) -> tuple[int, int | None]:
+        """``(warmup_positions, refresh_every)`` resolved for a scan (``[engine]``'s "auto" rules)."""
+        n = int(n_positions)
+        w = self.warmup_positions
+        w = max(int(self.n_clusters), min(512, n // 4)) if w == "auto" else int(w)
+        r = self.refresh_every
+        r = max(512, n // 8) if r == "auto" else (None if r is None else int(r))
+        return w, r
 
 
 @dataclass(frozen=True)
@@ -351,11 +396,13 @@ class _ScalingState:
 
     balancer: BlockBalancer | None
     counters: dict
+    masks: list = field(default_factory=list)  # (positions, has_frame, has_spectrum) per chunk
 
     def merge(self, other: _ScalingState) -> _ScalingState:
         if other.balancer is not None:
             self.balancer = other.balancer if self.balancer is None else self.balancer.merge(other.balancer)
         self.counters = _add_counts(self.counters, other.counters)
+        self.masks = self.masks + other.masks
         return self
 
 
@@ -368,7 +415,9 @@ def scaling_partial(src, info: RecordingInfo, cfg: ReplayConfig) -> _ScalingStat
     if both.any():
         bal = BlockBalancer(blocks=("cbed", "eds"), scaler_params=cfg.scaler_params)
         bal.partial_fit({"cbed": feats.cbed[both], "eds": feats.eds[both]})
-    return _ScalingState(bal, dict(feats.counters))
+    # which positions have which signal: the engine's refresh schedule and the flags' scanned mask
+    masks = [(feats.positions.astype(np.int64), feats.has_frame.copy(), feats.has_spectrum.copy())]
+    return _ScalingState(bal, dict(feats.counters), masks)
 
 
 def _scaled(feats: ChunkFeatures, multiplier: np.ndarray, centre: np.ndarray, n_cbed: int) -> np.ndarray:
@@ -392,14 +441,21 @@ def _new_pca(cfg: ReplayConfig, n_features: int) -> StreamingPCA:
                         exact_max_features=int(cfg.exact_max_features), gram_dtype=cfg.pca_gram_dtype)
 
 
-@_one_blas_thread
-def pca_partial(src, info: RecordingInfo, cfg: ReplayConfig, scaling: dict) -> StreamingPCA | None:
-    """Pass 2 on one chunk: PCA state of the complete positions at the final scales."""
+def _complete_scaled(src, info: RecordingInfo, cfg: ReplayConfig, scaling: dict) -> np.ndarray | None:
+    """One chunk's complete positions (frame and spectrum) at the final scales, or None."""
     feats = _features(src, info, cfg)
     both = feats.has_frame & feats.has_spectrum
     if not both.any():
         return None
-    x = _scaled(feats, scaling["multiplier"], scaling["centre"], scaling["n_cbed"])[both]
+    return _scaled(feats, scaling["multiplier"], scaling["centre"], scaling["n_cbed"])[both]
+
+
+@_one_blas_thread
+def pca_partial(src, info: RecordingInfo, cfg: ReplayConfig, scaling: dict) -> StreamingPCA | None:
+    """Pass 2 on one chunk: PCA state of the complete positions at the final scales."""
+    x = _complete_scaled(src, info, cfg, scaling)
+    if x is None:
+        return None
     pca = _new_pca(cfg, x.shape[1])
     return pca.partial_fit(x, warmup_multiplier=scaling["multiplier"])
 
@@ -506,12 +562,61 @@ class ChunkResult:
 class _FinalState:
     validity: ValidityAccumulator
     centres: CentreSums | None
+    folds: FoldSums | None = None
+    both: list = field(default_factory=list)  # (positions, has both signals) per chunk
 
     def merge(self, other: _FinalState) -> _FinalState:
         self.validity += other.validity
+        self.both = self.both + other.both
         if other.centres is not None:
             self.centres = other.centres if self.centres is None else self.centres.merge(other.centres)
+        if other.folds is not None:
+            self.folds = other.folds if self.folds is None else self.folds.merge(other.folds)
         return self
+
+
+@dataclass
+class _FlagMoments:
+    """Projection moments of both flag blocks (:class:`~streamclust.flag_sums.ProjectionMoments`)."""
+
+    cbed: ProjectionMoments
+    eds: ProjectionMoments
+
+    def merge(self, other: _FlagMoments) -> _FlagMoments:
+        self.cbed.merge(other.cbed)
+        self.eds.merge(other.eds)
+        return self
+
+
+def _membership_threshold(cfg: ReplayConfig) -> float:
+    return float(dict(cfg.flag_params or {}).get("membership_threshold", 0.5))
+
+
+def _chunk_flag_inputs(result: ChunkResult, raw: ChunkRaw, info: RecordingInfo, cfg: ReplayConfig,
+                       spec: ChunkSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Memberships, folds and binned patterns of the chunk's positions with both signals."""
+    both = raw.has_frame & raw.has_spectrum
+    u = np.full((raw.positions.size, result.memberships.shape[1]), np.nan, dtype=np.float32)
+    u[result.positions - spec.start] = result.memberships
+    h, w = info.frame_shape
+    b = max(1, min(h, w) // int(cfg.centre_shape[0]))
+    reducer = FrameReducer(bin_factor=b, frame_shape=(h, w)).fit()
+    shape = (h // b, w // b)
+    binned = reducer.transform(raw.frames[both]).reshape(-1, *shape)
+    return both, u[both], binned, raw.spectra[both], scan_fold(raw.positions[both], info.scan_shape[1])
+
+
+@_one_blas_thread
+def chunk_flag_moments(result: ChunkResult, info: RecordingInfo, cfg: ReplayConfig, spec: ChunkSpec,
+                       plan: DistancePlan) -> _FlagMoments | None:
+    """Second flag pass: moments of the chunk's projections on the fitted directions (frames re-read)."""
+    raw = read_chunk(info, spec)
+    both, u, binned, spectra, fold = _chunk_flag_inputs(result, raw, info, cfg, spec)
+    if not both.any():
+        return None
+    cbed, eds = flag_features(binned, spectra, eds_window(np.asarray(info.energy_axis_kev)))
+    member = np.nan_to_num(u.astype(np.float64)) > _membership_threshold(cfg)
+    return _FlagMoments(*plan.moments(member, fold, cbed, eds))
 
 
 @_one_blas_thread
@@ -522,29 +627,27 @@ def chunk_memberships(chunk: ChunkScores, centres: np.ndarray, m: float) -> Chun
 
 
 @_one_blas_thread
-def chunk_final(result: ChunkResult, level1: ChunkResult, chunk: ChunkScores, info: RecordingInfo,
-                cfg: ReplayConfig, centres: np.ndarray, spec: ChunkSpec) -> _FinalState:
-    """Last pass: validity sums (level 1, as the engine's ``validity_``) and thresholded-centre sums
-    of the output memberships (frames re-read, binned as the live analysis stores them)."""
+def chunk_final(result: ChunkResult, level1: ChunkResult | None, chunk: ChunkScores | None, info: RecordingInfo,
+                cfg: ReplayConfig, centres: np.ndarray | None, spec: ChunkSpec) -> _FinalState:
+    """Last pass: validity sums (level 1, as the engine's ``validity_``; skipped without
+    ``level1``), thresholded-centre sums of the output memberships (frames re-read, binned as the
+    live analysis stores them) and, with ``cfg.flags``, the flags' per-fold sums."""
     acc = ValidityAccumulator(m=float(cfg.m))
-    Z = np.ascontiguousarray(chunk.scores)
-    if Z.shape[0]:
-        acc.update(level1.memberships, sq_euclidean(Z, centres))
+    if level1 is not None and chunk is not None and chunk.scores.shape[0]:
+        acc.update(level1.memberships, sq_euclidean(np.ascontiguousarray(chunk.scores), centres))
     raw = read_chunk(info, spec)
-    both = raw.has_frame & raw.has_spectrum
+    both, u, binned, spectra, fold = _chunk_flag_inputs(result, raw, info, cfg, spec)
+    masks = [(raw.positions, both)]
     if not both.any():
-        return _FinalState(acc, None)
-    # memberships by position (result rows follow the chunk's kept positions)
-    u = np.full((raw.positions.size, result.memberships.shape[1]), np.nan, dtype=np.float32)
-    u[result.positions - spec.start] = result.memberships
-    h, w = info.frame_shape
-    b = max(1, min(h, w) // int(cfg.centre_shape[0]))
-    reducer = FrameReducer(bin_factor=b, frame_shape=(h, w)).fit()
-    shape = (h // b, w // b)
-    binned = reducer.transform(raw.frames[both]).reshape(-1, *shape)
-    sums = CentreSums.from_data(u[both], binned, raw.spectra[both], thresholds=tuple(cfg.thresholds),
-                                cbed_shape=shape)
-    return _FinalState(acc, sums)
+        return _FinalState(acc, None, None, masks)
+    sums = CentreSums.from_data(u, binned, spectra, thresholds=tuple(cfg.thresholds),
+                                cbed_shape=binned.shape[1:])
+    folds = None
+    if cfg.flags:
+        cbed, eds = flag_features(binned, spectra, eds_window(np.asarray(info.energy_axis_kev)))
+        member = np.nan_to_num(u.astype(np.float64)) > _membership_threshold(cfg)
+        folds = FoldSums.from_data(member, fold, cbed, eds)
+    return _FinalState(acc, sums, folds, masks)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -619,9 +722,52 @@ def _tree_reduce(backend, handles: Sequence, fan_in: int):
 # -------------------------------------------------------------------------------------------------
 # the replay
 # -------------------------------------------------------------------------------------------------
-def _engine_seed(random_state: int | None) -> int:
-    # the engine draws one seed per refresh from RandomState(random_state); we use the first draw
-    return int(np.random.RandomState(random_state).randint(np.iinfo(np.int32).max))
+def _engine_seed(random_state: int | None, draw: int = 0) -> int:
+    """Draw number ``draw`` (0-based) of ``RandomState(random_state)``: the engine draws one seed
+    per refresh, so its final refresh uses draw :func:`final_refresh_draw`."""
+    rs = np.random.RandomState(random_state)
+    seed = 0
+    for _ in range(int(draw) + 1):
+        seed = int(rs.randint(np.iinfo(np.int32).max))
+    return seed
+
+
+def final_refresh_draw(has_frame: np.ndarray, has_spectrum: np.ndarray, *, batch_size: int,
+                       warmup_positions: int, refresh_every: int | None) -> int:
+    """Refreshes the streaming engine makes before its final one when the single-process replay
+    feeds it this recording (:func:`streamclust.replay.iter_batches`, ``on_missing="emit"``).
+
+    The batches: positions with a frame in raster order, then those with only a spectrum, cut
+    every ``batch_size``. The engine refreshes once when the warm-up ends (the first batch after
+    which ``warmup_positions`` complete positions arrived; at :meth:`finalize` if never), then
+    whenever ``refresh_every`` positions arrived since the last refresh (checked after each batch),
+    then finally. Each refresh draws one seed, so the final refresh's seed is this draw.
+
+    >>> ones = np.ones(1024, bool)
+    >>> final_refresh_draw(ones, ones, batch_size=128, warmup_positions=512, refresh_every=4096)
+    1
+    >>> final_refresh_draw(ones, ones, batch_size=256, warmup_positions=256, refresh_every=512)
+    2
+    """
+    hf = np.asarray(has_frame, bool)
+    hs = np.asarray(has_spectrum, bool)
+    stream = np.concatenate([np.flatnonzero(hf), np.flatnonzero(hs & ~hf)])
+    complete = (hf & hs)[stream]
+    b = max(1, int(batch_size))
+    draws, since, have, warm = 0, 0, 0, False
+    for s in range(0, stream.size, b):
+        size = min(b, stream.size - s)
+        if not warm:
+            have += int(np.count_nonzero(complete[s:s + size]))
+            if have >= int(warmup_positions):
+                warm, since, draws = True, 0, draws + 1
+            continue
+        since += size
+        if refresh_every is not None and since >= int(refresh_every):
+            draws, since = draws + 1, 0
+    if not warm and stream.size:
+        draws += 1  # finalize ends the warm-up with a refresh of its own
+    return draws
 
 
 def _fit_fcm(backend, scores: Sequence, sizes: np.ndarray, n_clusters: int, cfg: ReplayConfig,
@@ -713,8 +859,138 @@ def _refine_host(backend, U1: np.ndarray, src: Sequence, specs: Sequence[ChunkSp
     sizes = np.array([chunk_in[i].size for i in keep], dtype=np.int64)
     fit = _fit_fcm(backend, inside_scores, sizes, k2, cfg, rs, moments=None, extra_pass=False)
     logger.info("host %s refined: %d positions, %d components", group, inside.size, space.n_components_)
-    return {"host": host, "group": tuple(int(h) for h in group), "n_inside": int(inside.size), "space": space, "centres": fit["centres"],
-            "objective": fit["objective"], "n_iter": fit["n_iter"], "scores": all_scores}
+    return {"host": host, "group": tuple(int(h) for h in group), "n_inside": int(inside.size), "space": space,
+            "centres": fit["centres"], "objective": fit["objective"], "n_iter": fit["n_iter"], "scores": all_scores}
+
+
+@_one_blas_thread
+def complete_moments(src, info: RecordingInfo, cfg: ReplayConfig, scaling: dict) -> FeatureMoments | None:
+    """Per-feature moments of one chunk's complete positions at the final scales (the PCA mean)."""
+    x = _complete_scaled(src, info, cfg, scaling)
+    if x is None:
+        return None
+    acc = FeatureMoments(ddof=0)
+    for i in range(0, x.shape[0], 1024):  # float64 copies of 1,024 rows at a time, not of the chunk
+        acc.update(x[i:i + 1024])
+    return acc
+
+
+@_one_blas_thread
+def fit_sample_pca(parts: Sequence[np.ndarray], mean: np.ndarray, cfg: ReplayConfig, seed: int) -> dict:
+    """The engine's final PCA (:func:`streamclust.sample_pca.one_percent_pca`) of the sampled rows;
+    the mean is all complete positions' (the engine's streaming mean), as the scores use it."""
+    from .sample_pca import one_percent_pca
+
+    X = np.concatenate(parts)
+    res = one_percent_pca(X, max_components=int(cfg.max_components), min_explained_ratio=float(cfg.min_explained_ratio),
+                          random_state=int(seed))
+    k = int(res.n_components)
+    return {
+        "components": res.components[:, :k].T.copy(),
+        "mean": np.asarray(mean, dtype=np.float64),
+        "explained_variance_ratio": res.explained_variance_ratio[:k].copy(),
+        "explained_variance_ratio_all": res.explained_variance_ratio.copy(),
+        "n_components": k,
+        "method": "sample",
+        "n_samples": int(X.shape[0]),
+    }
+
+
+def _sample_pca(backend, src: Sequence, specs: Sequence[ChunkSpec], info_h, cfg_h, scaling_h, complete: np.ndarray,
+                cfg: ReplayConfig, seed: int) -> dict | None:
+    """The PCA as the engine's final refresh takes it (``final_pca_sample``): a randomized PCA of at
+    most ``final_pca_sample`` complete positions (the same seeded sample as the engine draws) at
+    the final scales, gathered on one worker; None when :mod:`streamclust.sample_pca` is missing."""
+    try:
+        from . import sample_pca  # noqa: F401
+    except ImportError:
+        logger.warning("streamclust.sample_pca is not available: PCA of all positions instead")
+        return None
+    pool = np.flatnonzero(complete)
+    size = int(cfg.final_pca_sample)
+    if pool.size < 2:
+        return None
+    sample = pool if pool.size <= size else np.sort(np.random.RandomState(seed).choice(pool, size, replace=False))
+    moments = backend.gather([_tree_reduce(backend, backend.map(complete_moments, src, [info_h] * len(src),
+                                                                [cfg_h] * len(src), [scaling_h] * len(src)),
+                                           int(cfg.fan_in))])[0]
+    starts = np.array([sp.start for sp in specs])
+    chunk_of = np.searchsorted(starts, sample, side="right") - 1
+    parts = [backend.submit(chunk_vectors, src[c], info_h, cfg_h, scaling_h, sample[chunk_of == c])
+             for c in np.unique(chunk_of)]
+    return backend.gather([backend.submit(fit_sample_pca, parts, moments.mean_, cfg_h, seed)])[0]
+
+
+def _signal_masks(masks: Sequence, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Whole-scan ``has_frame`` and ``has_spectrum`` from the chunks' (positions, masks)."""
+    has_frame = np.zeros(n, bool)
+    has_spectrum = np.zeros(n, bool)
+    for pos, hf, hs in masks:
+        has_frame[pos] = hf
+        has_spectrum[pos] = hs
+    return has_frame, has_spectrum
+
+
+def _assess_flags(backend, info: RecordingInfo, cfg: ReplayConfig, cfg_h, info_h, U: np.ndarray,
+                  scanned: np.ndarray, folds: FoldSums, centre_set, outputs: Sequence, specs: Sequence[ChunkSpec], *,
+                  n_seen: int, t_start: float) -> tuple[list[dict], list]:
+    """The live analysis' end-of-scan assessment (:meth:`LiveAnalysis._assess` after ``finish``) on
+    the replay's memberships, with the block distances from mergeable sums.
+
+    The flagger runs twice on the client: once to learn which ``(k, j)`` pairs it measures (their
+    distances are the only per-position work: one pass of projections on the workers), once with
+    those distances, which gives the events. Returns the flag log records (as
+    ``LiveAnalysis.flag_log``) and the assessments.
+    """
+    from dataclasses import asdict as _asdict
+
+    from .centres import centre_signals
+    from .flags import SecondPhaseFlagger
+
+    params = dict(cfg.flag_params or {})
+    shape = tuple(info.scan_shape)
+    pairs: list[tuple[int, int]] = []
+
+    def record(k, j, in_k, in_j, fold):
+        pairs.append((int(k), int(j)))
+        return 0.0, 0.0
+
+    SecondPhaseFlagger(**params).assess(U, shape, None, None, scanned, block_distances=record)
+    distances: dict = {}
+    plan = None
+    if pairs:
+        shape_only = bool(getattr(SecondPhaseFlagger(**params), "eds_shape_only", False))
+        plan = DistancePlan.fit(folds, pairs, eds_shape_only=shape_only)
+        plan_h = backend.share(plan)
+        k = len(specs)
+        moments = _tree_reduce(backend, backend.map(chunk_flag_moments, outputs, [info_h] * k, [cfg_h] * k, specs,
+                                                    [plan_h] * k), int(cfg.fan_in))
+        mom = backend.gather([moments])[0]
+        if mom is not None:
+            distances = pair_distances(plan, mom.cbed, mom.eds)
+
+    def lookup(k, j, in_k, in_j, fold):
+        p = plan.pairs.index((int(k), int(j)))
+        got = (int(np.count_nonzero(in_k & fold)), int(np.count_nonzero(in_j & fold)),
+               int(np.count_nonzero(in_k & ~fold)), int(np.count_nonzero(in_j & ~fold)))
+        if got != tuple(int(v) for v in plan.counts[p]):
+            # the workers thresholded other memberships than the flagger sees: a bug, not data
+            raise RuntimeError(f"flag sums of clusters {(k, j)} count {tuple(plan.counts[p])} positions per "
+                               f"fold, the memberships {got}")
+        return distances.get((int(k), int(j)), (0.0, 0.0))
+
+    signals = centre_signals(centre_set, np.asarray(info.energy_axis_kev)) if centre_set is not None else {}
+    flagger = SecondPhaseFlagger(**params)
+    events = flagger.update(U, shape, None, None, scanned_mask=scanned, signals=signals, block_distances=lookup)
+    fraction = n_seen / info.n_positions
+    log = []
+    for ev in events:
+        rec = {key: v for key, v in _asdict(ev).items() if key != "positions"}
+        rec.update(scan_fraction=fraction, elapsed_s=time.perf_counter() - t_start)
+        log.append(rec)
+        logger.info("flag %s #%d (cluster %d, score %.2f) at the end of the replay", ev.kind, ev.flag_id,
+                    ev.cluster, ev.score)
+    return log, flagger.assessments_
 
 
 def _run(backend, info: RecordingInfo, cfg: ReplayConfig, chunk_positions: int) -> dict[str, Any]:
@@ -744,16 +1020,27 @@ def _run(backend, info: RecordingInfo, cfg: ReplayConfig, chunk_positions: int) 
         raise ValueError(f"{info.mib_path}: at least {cfg.n_clusters} positions with both a frame and a spectrum "
                          f"are needed to cluster")
     bal = scal.balancer
+    has_frame, has_spectrum = _signal_masks(scal.masks, n)
     scaling = {"multiplier": bal.multiplier_, "centre": bal.center_, "n_cbed": n_cbed}
     scaling_h = backend.share(scaling)
     seconds["scaling"] = time.perf_counter() - t
 
+    # the engine's final refresh seed (its PCA sample, FCM restarts and level 2 derive from it)
+    warmup, refresh_every = cfg.schedule(n)
+    draw = final_refresh_draw(has_frame, has_spectrum, batch_size=int(cfg.batch_size), warmup_positions=warmup,
+                              refresh_every=refresh_every)
+    seed = _engine_seed(cfg.random_state, draw)
+
     # 2. PCA at the final scales
     t = time.perf_counter()
-    pca_state = _tree_reduce(backend, _grouped(backend, pca_partial, src, info_h, cfg_h, scaling_h),
-                             int(cfg.fan_in))
-    readout = backend.gather([backend.submit(pca_readout, pca_state, cfg_h)])[0]
-    del pca_state
+    readout = None
+    if int(cfg.final_pca_sample) > 0:
+        readout = _sample_pca(backend, src, specs, info_h, cfg_h, scaling_h, has_frame & has_spectrum, cfg, seed)
+    if readout is None:
+        pca_state = _tree_reduce(backend, _grouped(backend, pca_partial, src, info_h, cfg_h, scaling_h),
+                                 int(cfg.fan_in))
+        readout = backend.gather([backend.submit(pca_readout, pca_state, cfg_h)])[0]
+        del pca_state
     V = readout["components"].T
     projection = {"P": V.astype(np.float32), "p0": (-(readout["mean"] @ V)).astype(np.float32)}
     seconds["pca"] = time.perf_counter() - t
@@ -768,7 +1055,6 @@ def _run(backend, info: RecordingInfo, cfg: ReplayConfig, chunk_positions: int) 
     # 4. fuzzy C-means: restarts on (a sample of) the scores, refined on all by distributed passes
     t = time.perf_counter()
     nc, m = int(cfg.n_clusters), float(cfg.m)
-    seed = _engine_seed(cfg.random_state)
     fit = _fit_fcm(backend, scores, sizes, nc, cfg, np.random.RandomState(seed), moments=None, extra_pass=True)
     centres = fit["centres"]
     seconds["fcm"] = time.perf_counter() - t
@@ -804,6 +1090,17 @@ def _run(backend, info: RecordingInfo, cfg: ReplayConfig, chunk_positions: int) 
         U[res.positions] = res.memberships
     final = backend.gather([final])[0]
     seconds["final"] = time.perf_counter() - t
+
+    # second-phase flags: the live analysis' end-of-scan assessment
+    t = time.perf_counter()
+    flag_log: list[dict] = []
+    assessments: list = []
+    centre_set = final.centres.centres() if final.centres is not None else None
+    if cfg.flags and final.folds is not None:
+        flag_log, assessments = _assess_flags(backend, info, cfg, cfg_h, info_h, U, has_frame & has_spectrum,
+                                              final.folds, centre_set, outputs, specs,
+                                              n_seen=int(np.count_nonzero(has_frame | has_spectrum)), t_start=t_start)
+    seconds["flags"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t_start
     acc = final.validity
     validity = {
@@ -822,7 +1119,10 @@ def _run(backend, info: RecordingInfo, cfg: ReplayConfig, chunk_positions: int) 
         "pca": readout,
         "scaling": {"multiplier": scaling["multiplier"], "centre": scaling["centre"],
                     "weights": dict(bal.weights_)},
-        "centre_set": final.centres.centres() if final.centres is not None else None,
+        "centre_set": centre_set,
+        "flag_log": flag_log,
+        "assessments": assessments,
+        "seed_draw": draw,
         "validity": validity,
         "counters": dict(counters),
         "seconds": seconds,
@@ -861,12 +1161,13 @@ class _ReplayView:
             explained_variance_ratio_=res["pca"]["explained_variance_ratio"],
             cluster_centers_=res["cluster_centers"], validity_=dict(res["validity"]), stats_=stats)
         self.centres = _CentresView(res["centre_set"])
-        self.flag_log: list = []
+        self.flag_log: list = list(res.get("flag_log", []))
 
     def flags_summary(self) -> list:
-        # second-phase flags are a live decision (SecondPhaseFlagger on per-position features the
-        # replay does not gather); the replay reports none
-        return []
+        # the live analysis' summary of the same log (one entry per flag id)
+        from .live import LiveAnalysis
+
+        return LiveAnalysis.flags_summary(self)
 
 
 def _extra(res: dict) -> dict[str, Any]:
@@ -926,6 +1227,8 @@ def _write_minimal(path: Path, info: RecordingInfo, cfg: ReplayConfig, res: dict
         f.attrs["counters"] = json.dumps(res["counters"])
         f.attrs["seconds"] = json.dumps(res["seconds"])
         f.attrs["validity"] = json.dumps(res["validity"])
+        f.attrs["flags"] = json.dumps(_ReplayView.flags_summary(SimpleNamespace(flag_log=res["flag_log"])),
+                                      default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
         f.attrs["n_clusters"] = int(cfg.n_clusters)
         f.attrs["host_clusters"] = int(cfg.host_clusters)
         f.create_dataset("memberships", data=U.reshape(ny, nx, -1), compression="gzip")
@@ -986,7 +1289,71 @@ def _summary(path: Path, res: dict, n_positions: int) -> dict[str, Any]:
             "n_components": int(res["host"]["space"].n_components_), "objective": float(res["host"]["objective"]),
             "fcm_iterations": int(res["host"]["n_iter"])},
         "n_output_clusters": int(res["memberships"].shape[1]),
+        "seed_draw": int(res["seed_draw"]),
+        "flags": _ReplayView.flags_summary(SimpleNamespace(flag_log=res["flag_log"])),
     }
+
+
+def replay_flags(mib_path, eds_path, memberships: np.ndarray, *, client=None, chunk_positions: int = 4096,
+                 config: ReplayConfig | Mapping | None = None) -> dict[str, Any]:
+    """The live analysis' end-of-scan second-phase assessment of given memberships, on the recording.
+
+    What :func:`replay_dask` does after clustering, for memberships from elsewhere (another run,
+    another engine): per-fold sums with the thresholded centres, then the projections of the
+    measured pairs, both per chunk; the flagger on the client.
+
+    Parameters
+    ----------
+    mib_path, eds_path : path-like
+    memberships : ndarray (n_positions, c)
+        NaN rows: positions without a result.
+    client : distributed.Client, optional
+        Where the chunk tasks run; by default in this process.
+    chunk_positions : int
+    config : ReplayConfig or mapping, optional
+        ``flag_params``, ``thresholds``, ``fan_in`` are used.
+
+    Returns
+    -------
+    dict
+        ``flag_log`` (the records of ``LiveAnalysis.flag_log``), ``flags`` (its summary),
+        ``assessments`` (:class:`~streamclust.flags.ClusterAssessment` per cluster).
+    """
+    cfg = ReplayConfig.from_any(config)
+    cfg.validate()
+    cfg = replace(cfg, flags=True)
+    info = probe_recording(mib_path, eds_path)
+    U = np.asarray(memberships, dtype=np.float32)
+    n = info.n_positions
+    if U.ndim != 2 or U.shape[0] != n:
+        raise ValueError(f"memberships must be ({n}, c) for {info.mib_path}, got {U.shape}")
+    t_start = time.perf_counter()
+    backend = _LocalBackend() if client is None else _DaskBackend(client)
+    step = max(1, int(chunk_positions))
+    specs = [ChunkSpec(s, min(n, s + step)) for s in range(0, n, step)]
+    k = len(specs)
+    finite = np.isfinite(U).all(axis=1)
+    results = []
+    for sp in specs:
+        pos = np.arange(sp.start, sp.stop)[finite[sp.start:sp.stop]]
+        results.append(ChunkResult(pos, U[pos]))
+    info_h, cfg_h = backend.share(info), backend.share(cfg)
+    # each chunk's memberships go to one worker (not broadcast)
+    outputs = client.scatter(results, hash=False) if client is not None else results
+    with threadpool_limits(1, user_api="blas"):
+        final = backend.gather([_tree_reduce(backend, backend.map(chunk_final, outputs, [None] * k, [None] * k,
+                                                                   [info_h] * k, [cfg_h] * k, [None] * k, specs),
+                                             int(cfg.fan_in))])[0]
+        both = np.zeros(n, bool)
+        for pos, b in final.both:
+            both[pos] = b
+        log, assessments = [], []
+        if final.folds is not None:
+            log, assessments = _assess_flags(backend, info, cfg, cfg_h, info_h, U, both & finite, final.folds,
+                                             final.centres.centres(), outputs, specs,
+                                             n_seen=int(np.count_nonzero(finite)), t_start=t_start)
+    return {"flag_log": log, "flags": _ReplayView.flags_summary(SimpleNamespace(flag_log=log)),
+            "assessments": assessments}
 
 
 def replay_local(mib_path, eds_path, out_dir, *, chunk_positions: int | None = None,

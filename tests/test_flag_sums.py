@@ -1,0 +1,179 @@
+"""Second-phase flag distances from mergeable sums (streamclust.flag_sums) against the flagger's own
+block_distance on the full features, the flagger's block_distances hook, and the engine's refresh
+schedule that the Dask replay reproduces (dask_replay.final_refresh_draw)."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamclust.centres import ThresholdedCentres
+from streamclust.dask_replay import final_refresh_draw
+from streamclust.engine import StreamingEngine
+from streamclust.flag_sums import (DistancePlan, FoldSums, ProjectionMoments, eds_window, flag_features,
+                                   pair_distances, scan_fold)
+from streamclust.flags import SecondPhaseFlagger, block_distance
+from streamclust.mergeable import merge_all
+
+
+def _blocks(n=900, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    cbed = rng.normal(10.0, 1.0, (n, 40)).astype(np.float32)  # an offset: projections far from 0
+    eds = rng.poisson(3.0, (n, 12)).astype(np.float32)
+    cbed[labels == 1, :3] += 1.5
+    eds[labels == 1, 4] += 2.0
+    cbed[labels == 2, 5] += 0.3
+    member = labels[:, None] == np.arange(4)
+    return member, cbed, eds
+
+
+def _chunks(n, cuts):
+    edges = [0, *sorted(set(int(c) for c in cuts if 0 < c < n)), n]
+    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+
+
+PAIRS = [(1, 0), (2, 0), (3, 1), (0, 2)]
+
+
+def _distributed(member, fold, cbed, eds, cuts, shape_only=False):
+    parts = _chunks(member.shape[0], cuts)
+    sums = merge_all([FoldSums.from_data(member[s], fold[s], cbed[s], eds[s]) for s in parts])
+    plan = DistancePlan.fit(sums, PAIRS, eds_shape_only=shape_only)
+    mc = merge_all([plan.moments(member[s], fold[s], cbed[s], eds[s])[0] for s in parts])
+    me = merge_all([plan.moments(member[s], fold[s], cbed[s], eds[s])[1] for s in parts])
+    return pair_distances(plan, mc, me)
+
+
+_SHAPE_ONLY = "shape_only" in inspect.signature(block_distance).parameters
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.integers(1, 899), min_size=0, max_size=4),
+       st.booleans() if _SHAPE_ONLY else st.just(False))
+def test_merged_sums_give_block_distance(cuts, shape_only):
+    member, cbed, eds = _blocks()
+    fold = scan_fold(np.arange(member.shape[0]), 30)
+    got = _distributed(member, fold, cbed, eds, cuts, shape_only)
+    kw = {"shape_only": True} if shape_only else {}
+    for k, j in PAIRS:
+        want = (block_distance(cbed, member[:, k], member[:, j], fold),
+                block_distance(eds, member[:, k], member[:, j], fold, **kw))
+        # block_distance sums in float32 (gemv), the sums here in float64: 5e-7 apart at most measured
+        np.testing.assert_allclose(got[(k, j)], want, rtol=2e-6, atol=1e-6)
+    assert got[(1, 0)][0] > 1.0 and got[(1, 0)][1] > 0.5  # the separated pair is measured as such
+
+
+def test_fold_sums_and_moments_merge_exactly():
+    member, cbed, eds = _blocks(300, seed=1)
+    fold = scan_fold(np.arange(300), 20)
+    whole = FoldSums.from_data(member, fold, cbed, eds)
+    parts = merge_all([FoldSums.from_data(member[s], fold[s], cbed[s], eds[s]) for s in _chunks(300, [7, 150])])
+    np.testing.assert_array_equal(parts.count, whole.count)
+    np.testing.assert_allclose(parts.cbed, whole.cbed, rtol=1e-12)
+    rng = np.random.default_rng(2)
+    proj = rng.normal(1e3, 1.0, (300, 3))  # a large mean: the merge must not lose the variance
+    mask = rng.random((300, 3)) < 0.5
+    mask[:, 2] = False  # an empty set
+    w = ProjectionMoments.from_data(proj, mask)
+    m = merge_all([ProjectionMoments.from_data(proj[s], mask[s]) for s in _chunks(300, [1, 90, 299])])
+    np.testing.assert_allclose(m.mean, w.mean, rtol=1e-12)
+    np.testing.assert_allclose(m.var, w.var, rtol=1e-9)
+    np.testing.assert_allclose(m.var[:2], [proj[mask[:, i], i].var() for i in range(2)], rtol=1e-9)
+    assert m.n[2] == 0 and m.var[2] == 0.0
+
+
+def test_degenerate_pairs_are_zero_as_in_block_distance():
+    member, cbed, eds = _blocks(200, seed=3)
+    fold = scan_fold(np.arange(200), 20)
+    member[:, 3] = False
+    member[:3, 3] = True  # positions 0, 1, 2: one of them in one fold
+    cbed[:] = 1.0  # no direction in the CBED block: coinciding means
+    got = _distributed(member, fold, cbed, eds, [50])
+    assert got[(3, 1)] == (0.0, 0.0) == (block_distance(cbed, member[:, 3], member[:, 1], fold),
+                                         block_distance(eds, member[:, 3], member[:, 1], fold))
+    assert got[(1, 0)][0] == 0.0 == block_distance(cbed, member[:, 1], member[:, 0], fold)
+    assert got[(1, 0)][1] == pytest.approx(block_distance(eds, member[:, 1], member[:, 0], fold), rel=2e-6)
+
+
+def test_flagger_hook_gives_the_same_events():
+    """SecondPhaseFlagger.update with the distances from sums equals the update on the features."""
+    ny, nx = 24, 24
+    rng = np.random.default_rng(0)
+    inc = np.zeros((ny, nx), bool)
+    inc[8:13, 8:13] = True
+    u = np.where(inc.ravel()[:, None], [0.1, 0.9], [0.9, 0.1])
+    cbed = rng.normal(0, 1, (ny * nx, 8)).astype(np.float32)
+    cbed[inc.ravel(), 0] += 4
+    eds = rng.poisson(3.0, (ny * nx, 8)).astype(np.float32)
+    eds[inc.ravel(), 1] += 4  # a change of the spectrum's shape (composition)
+    member = u > 0.5
+    fold = scan_fold(np.arange(ny * nx), nx)
+    sums = FoldSums.from_data(member, fold, cbed, eds)
+    calls = []
+
+    def distances(k, j, in_k, in_j, f):
+        np.testing.assert_array_equal(f, fold)
+        np.testing.assert_array_equal(in_k, member[:, k])
+        plan = DistancePlan.fit(sums, [(k, j)], eds_shape_only=getattr(ref_flagger, "eds_shape_only", False))
+        calls.append((k, j))
+        return pair_distances(plan, *plan.moments(member, fold, cbed, eds))[(k, j)]
+
+    ref_flagger = SecondPhaseFlagger(min_positions=5)
+    ref = ref_flagger.update(u, (ny, nx), cbed, eds)
+    got = SecondPhaseFlagger(min_positions=5).update(u, (ny, nx), None, None, block_distances=distances)
+    assert calls == [(1, 0)]  # only the minor cluster is measured
+    # the flags.py docstring's example: the inclusion is raised
+    assert [(e.kind, e.cluster, e.bbox) for e in got] == [(e.kind, e.cluster, e.bbox) for e in ref]
+    assert [e.cluster for e in ref] == [1]
+    assert got[0].distance_cbed == pytest.approx(ref[0].distance_cbed, rel=1e-6)
+    assert got[0].score == pytest.approx(ref[0].score, rel=1e-6)
+    with pytest.raises(ValueError, match="cbed_features"):
+        SecondPhaseFlagger().update(u, (ny, nx), None, None)  # no features and no hook
+
+
+def test_flag_features_are_the_live_stores():
+    rng = np.random.default_rng(4)
+    axis = 0.01 * np.arange(1200) + 0.005
+    frames = rng.poisson(2.0, (5, 64, 64)).astype(np.uint16)
+    spectra = rng.poisson(1.0, (5, 1200)).astype(np.uint16)
+    tc = ThresholdedCentres(2, (0.5,), n_positions=5, cbed_shape=(32, 32))
+    binned = frames.reshape(5, 32, 2, 32, 2).sum(axis=(2, 4))
+    tc.add(np.arange(5), binned, spectra)
+    want = tc.features(eds_rebin=8, eds_channels=eds_window(axis))
+    got = flag_features(binned, spectra, eds_window(axis))
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    with pytest.raises(ValueError, match="65535"):
+        flag_features(binned, spectra.astype(np.int64) + 70000, eds_window(axis))
+
+
+@pytest.mark.parametrize("batch, warmup, every, holes", [(64, 100, 150, False), (50, 120, 100, True),
+                                                          (128, 1000, 150, False), (64, 100, None, True)])
+def test_final_refresh_draw_is_the_engines(batch, warmup, every, holes):
+    """The seed draw of the engine's final refresh, fed as the single-process replay feeds it
+    (frames in raster order, then spectrum-only positions, cut every ``batch``)."""
+    rng = np.random.default_rng(0)
+    n = 600
+    frames = rng.poisson(3.0, (n, 16, 16)).astype(np.uint16)
+    spectra = rng.poisson(1.0, (n, 64)).astype(np.uint16)
+    hf = np.ones(n, bool)
+    hs = np.ones(n, bool)
+    if holes:
+        hf[rng.choice(n, 40, replace=False)] = False
+        hs[rng.choice(n, 40, replace=False)] = False
+    eng = StreamingEngine(n, frame_shape=(16, 16), n_channels=64, energy_axis=(0.0, 0.25),
+                          energy_window_kev=(0.0, 16.0), rebin=1, n_clusters=2, bin_factor=4,
+                          warmup_positions=warmup, refresh_every=every, basis_rank=16, max_components=5,
+                          random_state=0, host_clusters=0)
+    stream = np.concatenate([np.flatnonzero(hf), np.flatnonzero(hs & ~hf)])
+    for s in range(0, stream.size, batch):
+        p = stream[s:s + batch]
+        eng.partial_fit(p, frames[p], spectra[p], has_frame=hf[p], has_spectrum=hs[p])
+    eng.finalize()
+    draw = final_refresh_draw(hf, hs, batch_size=batch, warmup_positions=warmup, refresh_every=every)
+    assert draw == eng.stats_["refreshes"] - 1
