@@ -205,3 +205,65 @@ def test_bad_input_is_named():
         flagger.update(np.ones((16, 2)), (4, 4), np.ones((16, 2)), np.ones((15, 2)))
     with pytest.raises(ValueError, match="hysteresis"):
         SecondPhaseFlagger(hysteresis=0.0)
+
+
+def _blobs_and_noise(rng, ny=40, nx=40):
+    """A host (cluster 0) holding one compact inclusion (cluster 1) and a salt-and-pepper cluster (2)
+    of the same size, each made distinct in both blocks (so only the map can tell them apart)."""
+    n = ny * nx
+    yy, xx = np.mgrid[:ny, :nx]
+    inc = ((yy - 20) ** 2 + (xx - 20) ** 2 <= 16).ravel()
+    free = np.flatnonzero(~inc & (yy.ravel() > 1) & (yy.ravel() < ny - 2) & (xx.ravel() > 1) & (xx.ravel() < nx - 2))
+    noise = np.zeros(n, bool)
+    noise[rng.choice(free, int(0.3 * free.size), replace=False)] = True
+    lab = np.where(inc, 1, np.where(noise, 2, 0))
+    u = np.eye(3)[lab] * 0.9 + 0.1 / 3
+    cbed = rng.normal(0, 1, (n, 16))
+    eds = rng.normal(0, 1, (n, 16))
+    for k, col in ((1, 0), (2, 1)):
+        cbed[lab == k, col] += 4
+        eds[lab == k, col] += 4
+    return u, cbed, eds, lab
+
+
+def test_contiguity_separates_an_inclusion_from_salt_and_pepper():
+    """A scattered cluster percolates into components that pass size and extent, and is distinct
+    in both blocks: only contiguity rejects it (contiguity about its density, 0.3 here)."""
+    u, cbed, eds, lab = _blobs_and_noise(np.random.default_rng(0))
+    by = {a.cluster: a for a in SecondPhaseFlagger(max_fraction=0.5).assess(u, (40, 40), cbed, eds)}
+    assert by[1].passes and by[1].contiguity > 0.7
+    assert not by[2].passes and by[2].reason == "not_contiguous"
+    assert by[2].contiguity < 0.45 and by[2].coherence >= 0.5
+    # without the criterion the scattered cluster would have passed: the test can fail
+    off = SecondPhaseFlagger(max_fraction=0.5, min_contiguity=0.0).assess(u, (40, 40), cbed, eds)
+    assert off[2].passes
+
+
+def test_patch_on_an_interface_must_be_distinct_from_both_sides():
+    """A patch of layer A sitting on the A/B interface is distinct from B (its largest neighbour)
+    but not from A, which holds a sizeable share of its ring: no flag. An inclusion in B is."""
+    rng = np.random.default_rng(1)
+    ny, nx = 40, 40
+    n = ny * nx
+    yy, xx = np.mgrid[:ny, :nx]
+    lab = np.where(yy < 12, 0, 1).ravel()                     # layer A (rows 0-11), layer B below
+    patch = ((yy >= 10) & (yy < 16) & (xx >= 10) & (xx < 18)).ravel()
+    lab[patch] = 2                                            # A's material reaching into B: a third of its ring is A
+    inc = ((yy - 28) ** 2 + (xx - 25) ** 2 <= 9).ravel()
+    lab[inc] = 3                                              # a real inclusion in B
+    u = np.eye(4)[lab] * 0.9 + 0.1 / 4
+    cbed = rng.normal(0, 1, (n, 16))
+    eds = rng.normal(0, 1, (n, 16))
+    for block in (cbed, eds):
+        block[np.isin(lab, (0, 2)), 0] += 4                   # A and the patch: one material
+        block[lab == 3, 1] += 4
+    flagger = SecondPhaseFlagger(max_fraction=0.5, neighbour_size_ratio=2.0)
+    by = {a.cluster: a for a in flagger.assess(u, (ny, nx), cbed, eds)}
+    assert by[3].passes and by[3].neighbour == 1
+    patch_a = by[2]
+    assert patch_a.neighbour == 1 and 0 in patch_a.ring_clusters
+    assert not patch_a.passes and patch_a.reason.startswith("not_distinct")
+    # measured against its largest neighbour only, the patch would have passed
+    alone = {a.cluster: a for a in SecondPhaseFlagger(max_fraction=0.5, min_ring_share=1.01).assess(
+        u, (ny, nx), cbed, eds)}
+    assert alone[2].passes
