@@ -235,6 +235,9 @@ class EngineSection:
     final_n_init: int = _opt(10, _int(1), "k-means++ restarts of the final re-fit")
     final_pca_sample: int = _opt(8192, _int(0), "stored positions the final PCA read-out is taken from "
                                                  "(0: the streaming sketch's)")
+    drift_threshold: float = _opt(20.0, _float(0.0), "Page-Hinkley threshold of the new-material test that "
+                                                     "refreshes early (0: off)")
+    drift_min_gap: int = _opt(256, _int(1), "positions after a refresh before a drift may trigger another")
     host_clusters: int = _opt(6, _host_clusters,
                               "sub-clusters of the host phase (0: single level; docs/host-refinement.md)")
     host_threshold: float = _opt(0.9, _float(0.0, 1.0, lo_open=True, hi_open=True),

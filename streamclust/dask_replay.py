@@ -31,10 +31,10 @@ engine holds after :meth:`~streamclust.engine.StreamingEngine.finalize`:
 Reduced features are cached on the workers between passes when they fit ``cache_features_bytes``;
 otherwise each pass re-reads its chunk. Results go to ``out_dir/results.h5``.
 
-The seed is the engine's: the draw of ``RandomState(random_state)`` its final refresh makes, which
-:func:`final_refresh_draw` counts from the single-process replay's batches and the engine's
-refresh schedule (level 2 on a small host has near-equal FCM optima: with the first draw instead,
-ARI 0.96 against the single-process replay, 1.000 with this one). What still differs from the
+The seed is the engine's final one, :func:`streamclust.engine.final_seed` (the first draw of
+``RandomState(random_state)``, independent of the scan's history: batches, scheduled and drift
+refreshes). Level 2 on a small host has near-equal FCM optima, so another seed is another split
+of the host (ARI 0.96 against the single-process replay when the two seeds differed). What still differs from the
 streaming engine (``docs/dask.md``): its final refresh also runs a warm start from its live
 memberships and keeps the lower objective; its host choice prefers the previous refresh's host
 (``host_group(previous=...)``); the flags have no history (a flag raised earlier in the scan and
@@ -63,6 +63,7 @@ from streamclust.adapters.errors import ProtocolError
 from streamclust.adapters.mib import MibFile
 
 from .block_balance import BlockBalancer
+from .engine import final_seed
 from .features import FrameReducer, SpectrumReducer
 from .fcm import DEFAULT_M, FuzzyCMeans
 from .fcm_kernels import predict_memberships, sq_euclidean
@@ -75,7 +76,7 @@ from .validity import ValidityAccumulator
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ReplayConfig", "RecordingInfo", "final_refresh_draw", "probe_recording", "replay_dask", "replay_flags",
+__all__ = ["ReplayConfig", "RecordingInfo", "probe_recording", "replay_dask", "replay_flags",
            "replay_local"]
 
 RESULTS_NAME = "results.h5"
@@ -100,11 +101,6 @@ class ReplayConfig:
     ``final_pca_sample``: the PCA as the engine's final refresh takes it, a randomized PCA
     (:mod:`streamclust.sample_pca`) of at most this many complete positions, the engine's seeded
     sample; 0: the exact scatter (or sketch, ``pca_method``) of all complete positions, merged.
-    ``batch_size``, ``warmup_positions``, ``refresh_every``: the single-process replay's batches
-    (``[scan] batch_size``) and the engine's schedule (``"auto"`` resolved as ``[engine]`` does;
-    the defaults are ``streamclust replay``'s, not ``StreamingEngine``'s 512 and 4096): they fix
-    how many seeds the engine draws before its final refresh, whose draw the replay uses
-    (:func:`final_refresh_draw`).
     ``flags``: the end-of-scan second-phase assessment (:mod:`streamclust.flag_sums`) with
     :class:`~streamclust.flags.SecondPhaseFlagger` parameters ``flag_params`` (``[flags]``).
     """
@@ -139,9 +135,6 @@ class ReplayConfig:
     cache_features_bytes: int = 2**30
     fan_in: int = 4
     final_pca_sample: int = 8192
-    batch_size: int = 256
-    warmup_positions: int | str = "auto"
-    refresh_every: int | str | None = "auto"
     flags: bool = True
     flag_params: Mapping | None = None
 
@@ -167,26 +160,10 @@ class ReplayConfig:
             raise ValueError(f"host_clusters must be 0 (off) or >= 2, got {self.host_clusters!r}")
         if int(self.max_components) < 1 or int(self.fan_in) < 2 or int(self.refit_sample) < int(self.n_clusters):
             raise ValueError("max_components >= 1, fan_in >= 2 and refit_sample >= n_clusters are required")
-        if int(self.batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
-        for name in ("warmup_positions", "refresh_every"):
-            v = getattr(self, name)
-            if not (v == "auto" or (v is None and name == "refresh_every") or (isinstance(v, (int, np.integer))
-                                                                                and int(v) >= 1)):
-                raise ValueError(f"{name} must be a positive integer or 'auto', got {v!r}")
         if self.flag_params is not None:
             from .flags import SecondPhaseFlagger
 
             SecondPhaseFlagger(**dict(self.flag_params))  # unknown or invalid parameters fail here
-
-    def schedule(self, n_positions: int) -> tuple[int, int | None]:
-        """``(warmup_positions, refresh_every)`` resolved for a scan (``[engine]``'s "auto" rules)."""
-        n = int(n_positions)
-        w = self.warmup_positions
-        w = max(int(self.n_clusters), min(512, n // 4)) if w == "auto" else int(w)
-        r = self.refresh_every
-        r = max(512, n // 8) if r == "auto" else (None if r is None else int(r))
-        return w, r
 
 
 @dataclass(frozen=True)
@@ -722,54 +699,6 @@ def _tree_reduce(backend, handles: Sequence, fan_in: int):
 # -------------------------------------------------------------------------------------------------
 # the replay
 # -------------------------------------------------------------------------------------------------
-def _engine_seed(random_state: int | None, draw: int = 0) -> int:
-    """Draw number ``draw`` (0-based) of ``RandomState(random_state)``: the engine draws one seed
-    per refresh, so its final refresh uses draw :func:`final_refresh_draw`."""
-    rs = np.random.RandomState(random_state)
-    seed = 0
-    for _ in range(int(draw) + 1):
-        seed = int(rs.randint(np.iinfo(np.int32).max))
-    return seed
-
-
-def final_refresh_draw(has_frame: np.ndarray, has_spectrum: np.ndarray, *, batch_size: int,
-                       warmup_positions: int, refresh_every: int | None) -> int:
-    """Refreshes the streaming engine makes before its final one when the single-process replay
-    feeds it this recording (:func:`streamclust.replay.iter_batches`, ``on_missing="emit"``).
-
-    The batches: positions with a frame in raster order, then those with only a spectrum, cut
-    every ``batch_size``. The engine refreshes once when the warm-up ends (the first batch after
-    which ``warmup_positions`` complete positions arrived; at :meth:`finalize` if never), then
-    whenever ``refresh_every`` positions arrived since the last refresh (checked after each batch),
-    then finally. Each refresh draws one seed, so the final refresh's seed is this draw.
-
-    >>> ones = np.ones(1024, bool)
-    >>> final_refresh_draw(ones, ones, batch_size=128, warmup_positions=512, refresh_every=4096)
-    1
-    >>> final_refresh_draw(ones, ones, batch_size=256, warmup_positions=256, refresh_every=512)
-    2
-    """
-    hf = np.asarray(has_frame, bool)
-    hs = np.asarray(has_spectrum, bool)
-    stream = np.concatenate([np.flatnonzero(hf), np.flatnonzero(hs & ~hf)])
-    complete = (hf & hs)[stream]
-    b = max(1, int(batch_size))
-    draws, since, have, warm = 0, 0, 0, False
-    for s in range(0, stream.size, b):
-        size = min(b, stream.size - s)
-        if not warm:
-            have += int(np.count_nonzero(complete[s:s + size]))
-            if have >= int(warmup_positions):
-                warm, since, draws = True, 0, draws + 1
-            continue
-        since += size
-        if refresh_every is not None and since >= int(refresh_every):
-            draws, since = draws + 1, 0
-    if not warm and stream.size:
-        draws += 1  # finalize ends the warm-up with a refresh of its own
-    return draws
-
-
 def _fit_fcm(backend, scores: Sequence, sizes: np.ndarray, n_clusters: int, cfg: ReplayConfig,
              rs: np.random.RandomState, *, moments: FeatureMoments | None, extra_pass: bool) -> dict[str, Any]:
     """The engine's final re-fit on distributed scores: ``final_n_init`` k-means++ restarts on all
@@ -1026,10 +955,7 @@ def _run(backend, info: RecordingInfo, cfg: ReplayConfig, chunk_positions: int) 
     seconds["scaling"] = time.perf_counter() - t
 
     # the engine's final refresh seed (its PCA sample, FCM restarts and level 2 derive from it)
-    warmup, refresh_every = cfg.schedule(n)
-    draw = final_refresh_draw(has_frame, has_spectrum, batch_size=int(cfg.batch_size), warmup_positions=warmup,
-                              refresh_every=refresh_every)
-    seed = _engine_seed(cfg.random_state, draw)
+    seed = final_seed(cfg.random_state)
 
     # 2. PCA at the final scales
     t = time.perf_counter()
@@ -1122,7 +1048,6 @@ def _run(backend, info: RecordingInfo, cfg: ReplayConfig, chunk_positions: int) 
         "centre_set": centre_set,
         "flag_log": flag_log,
         "assessments": assessments,
-        "seed_draw": draw,
         "validity": validity,
         "counters": dict(counters),
         "seconds": seconds,
@@ -1289,7 +1214,6 @@ def _summary(path: Path, res: dict, n_positions: int) -> dict[str, Any]:
             "n_components": int(res["host"]["space"].n_components_), "objective": float(res["host"]["objective"]),
             "fcm_iterations": int(res["host"]["n_iter"])},
         "n_output_clusters": int(res["memberships"].shape[1]),
-        "seed_draw": int(res["seed_draw"]),
         "flags": _ReplayView.flags_summary(SimpleNamespace(flag_log=res["flag_log"])),
     }
 

@@ -73,12 +73,19 @@ from .fcm import DEFAULT_M, FuzzyCMeans, MiniBatchFuzzyCMeans
 from .host_refine import HostRefinement, compose_memberships, host_group, match_by_overlap
 from .incremental_pca import StreamingPCA
 from .position_store import PositionStore
+from .drift import NoveltyDrift
 from .sample_pca import one_percent_pca
 from .validity import partition_coefficient, partition_entropy, xie_beni
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StreamingEngine"]
+__all__ = ["StreamingEngine", "final_seed"]
+
+
+def final_seed(random_state: int | None) -> int:
+    """The seed of the engine's final refresh (PCA sample, k-means++ restarts, level 2): the first
+    draw of ``RandomState(random_state)``, whatever happened during the scan."""
+    return int(np.random.RandomState(random_state).randint(np.iinfo(np.int32).max))
 
 _STAGES = ("reduce_frames", "reduce_spectra", "balance", "pca", "basis", "store", "cluster", "refresh", "host")
 
@@ -168,6 +175,13 @@ class StreamingEngine:
         ("counts", "full"): the "basis" store holds coordinates in a basis taken from the sketch,
         so its reconstructions carry nothing the sketch did not keep (measured: ARI 0.38 against
         0.99 on tests/test_engine.py's scan when they were re-read).
+    drift_threshold : float or None, default=20.0
+        Page-Hinkley threshold of the new-material test (:class:`~streamclust.drift.NoveltyDrift`,
+        river): when the incoming positions' distances to their nearest centre rise and stay
+        risen (the scan entered a layer the model has not seen), the engine refreshes at once
+        instead of waiting for ``refresh_every``. None or 0: off.
+    drift_min_gap : int, default=256
+        Positions since the last refresh before a drift may trigger another.
     host_clusters : int, default=6
         Sub-clusters of the host phase (0: single-level, the paper's pipeline as is). At every
         refresh the largest cluster (the film matrix on a lamella) is re-scaled, re-projected and
@@ -243,6 +257,8 @@ class StreamingEngine:
         refit_sample: int = 4096,
         refit_angle_deg: float = 10.0,
         final_pca_sample: int = 8192,
+        drift_threshold: float | None = 20.0,
+        drift_min_gap: int = 256,
         host_clusters: int = 6,
         host_threshold: float = 0.9,
         host_min_positions: int = 256,
@@ -283,6 +299,8 @@ class StreamingEngine:
         self.refit_sample = refit_sample
         self.refit_angle_deg = refit_angle_deg
         self.final_pca_sample = final_pca_sample
+        self.drift_threshold = drift_threshold
+        self.drift_min_gap = drift_min_gap
         self.host_clusters = host_clusters
         self.host_threshold = host_threshold
         self.host_min_positions = host_min_positions
@@ -359,6 +377,8 @@ class StreamingEngine:
         self._host_fcm: FuzzyCMeans | None = None
         self._host_scorer: tuple[np.ndarray, np.ndarray] | None = None
         self._host_fit_size = 0
+        self.drift_ = NoveltyDrift(threshold=float(self.drift_threshold)) if self.drift_threshold else None
+        self._drift_due = False
         self.warmed_up_ = False
         self._warm_buffer: list[tuple[np.ndarray, ...]] = []
         self._c_warm: np.ndarray | None = None
@@ -377,7 +397,7 @@ class StreamingEngine:
         self.validity_: dict[str, float] = {}
         self._counts = dict(positions=0, batches=0, refreshes=0, full_refits=0, basis_updates=0,
                             pending_flushes=0, duplicates=0, incomplete=0, skipped=0,
-                            host_space_fits=0, one_signal_positions=0, sample_pca=0)
+                            host_space_fits=0, one_signal_positions=0, sample_pca=0, drift_refreshes=0)
         self._times = {s: 0.0 for s in _STAGES}
         self._busy = 0.0
 
@@ -564,6 +584,11 @@ class StreamingEngine:
         due = self.refresh_every is not None and self._since_refresh >= int(self.refresh_every)
         if self.refresh_seconds is not None:
             due |= time.monotonic() - self._last_refresh_time >= float(self.refresh_seconds)
+        if self._drift_due and self._since_refresh >= int(self.drift_min_gap):
+            logger.info("the scan entered new material (positions' distances to the model rose, %d positions "
+                        "since the last refresh): refreshing early", self._since_refresh)
+            self._counts["drift_refreshes"] += 1
+            due = True
         if due:
             t = time.perf_counter()
             self._refresh(final=False)
@@ -642,6 +667,10 @@ class StreamingEngine:
             A, b = self._scorer
             Z = x_warm @ A
             Z -= b
+            if self.drift_ is not None and both.any():
+                # before the model learns them: how far the new positions are from what it knows
+                if self.drift_.update_many(self._novelty(x_warm[both], Z[both], self._fcm.cluster_centers_)) is not None:
+                    self._drift_due = True
             self._fcm.partial_fit(Z)
             U1 = self._fcm.predict_memberships(Z)
             self.level1_memberships_[pos] = U1
@@ -714,6 +743,11 @@ class StreamingEngine:
         idx = self.store_.seen_positions
         nc = int(self.n_clusters)
         seed = int(self._rng.randint(np.iinfo(np.int32).max))
+        if final:
+            # the final result must not depend on the history (batch sizes, drift refreshes): a
+            # replay of the recording, in one process or on Dask, derives the same seed
+            seed = final_seed(self.random_state)
+            self.final_seed_ = seed
         k = int(min(self.pca_.n_components_, int(self.max_components)))
         V = self.pca_.components_all_[:k].T.copy()
         evr = self.pca_.explained_variance_ratio_all_[:k].copy()
@@ -783,12 +817,33 @@ class StreamingEngine:
         self.cluster_centers_ = mb.cluster_centers_.copy()
         self.n_components_ = k
         self.explained_variance_ratio_ = evr
+        if self.drift_ is not None:
+            # the baseline: the new model's distance to its own positions (a seeded sample)
+            sample = np.arange(idx.size) if idx.size <= 2048 else np.sort(
+                np.random.RandomState(seed).choice(idx.size, 2048, replace=False))
+            sel, zs = idx[sample], Z[sample]
+            reference = self._novelty(self._stored_vectors(sel), zs, mb.cluster_centers_)
+            if np.median(reference) > 0:
+                self.drift_.reset(reference)
+        self._drift_due = False
         self.validity_ = {
             "partition_coefficient": partition_coefficient(U),
             "partition_entropy": partition_entropy(U),
             "xie_beni": xie_beni(Z, mb.cluster_centers_, U, m=float(self.m)),
         }
         self._counts["refreshes"] += 1
+
+    def _novelty(self, x_warm: np.ndarray, Z: np.ndarray, centres: np.ndarray) -> np.ndarray:
+        """Squared distance of positions to the model in the full current space: the distance of
+        their scores ``Z`` to the nearest centre plus what the PCA subspace does not hold (a layer
+        the model never saw lies mostly outside it: measured, the film under a substrate-only model
+        was not farther than the substrate *within* the subspace)."""
+        r = self._readout
+        y = x_warm * r["D"].astype(np.float32)
+        y -= r["mean"].astype(np.float32)
+        z = np.asarray(Z, dtype=np.float32)
+        outside = np.maximum(np.einsum("ij,ij->i", y, y) - np.einsum("ij,ij->i", z, z), 0.0)
+        return outside + fcm_kernels.sq_euclidean(z, centres).min(axis=1)
 
     def _sample_pca(self, D: np.ndarray, seed: int, size: int) -> tuple[np.ndarray, np.ndarray]:
         """Components (F, k) and their explained-variance ratios from a seeded sample of the stored

@@ -251,10 +251,7 @@ def dask_config(cfg: Config) -> dict:
            "host_clusters": e.host_clusters, "host_threshold": e.host_threshold,
            "host_min_positions": e.host_min_positions, "host_sample_size": e.host_sample_size,
            "host_min_components": e.host_min_components, "host_overlap": e.host_overlap,
-           # the schedule decides the engine's final seed draw (dask_replay.final_refresh_draw)
-           "batch_size": cfg.scan.batch_size, "warmup_positions": e.warmup_positions,
-           "refresh_every": e.refresh_every, "final_pca_sample": e.final_pca_sample,
-           "flag_params": dataclasses.asdict(cfg.flags)}
+           "final_pca_sample": e.final_pca_sample, "flag_params": dataclasses.asdict(cfg.flags)}
     if "engine.pca_method" in cfg.explicit:
         out["pca_method"] = e.pca_method
     try:

@@ -1,6 +1,6 @@
 """Second-phase flag distances from mergeable sums (streamclust.flag_sums) against the flagger's own
-block_distance on the full features, the flagger's block_distances hook, and the engine's refresh
-schedule that the Dask replay reproduces (dask_replay.final_refresh_draw)."""
+block_distance on the full features, the flagger's block_distances hook, and the engine's final
+seed that the Dask replay reproduces (engine.final_seed)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamclust.centres import ThresholdedCentres
-from streamclust.dask_replay import final_refresh_draw
-from streamclust.engine import StreamingEngine
+from streamclust.engine import StreamingEngine, final_seed
 from streamclust.flag_sums import (DistancePlan, FoldSums, ProjectionMoments, eds_window, flag_features,
                                    pair_distances, scan_fold)
 from streamclust.flags import SecondPhaseFlagger, block_distance
@@ -154,12 +153,14 @@ def test_flag_features_are_the_live_stores():
 
 @pytest.mark.parametrize("batch, warmup, every, holes", [(64, 100, 150, False), (50, 120, 100, True),
                                                           (128, 1000, 150, False), (64, 100, None, True)])
-def test_final_refresh_draw_is_the_engines(batch, warmup, every, holes):
-    """The seed draw of the engine's final refresh, fed as the single-process replay feeds it
-    (frames in raster order, then spectrum-only positions, cut every ``batch``)."""
+def test_final_seed_does_not_depend_on_the_scans_history(batch, warmup, every, holes):
+    """The engine's final refresh uses final_seed(random_state) whatever the batches, the schedule
+    and the holes were (the Dask replay cannot know them), and its final partition follows from
+    it: the same final memberships with the same seed."""
     rng = np.random.default_rng(0)
     n = 600
     frames = rng.poisson(3.0, (n, 16, 16)).astype(np.uint16)
+    frames[300:, :4, :4] += 6
     spectra = rng.poisson(1.0, (n, 64)).astype(np.uint16)
     hf = np.ones(n, bool)
     hs = np.ones(n, bool)
@@ -175,5 +176,5 @@ def test_final_refresh_draw_is_the_engines(batch, warmup, every, holes):
         p = stream[s:s + batch]
         eng.partial_fit(p, frames[p], spectra[p], has_frame=hf[p], has_spectrum=hs[p])
     eng.finalize()
-    draw = final_refresh_draw(hf, hs, batch_size=batch, warmup_positions=warmup, refresh_every=every)
-    assert draw == eng.stats_["refreshes"] - 1
+    assert eng.final_seed_ == final_seed(0)
+    assert final_seed(0) != final_seed(1)
