@@ -245,15 +245,21 @@ class SpectrumReceiver:
             self._ready.set()
             # the room one block may take: a block never overshoots max_buffer on its own
             block_size = min(_RECV_BLOCK, self.max_buffer)
+            # recv_multipart without its per-part getsockopt wrapper (0.5 us of 3.4 a message)
+            recv, get, rcvmore, noblock = sock.recv, sock.get, int(zmq.RCVMORE), zmq.NOBLOCK
             while not self._stop.is_set():
                 if not sock.poll(_POLL_MS, zmq.POLLIN):
                     continue
                 parts_list = []
                 for _ in range(block_size):
+                    copy = self._copy
                     try:
-                        parts = sock.recv_multipart(zmq.NOBLOCK, copy=self._copy)
+                        parts = [recv(noblock, copy=copy)]
                     except zmq.Again:
                         break
+                    # the parts of a message arrive together: the rest are there already
+                    while get(rcvmore):
+                        parts.append(recv(noblock, copy=copy))
                     parts_list.append(parts)
                     # the next spectrum is most likely as large as this one (an end marker's
                     # empty buffer says nothing about the next scan's)

@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["Batch", "ScanJoiner", "JoinedStreams", "FrameBlocks", "join_streams"]
 
 _FRAME, _SPECTRUM = 0, 1
+#: per kind: the counters ``_add`` may bump (items in, out of range, rejected, duplicate)
+_KIND_COUNTERS = (("frames_in", "out_of_range_frames", "rejected_frames", "duplicate_frames"),
+                  ("spectra_in", "out_of_range_spectra", "rejected_spectra", "duplicate_spectra"))
 #: a frame waiting this long for its spectrum is copied out of its shared block (see _compact)
 _COMPACT_AFTER_S = 0.25
 
@@ -156,6 +159,8 @@ class ScanJoiner:
         self._watermark = [-1, -1]
         self._last_arrival = [-float("inf"), -float("inf")]
         self._last_compact = -float("inf")
+        # per kind: the exact shape an item must have (None until the first one fixes it)
+        self._shape: list = [self.frame_shape, None if self.n_channels is None else (self.n_channels,)]
 
     # -- input ---------------------------------------------------------------------------------
     def add_frame(self, position: int, image, *, t: float | None = None) -> bool:
@@ -167,56 +172,66 @@ class ScanJoiner:
         return self._add(_SPECTRUM, position, counts, t)
 
     def _add(self, kind: int, position: int, array, t) -> bool:
-        name = "frames" if kind == _FRAME else "spectra"
+        # (called once per item at detector rates, under the join lock: kept to plain operations)
+        n_in, out_of_range, rejected, duplicate = _KIND_COUNTERS[kind]
         c = self._c
-        c[f"{name}_in"] += 1
+        c[n_in] += 1
         position = int(position)
         if not 0 <= position < self.n_positions:
-            c[f"out_of_range_{name}"] += 1
-            logger.debug("%s position %d outside [0, %d)", name, position, self.n_positions)
+            c[out_of_range] += 1
+            logger.debug("%s position %d outside [0, %d)", n_in[:-3], position, self.n_positions)
             return False
-        array = np.asarray(array)
-        if not self._shape_ok(kind, array):
-            c[f"rejected_{name}"] += 1
-            logger.warning("%s at position %d has shape %s, expected %s", name, position, array.shape,
+        if type(array) is not np.ndarray:
+            array = np.asarray(array)
+        if array.shape != self._shape[kind] and not self._shape_ok(kind, array):
+            c[rejected] += 1
+            logger.warning("%s at position %d has shape %s, expected %s", n_in[:-3], position, array.shape,
                            self.frame_shape if kind == _FRAME else (self.n_channels,))
             return False
-        if self._seen[kind, position]:
-            c["duplicate_frames" if kind == _FRAME else "duplicate_spectra"] += 1
+        seen = self._seen
+        if seen[kind, position]:
+            c[duplicate] += 1
             return False
-        self._seen[kind, position] = True
+        seen[kind, position] = True
         now = time.monotonic() if t is None else float(t)
-        self._watermark[kind] = max(self._watermark[kind], position)
-        self._last_arrival[kind] = max(self._last_arrival[kind], now)
+        if position > self._watermark[kind]:
+            self._watermark[kind] = position
+        if now > self._last_arrival[kind]:
+            self._last_arrival[kind] = now
         other = 1 - kind
         partner = self._pending[other].pop(position, None)
         if partner is not None:
-            frame, spectrum = (array, partner[0]) if kind == _FRAME else (partner[0], array)
             c["joined"] += 1
-            self._push_row(position, frame, spectrum)
+            if kind == _FRAME:
+                self._push_row(position, array, partner[0])
+            else:
+                self._push_row(position, partner[0], array)
             return True
-        if self._seen[other, position]:
+        if seen[other, position]:
             # the partner came and was already given up (expired, evicted): this one is late
             self._give_up(kind, position, array, "late")
             return True
         self._pending[kind][position] = (array, now)
-        if self.n_pending > self.max_pending:
+        if len(self._pending[0]) + len(self._pending[1]) > self.max_pending:
             self._evict_oldest()
         return True
 
     def _shape_ok(self, kind: int, array: np.ndarray) -> bool:
+        """The shape check behind ``_add``'s fast one: fixes the shape on the first item."""
         if kind == _FRAME:
             if array.ndim != 2:
                 return False
             if self.frame_shape is None:
                 self.frame_shape = array.shape
                 self.frame_dtype = self.frame_dtype or array.dtype
+                self._shape[_FRAME] = self.frame_shape
             return array.shape == self.frame_shape
         if array.ndim != 1:
             return False
         if self.n_channels is None:
             self.n_channels = array.shape[0]
             self.spectrum_dtype = self.spectrum_dtype or array.dtype
+            self._shape[_SPECTRUM] = (self.n_channels,)
         return array.shape[0] == self.n_channels
 
     # -- giving up on a partner ----------------------------------------------------------------
@@ -267,27 +282,28 @@ class ScanJoiner:
         nch = self.n_channels if self.n_channels is not None else 0
         fdtype = self.frame_dtype or np.dtype(np.uint16)
         sdtype = self.spectrum_dtype or np.dtype(np.uint16)
-        positions = np.empty(n, dtype=np.int64)
-        has_frame = np.empty(n, dtype=bool)
-        has_spectrum = np.empty(n, dtype=bool)
-        complete = all(f is not None and s is not None for _, f, s in rows)
-        # one copy of each row into preallocated arrays; zero only when something is missing
-        alloc = np.empty if complete else np.zeros
-        # frames decoded straight into consecutive rows of one FrameBlocks block need no copy
-        frames = _block_rows([f for _, f, _ in rows], fshape, fdtype) if complete else None
-        copy_frames = frames is None
-        if copy_frames:
-            frames = alloc((n, *fshape), dtype=fdtype)
-        spectra = alloc((n, nch), dtype=sdtype)
-        for i, (pos, frame, spectrum) in enumerate(rows):
-            positions[i] = pos
-            has_frame[i] = frame is not None
-            has_spectrum[i] = spectrum is not None
-            if frame is not None and copy_frames:
+        positions = np.array([r[0] for r in rows], dtype=np.int64)
+        frame_list = [r[1] for r in rows]
+        spectrum_list = [r[2] for r in rows]
+        has_frame = np.array([f is not None for f in frame_list], dtype=bool)
+        has_spectrum = np.array([s is not None for s in spectrum_list], dtype=bool)
+        self._c["batches"] += 1
+        if n and has_frame.all() and has_spectrum.all():
+            # one copy of each row into preallocated arrays, in C; frames decoded straight into
+            # consecutive rows of one FrameBlocks block need no copy at all
+            frames = _block_rows(frame_list, fshape, fdtype)
+            if frames is None:
+                frames = np.stack(frame_list, out=np.empty((n, *fshape), dtype=fdtype), casting="unsafe")
+            spectra = np.stack(spectrum_list, out=np.empty((n, nch), dtype=sdtype), casting="unsafe")
+            return Batch(positions, frames, spectra, has_frame, has_spectrum)
+        # something is missing: zero-filled, row by row
+        frames = np.zeros((n, *fshape), dtype=fdtype)
+        spectra = np.zeros((n, nch), dtype=sdtype)
+        for i, (_, frame, spectrum) in enumerate(rows):
+            if frame is not None:
                 frames[i] = frame
             if spectrum is not None:
                 spectra[i] = spectrum
-        self._c["batches"] += 1
         return Batch(positions, frames, spectra, has_frame, has_spectrum)
 
     def expire(self, now: float | None = None) -> int:
@@ -425,6 +441,7 @@ class FrameBlocks:
         self.rows = int(rows)
         self.max_blocks = int(max_blocks)
         self._key = None
+        self._shape_in = self._dtype_in = None  # the arguments of the last call (see __call__)
         self._blocks: list[np.ndarray] = []
         self._block: np.ndarray | None = None
         self._next = 0
@@ -432,9 +449,12 @@ class FrameBlocks:
         self.n_allocated = 0
 
     def __call__(self, shape: tuple, dtype) -> np.ndarray:
-        key = (tuple(shape), np.dtype(dtype))
-        if key != self._key:
-            self._key, self._blocks, self._block = key, [], None
+        # a decoder asks with the same two objects every frame: compare those before building a key
+        if shape is not self._shape_in or dtype is not self._dtype_in:
+            key = (tuple(shape), np.dtype(dtype))
+            if key != self._key:
+                self._key, self._blocks, self._block = key, [], None
+            self._shape_in, self._dtype_in = shape, dtype
         if self._block is None or self._next == self.rows:
             self._block = self._free_block()
             self._next = 0
@@ -528,8 +548,8 @@ class JoinedStreams:
         add = joiner.add_frame if kind == _FRAME else joiner.add_spectrum
         frame_position = self._frame_position
         try:
-            if kind == _SPECTRUM and callable(getattr(source, "blocks", None)):
-                self._drain_blocks(source.blocks())
+            if callable(getattr(source, "blocks", None)):
+                self._drain_blocks(kind, source.blocks())
                 return
             for item in source:
                 if kind == _FRAME:
@@ -550,11 +570,21 @@ class JoinedStreams:
                 self._running -= 1
                 cv.notify_all()
 
-    def _drain_blocks(self, blocks: Iterable[list]) -> None:
-        """Offer spectra a block at a time (``SpectrumStream.blocks()``): one lock and one poll
-        per block instead of per spectrum; a block holds only what had already arrived, so this
-        adds no wait."""
+    def _drain_blocks(self, kind: int, blocks: Iterable[list]) -> None:
+        """Offer items a block at a time (``SpectrumStream.blocks()``, ``FrameIterator.blocks()``):
+        one lock and one poll per block instead of per item; a block holds only what had already
+        arrived, so this adds no wait."""
         cv, stop = self._cv, self._stop
+        if kind == _FRAME:
+            add, frame_position = self.joiner.add_frame, self._frame_position
+            for block in blocks:
+                with cv:
+                    for item in block:
+                        add(frame_position(item), item.image)
+                    self._hand_over_locked()
+                if stop.is_set():
+                    return
+            return
         add = self.joiner.add_spectrum
         for block in blocks:
             with cv:
@@ -622,6 +652,8 @@ def join_streams(frames: Iterable, spectra: Iterable, n_positions: int, *,
     frames : iterable
         Objects with ``.image`` and either ``.position`` or a 1-based ``.sequence``
         (``position = sequence - 1``), e.g. ``MerlinReceiver`` or ``ZmqFrameSource`` output.
+        If it has a ``blocks()`` method (``MerlinReceiver.frames()`` does), that is iterated
+        instead, for lists of such objects.
     spectra : iterable
         Objects with ``.position`` and ``.counts`` (e.g. ``SpectrumReceiver.spectra()``). If it
         has a ``blocks()`` method (``SpectrumStream`` does), that is iterated instead, for lists

@@ -63,6 +63,7 @@ from typing import Iterator
 
 import numpy as np
 
+from streamclust.adapters import merlin_kernels as _mk
 from streamclust.adapters.errors import (
     AcquisitionIncomplete,
     ConnectionLost,
@@ -100,6 +101,7 @@ _POLL_S = 0.2
 _BATCH_BYTES = 1 << 20
 _MAX_ERROR_RECORDS = 1000
 _RESYNC_CHUNK = 65536
+_NEVER = 1 << 62
 
 
 def max_frame_payload(header: AcquisitionHeader) -> int:
@@ -200,10 +202,18 @@ class _Ring:
         self._done = [False] * n_slots
         self._w = 0  # slots handed out so far (monotonic)
         self._r = 0  # slots reclaimed so far (monotonic)
+        self._released = 0  # slots released so far (monotonic; written by the consumer only)
+        self._wake_at = _NEVER  # while the reader waits: wake it when _released reaches this
         self._space = threading.Event()
 
-    def acquire_run(self, max_k: int, block: bool, stop: threading.Event) -> tuple[int, int]:
-        """Return ``(first_slot, k)``: up to ``max_k`` contiguous free slots (k = 0: none, not blocking)."""
+    def acquire_run(self, max_k: int, block: bool, stop: threading.Event, min_k: int = 1) -> tuple[int, int]:
+        """Return ``(first_slot, k)``: up to ``max_k`` contiguous free slots (k = 0: none, not blocking).
+
+        Blocking, it waits for ``min_k`` of them (fewer where the ring wraps): when the consumer
+        is the bottleneck the ring is full, and taking each slot as soon as it is freed would
+        mean one ``recv_into``, one wake-up of each thread and one GIL hand-over a frame; taking
+        them in runs turns that into one per run.
+        """
         n = self.n_slots
         while True:
             done = self._done
@@ -213,28 +223,44 @@ class _Ring:
             free = n - (self._w - self._r)
             first = self._w % n
             k = min(max_k, free, n - first)
-            if k > 0 or not block:
+            if not block or k >= max(1, min(min_k, max_k, n - first)):
+                self._wake_at = _NEVER
                 return first, k
             self._space.clear()
+            # wake after enough further releases; if a slot released out of order waits behind
+            # the head, the next release may free the whole run: wake at once then
+            stuck = self._released > self._r
+            self._wake_at = self._released + (1 if stuck else max(1, min(min_k, max_k, n - first) - k))
             # re-check after clear: a release may have happened in between
-            if done[self._r % n]:
+            if done[self._r % n] and (stuck or min_k <= 1):
                 continue
             if not self._space.wait(_POLL_S) and stop.is_set():
                 raise _Stopped()
 
-    def commit(self) -> None:
-        """The next slot of the run now belongs to a frame (held, queued or released)."""
-        self._w += 1
+    def commit(self, k: int = 1) -> None:
+        """The next ``k`` slots of the run now belong to frames (held, queued or released)."""
+        self._w += k
 
     def release(self, slot: int) -> None:
+        """The consumer is done with ``slot`` (only the consumer thread calls this)."""
         self._done[slot] = True
-        self._space.set()
+        self._released += 1
+        if self._released >= self._wake_at:
+            self._space.set()
+
+    def release_own(self, slot: int) -> None:
+        """The reader gives back a slot it never handed over (it never waits on itself)."""
+        self._done[slot] = True
+
+    def array(self, slot: int | None, k: int = 1) -> np.ndarray:
+        """Slots ``slot .. slot + k - 1`` as one byte array (None: the scratch slot)."""
+        if slot is None:
+            return self.scratch
+        start = slot * self.msg_size
+        return self.buf[start:start + k * self.msg_size]
 
     def view(self, slot: int | None, k: int = 1) -> memoryview:
-        if slot is None:
-            return memoryview(self.scratch)
-        start = slot * self.msg_size
-        return memoryview(self.buf[start:start + k * self.msg_size])
+        return memoryview(self.array(slot, k))
 
     def pixels(self, slot: int) -> np.ndarray:
         start = slot * self.msg_size + MPX_PREFIX_SIZE + self.header_size
@@ -314,8 +340,10 @@ class MerlinAcquisition:
             Each image is an array of its own (recycled only once nothing references it any more).
             With False one array is reused: an image is valid only until the next frame.
         """
-        return FrameIterator(lambda it: self._rx._iter_frames(
-            self, self._rx.timeout if timeout is None else timeout, copy, it))
+        timeout = self._rx.timeout if timeout is None else timeout
+        return FrameIterator(lambda it: self._rx._iter_frames(self, timeout, copy, it),
+                             lambda it, max_frames: self._rx._iter_frame_blocks(self, timeout, copy, it,
+                                                                                max_frames))
 
 
 class FrameIterator:
@@ -330,19 +358,37 @@ class FrameIterator:
         allocator must hand out memory nobody else writes. None (default): see ``copy``.
     """
 
-    def __init__(self, make):
+    def __init__(self, make, make_blocks=None):
         self.out_allocator = None
-        self._gen = make(self)
+        self._make, self._make_blocks = make, make_blocks
+        self._gen = None
 
     def __iter__(self) -> "FrameIterator":
         return self
 
     def __next__(self) -> MerlinFrame:
+        if self._gen is None:
+            self._gen = self._make(self)
         return next(self._gen)
+
+    def blocks(self, max_frames: int = 64) -> Iterator[list[MerlinFrame]]:
+        """The same frames as lists: each holds the frames already received (at least one, at
+        most ``max_frames``), decoded, so a consumer pays its per-item costs (a lock, a poll)
+        once a list instead of once a frame. Waits, ends and counters are those of iteration.
+
+        Use either this or plain iteration on one iterator, not both.
+        """
+        if self._gen is not None or self._make_blocks is None:
+            raise RuntimeError("blocks() must be the only way this iterator is consumed")
+        if max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+        self._gen = self._make_blocks(self, int(max_frames))
+        return self._gen
 
     def close(self) -> None:
         """Stop early (the acquisition ends as ``consumer_stopped``)."""
-        self._gen.close()
+        if self._gen is not None:
+            self._gen.close()
 
 
 class MerlinReceiver:
@@ -427,6 +473,8 @@ class MerlinReceiver:
         self._prefix = b""
         self._geometry = b""
         self._first_header_pending = False
+        self._prefix_arr = self._geometry_arr = np.zeros(0, np.uint8)
+        self._seqs = np.zeros(1, np.int64)
         self._last_seq = 0
         self._pending: tuple | None = None  # (ring, slot, sequence, offset, FrameHeader | None)
         self._outbox: list = []  # frame events not yet handed to the consumer (see _post)
@@ -442,7 +490,9 @@ class MerlinReceiver:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 2**20)
         except OSError:
             pass
-        sock.settimeout(_POLL_S)
+        # a frame held back (see hold_s) is handed over when a receive times out: no separate
+        # readiness check (a select() per receive) is needed in the fast path
+        sock.settimeout(min(_POLL_S, max(self.hold_s, 0.001)))
         self._sock = sock
         if self.control_port is not None:
             self.control = MerlinControl(self.host, self.control_port, timeout=self.timeout).connect()
@@ -550,67 +600,121 @@ class MerlinReceiver:
                      it: FrameIterator) -> Iterator[MerlinFrame]:
         if acq.finished:
             return
-        stats = self.stats
         try:
             while True:
                 event = self._next_event(timeout)
                 if event is None:
                     self._finish(acq, "timeout")
                     return
-                kind = event[0]
-                if kind == "frame":
-                    _, ring, slot, seq, offset, fheader = event
-                    if fheader is not None or acq._decoder is None:
-                        try:
-                            if fheader is None:
-                                fheader = parse_frame_header(ring.header_bytes(slot),
-                                                             counter_depth=acq.header.counter_depth)
-                            acq._decoder = FrameDecoder(fheader)
-                        except ProtocolError as exc:
-                            ring.release(slot)
-                            self._record(exc.reason, str(exc), offset, seq)
-                            stats.dropped[exc.reason] += 1
-                            continue
-                        self._out = None
-                    try:
-                        pixels = ring.pixels(slot)
-                        dec = acq._decoder
-                        if it.out_allocator is not None:
-                            out = it.out_allocator(dec.image_shape, dec.image_dtype)
-                        else:
-                            if self._out is None:
-                                self._out = np.empty(dec.image_shape, dec.image_dtype)
-                                self._pool = _ImagePool(dec.image_shape, dec.image_dtype)
-                            out = self._pool.get() if copy else self._out
-                        image = dec.decode(pixels, out=out)
-                    except ProtocolError as exc:
-                        self._record(exc.reason, str(exc), offset, seq)
-                        stats.dropped[exc.reason] += 1
+                if event[0] == "frame":
+                    frame = self._decode_event(acq, event, copy, it)
+                    if frame is None:
                         continue
-                    finally:
-                        ring.release(slot)
-                    stats.frames_decoded += 1
-                    acq.received += 1
-                    stats.received = acq.received
-                    acq.last_sequence = seq
-                    yield MerlinFrame(seq, image, offset, acq.number)
-                    if acq.expected and seq >= acq.expected:
+                    yield frame
+                    if acq.expected and frame.sequence >= acq.expected:
                         self._finish(acq, "last_frame")
                         return
-                elif kind == "done":  # the reader saw the last sequence but dropped that frame
-                    self._finish(acq, "last_frame")
-                    return
-                elif kind == "header":
-                    self._stash = event
-                    self._finish(acq, "new_header")
-                    return
-                elif kind == "end":
-                    self._stash = event
-                    self._finish(acq, event[1])
+                elif self._ends(acq, event):
                     return
         finally:
             if not acq.finished:  # the caller stopped iterating early
                 self._finish(acq, "consumer_stopped", raise_=False)
+
+    def _iter_frame_blocks(self, acq: MerlinAcquisition, timeout: float, copy: bool, it: FrameIterator,
+                           max_frames: int) -> Iterator[list[MerlinFrame]]:
+        """:meth:`_iter_frames` a list at a time: after one blocking wait, every event already
+        received is taken without waiting (up to ``max_frames`` frames)."""
+        if acq.finished:
+            return
+        next_event, decode = self._next_event, self._decode_event
+        try:
+            while True:
+                event = next_event(timeout)
+                if event is None:
+                    self._finish(acq, "timeout")
+                    return
+                block: list[MerlinFrame] = []
+                last = ended = False
+                while event is not None:
+                    if event[0] == "frame":
+                        frame = decode(acq, event, copy, it)
+                        if frame is not None:
+                            block.append(frame)
+                            if acq.expected and frame.sequence >= acq.expected:
+                                last = True
+                                break
+                            if len(block) >= max_frames:
+                                break
+                    else:
+                        # an end of the acquisition: the frames before it go out first
+                        ended = True
+                        break
+                    event = next_event(0.0)
+                if block:
+                    yield block
+                if last:
+                    self._finish(acq, "last_frame")
+                    return
+                if ended and self._ends(acq, event):
+                    return
+        finally:
+            if not acq.finished:  # the caller stopped iterating early
+                self._finish(acq, "consumer_stopped", raise_=False)
+
+    def _ends(self, acq: MerlinAcquisition, event: tuple) -> bool:
+        """Handle a non-frame event; True when it ends the acquisition (it always does)."""
+        kind = event[0]
+        if kind == "done":  # the reader saw the last sequence but dropped that frame
+            self._finish(acq, "last_frame")
+        elif kind == "header":
+            self._stash = event
+            self._finish(acq, "new_header")
+        elif kind == "end":
+            self._stash = event
+            self._finish(acq, event[1])
+        else:  # pragma: no cover - the reader sends no other kinds
+            raise AssertionError(f"unknown receiver event {kind!r}")
+        return True
+
+    def _decode_event(self, acq: MerlinAcquisition, event: tuple, copy: bool,
+                      it: FrameIterator) -> MerlinFrame | None:
+        """Decode one frame event (releasing its slot); None if it is dropped (recorded)."""
+        _, ring, slot, seq, offset, fheader = event
+        stats = self.stats
+        if fheader is not None or acq._decoder is None:
+            try:
+                if fheader is None:
+                    fheader = parse_frame_header(ring.header_bytes(slot),
+                                                 counter_depth=acq.header.counter_depth)
+                acq._decoder = FrameDecoder(fheader)
+            except ProtocolError as exc:
+                ring.release(slot)
+                self._record(exc.reason, str(exc), offset, seq)
+                stats.dropped[exc.reason] += 1
+                return None
+            self._out = None
+        try:
+            pixels = ring.pixels(slot)
+            dec = acq._decoder
+            if it.out_allocator is not None:
+                out = it.out_allocator(dec.image_shape, dec.image_dtype)
+            else:
+                if self._out is None:
+                    self._out = np.empty(dec.image_shape, dec.image_dtype)
+                    self._pool = _ImagePool(dec.image_shape, dec.image_dtype)
+                out = self._pool.get() if copy else self._out
+            image = dec.decode(pixels, out=out)
+        except ProtocolError as exc:
+            self._record(exc.reason, str(exc), offset, seq)
+            stats.dropped[exc.reason] += 1
+            return None
+        finally:
+            ring.release(slot)
+        stats.frames_decoded += 1
+        acq.received += 1
+        stats.received = acq.received
+        acq.last_sequence = seq
+        return MerlinFrame(seq, image, offset, acq.number)
 
     def _finish(self, acq: MerlinAcquisition, reason: str, raise_: bool = True) -> None:
         acq.ended_by = reason
@@ -720,20 +824,23 @@ class MerlinReceiver:
 
     def _read_frame_fast(self) -> None:
         """Read whole frame messages of the acquisition's geometry, several per ``recv_into`` when
-        they are small, straight into contiguous ring slots."""
+        they are small, straight into contiguous ring slots; check each run of received messages
+        with one :func:`~streamclust.adapters.merlin_kernels.scan_frames` call."""
         ring = self._ring
         n = ring.msg_size
         self._post()  # the ring may be full: the consumer must have every frame to free it
-        first, k = ring.acquire_run(max(1, _BATCH_BYTES // n), self.on_full == "block", self._stop)
+        first, k = ring.acquire_run(max(1, _BATCH_BYTES // n), self.on_full == "block", self._stop,
+                                    min_k=ring.n_slots // 4)
         if k == 0:  # ring full, drop mode: read into scratch to count and skip it
             first, k = None, 1
-        view = ring.view(first, k)
+        arr = ring.array(first, k)
+        view = memoryview(arr)
         total = k * n
         offset0 = self._pos
-        sock, stats, prefix, geometry = self._sock, self.stats, self._prefix, self._geometry
+        sock, stats, prefix = self._sock, self.stats, self._prefix
+        prefix_arr, geometry_arr, seqs = self._prefix_arr, self._geometry_arr, self._seqs
         got = processed = 0
         checked = -1
-        self._hold_or_flush()
         while True:
             target = (processed + 1) * n
             while got < target:
@@ -762,26 +869,55 @@ class MerlinReceiver:
                     raise _Closed(f"connection closed by the detector after {offset0 + got} bytes")
                 got += r
                 stats.bytes_received += r
-            while (processed + 1) * n <= got:
-                base = processed * n
-                head = bytes(view[base:base + MPX_PREFIX_SIZE + 64])
-                fields = head[MPX_PREFIX_SIZE:].split(b",", 9)
-                if (head[:MPX_PREFIX_SIZE] != prefix or fields[0] != b"MQ1" or len(fields) != 10
-                        or b",".join(fields[2:9]) != geometry or not fields[1].isdigit()):
-                    self._give_back(view, base, got, offset0)
-                    return
-                slot = None if first is None else first + processed
-                if slot is not None:
-                    ring.commit()
-                self._pos = offset0 + base + n
-                self._accept(slot, int(fields[1]), offset0 + base, None)
-                processed += 1
+            m = got // n - processed
+            base = processed * n
+            good = _mk.scan_frames(arr[base:base + m * n], m, n, prefix_arr, geometry_arr, seqs)
+            if good:
+                processed = self._accept_run(first, processed, good, seqs, offset0, n)
                 if self._acq_done:  # that was the last frame: what follows is not ours to read
                     if got > processed * n:
                         self._give_back(view, processed * n, got, offset0, slow=False)
                     return
+            if good < m:
+                self._give_back(view, processed * n, got, offset0)
+                return
             if got == processed * n:
                 return
+
+    def _accept_run(self, first: int | None, processed: int, good: int, seqs: np.ndarray, offset0: int,
+                    n: int) -> int:
+        """Accept ``good`` checked messages (sequences ``seqs[:good]``) that start at message
+        ``processed`` of the run; return how many messages of the run are now processed (fewer
+        than ``processed + good`` if the acquisition's last frame came first)."""
+        ring = self._ring
+        seq_list = seqs[:good].tolist()
+        last_seq = self._last_seq
+        if (first is not None and seq_list == list(range(last_seq + 1, last_seq + good + 1))
+                and not (self._n_frames and seq_list[-1] >= self._n_frames)):
+            # the usual case, in one go: consecutive frames, none of them the last: each but the
+            # last is handed over (its successor started cleanly), the last one is held back
+            self._flush_pending()
+            slot0 = first + processed
+            base0 = offset0 + processed * n
+            self._outbox.extend([("frame", ring, slot0 + i, seq_list[i], base0 + i * n, None)
+                                 for i in range(good - 1)])
+            self.stats.frames_received += good - 1
+            self._pending = (ring, slot0 + good - 1, seq_list[-1], base0 + (good - 1) * n, None)
+            ring.commit(good)
+            self._last_seq = seq_list[-1]
+            self._pos = offset0 + (processed + good) * n
+            return processed + good
+        for seq in seq_list:  # gaps, duplicates, the last frame, a full ring: one at a time
+            base = processed * n
+            slot = None if first is None else first + processed
+            if slot is not None:
+                ring.commit()
+            self._pos = offset0 + base + n
+            self._accept(slot, seq, offset0 + base, None)
+            processed += 1
+            if self._acq_done:
+                break
+        return processed
 
     def _give_back(self, view: memoryview, base: int, got: int, offset0: int, slow: bool = True) -> None:
         """Bytes ``view[base:got]`` are not a regular frame: unread them, parse them carefully."""
@@ -922,13 +1058,17 @@ class MerlinReceiver:
         self._prefix = prefix
         self._geometry = _geometry_key(head)
         self._first_header_pending = True
+        # what scan_frames compares every later frame message with
+        self._prefix_arr = np.frombuffer(prefix, np.uint8).copy()
+        self._geometry_arr = np.frombuffer(self._geometry, np.uint8).copy()
+        self._seqs = np.zeros(max(1, _BATCH_BYTES // self._ring.msg_size) + 1, np.int64)
 
     def _accept(self, slot: int | None, seq: int, offset: int, fh: FrameHeader | None) -> None:
         if seq <= self._last_seq:
             self._record("duplicate_sequence", f"sequence {seq} after {self._last_seq}", offset, seq)
             self.stats.dropped["duplicate_sequence"] += 1
             if slot is not None:
-                self._ring.release(slot)
+                self._ring.release_own(slot)
             return
         if seq > self._last_seq + 1:
             gap = seq - self._last_seq - 1
@@ -1001,7 +1141,7 @@ class MerlinReceiver:
         # the stream continues at the embedded message start
         self._unread(tail[at:])
         self._pos = offset + pix_start + at
-        ring.release(slot)
+        ring.release_own(slot)
         return True
 
     def _resync(self) -> None:

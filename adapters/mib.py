@@ -648,7 +648,7 @@ class FrameDecoder:
     header : FrameHeader
         Header of the first frame; later frames must :meth:`match` it.
     use_numba : bool, default True
-        Use the Numba kernels for raw data.
+        Use the Numba kernels (raw data; byte swapping of processed 16- and 32-bit pixels).
 
     Notes
     -----
@@ -702,7 +702,9 @@ class FrameDecoder:
             Wrong size, or a non-contiguous buffer.
         """
         try:
-            src = np.frombuffer(pixels, dtype=np.uint8)
+            # (a live receiver passes a slice of its byte ring: no new array needed)
+            src = (pixels if type(pixels) is np.ndarray and pixels.dtype == np.uint8 and pixels.ndim == 1
+                   and pixels.flags.c_contiguous else np.frombuffer(pixels, dtype=np.uint8))
         except (ValueError, TypeError) as exc:
             raise PixelDataError(f"pixel data is not a contiguous byte buffer ({exc})",
                                  sequence=self.header.sequence) from None
@@ -716,7 +718,16 @@ class FrameDecoder:
             raise ValueError(f"out must be a C-contiguous {self.image_dtype} array of shape "
                              f"{self.image_shape}")
         if not self.header.raw:
-            out[...] = src.view(self._src_dtype).reshape(self.image_shape)
+            itemsize = self._src_dtype.itemsize
+            if self.use_numba and itemsize in (2, 4):
+                # one pass from the big-endian bytes into ``out`` (NumPy's swapping cast is 2-6x slower)
+                flat = out.reshape(-1)
+                if itemsize == 2:
+                    _k.swap_be16(src, flat)
+                else:
+                    _k.swap_be32(src, flat)
+            else:
+                out[...] = src.view(self._src_dtype).reshape(self.image_shape)
             return out
         depth = self.header.counter_depth
         if depth == 24:

@@ -68,6 +68,14 @@ _DTYPE_RE = re.compile(r"^([<>|])([biufc])(\d{1,2})$")
 _DECODER = json.JSONDecoder()
 #: dtype strings already validated, mapped to their dtype (filled by _parse_dtype)
 _DTYPE_CACHE: dict[str, np.dtype] = {}
+#: the two header fields that change from one message of a scan to the next: a key with a JSON
+#: integer (no sign, no leading 0); _split_varying also wants ``{`` or ``,`` right before the key
+#: (so it is never inside a string; a look-behind here would make the split 4x slower)
+_VARYING_RE = re.compile(rb'"(sequence|position)":(0|[1-9][0-9]{0,17})(?=[,}])')
+_VARYING_NAMES = {(b"sequence", b"position"), (b"position", b"sequence")}
+#: validated headers by template (header bytes minus the varying values): see _from_template
+_TEMPLATES: dict[tuple, tuple] = {}
+_MAX_TEMPLATES = 64
 
 
 def _fail(kind: str, message: str, sequence: int | None = None) -> WireFormatError:
@@ -252,6 +260,15 @@ def decode_array_message(parts: Sequence, *, max_bytes: int | None = DEFAULT_MAX
     raw = _header_bytes(parts[0])
     if len(raw) > MAX_HEADER_BYTES:
         raise _fail("header_too_large", f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    pieces = _VARYING_RE.split(raw) if type(expect_stream) is str or expect_stream is None else None
+    key = None
+    if (pieces is not None and len(pieces) == 7 and pieces[0][-1:] in (b"{", b",")
+            and pieces[3][-1:] == b","):
+        key = (expect_stream, *pieces[0::3], pieces[1], pieces[4])
+        hit = _TEMPLATES.get(key)
+        # (a sequence of 0 is invalid: the full path names the error)
+        if hit is not None and (pieces[2] if pieces[1] == b"sequence" else pieces[5]) != b"0":
+            return _from_template(hit, pieces, parts[1], max_bytes)
     try:
         head = _loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -286,6 +303,58 @@ def decode_array_message(parts: Sequence, *, max_bytes: int | None = DEFAULT_MAX
     except ValueError as exc:
         # an empty buffer with a zero dimension beside a dimension numpy cannot index (> 2**63)
         raise _fail("bad_shape", f"shape {shape} cannot be represented ({exc})", sequence) from None
+    array.flags.writeable = False
+    if key is not None:
+        _remember_template(key, pieces, head, dtype, claimed)
+    return head, array
+
+
+def _remember_template(key: tuple, pieces: list, head: dict, dtype: np.dtype, claimed: int) -> None:
+    """Remember a validated header whose only varying fields are ``sequence`` and ``position``.
+
+    A later header equal to it byte for byte except for those two integers differs from it in
+    nothing else: it parses to the same object with two other integers, which need no other
+    check than ``sequence >= 1`` (a position of any size is valid). That replaces the JSON parse
+    and the validation (6.4 us of a 9 us spectrum message) by a regular-expression split.
+    """
+    names = (pieces[1], pieces[4])
+    if names not in _VARYING_NAMES:
+        return
+    for name, value in zip(names, (pieces[2], pieces[5])):
+        got = head.get(name.decode())
+        if type(got) is not int or got != int(value):
+            return  # the matched text is not what the parser saw (cannot happen; be sure)
+    for value in head.values():
+        # returned headers get their own copy of every list (see _from_template): flat ones only
+        if type(value) is dict or (type(value) is list and any(type(v) in (list, dict) for v in value)):
+            return
+    if len(_TEMPLATES) >= _MAX_TEMPLATES:
+        _TEMPLATES.clear()  # many scans (or a hostile peer varying other fields): start over
+    list_keys = tuple(k for k, v in head.items() if type(v) is list)
+    _TEMPLATES[key] = (dict(head), list_keys, dtype, claimed)
+
+
+def _from_template(hit: tuple, pieces: list, payload, max_bytes: int | None) -> tuple[dict, np.ndarray]:
+    """Decode a message whose header matches a remembered template (see _remember_template)."""
+    cached, list_keys, dtype, claimed = hit
+    head = cached.copy()
+    for k in list_keys:  # each header its own lists, as a parse would give
+        head[k] = head[k][:]
+    head[pieces[1].decode()] = int(pieces[2])
+    head[pieces[4].decode()] = int(pieces[5])
+    sequence = head["sequence"]
+    if max_bytes is not None and claimed > max_bytes:
+        raise _fail("too_large", f"array of {claimed} bytes exceeds the limit of {max_bytes}", sequence)
+    buf = _payload(payload)
+    nbytes = len(buf) if type(buf) is bytes else buf.nbytes
+    if nbytes != claimed:
+        raise _fail("size_mismatch",
+                    f"buffer has {nbytes} bytes, shape {head['shape']} of {head['dtype']} needs {claimed}",
+                    sequence)
+    array = np.frombuffer(buf, dtype=dtype)
+    shape = head["shape"]
+    if len(shape) != 1:
+        array = array.reshape(shape)
     array.flags.writeable = False
     return head, array
 

@@ -28,12 +28,15 @@ Run::
     NUMBA_NUM_THREADS=1 .venv/bin/python benchmarks/bench_ingest.py --quick    # a smoke run
     NUMBA_NUM_THREADS=1 .venv/bin/python benchmarks/bench_ingest.py --json     # + one JSON line
     NUMBA_NUM_THREADS=1 .venv/bin/python benchmarks/bench_ingest.py --profile  # cProfile, all threads
+    NUMBA_NUM_THREADS=1 .venv/bin/python benchmarks/bench_ingest.py --threads  # + CPU by thread
 
 With ``--json`` the last stdout line is one JSON object with ``ingest_u16_fps``, ``drain_u16_fps``,
 ``receive_u16_fps``, ``ingest_raw1_fps``, ``drain_raw1_fps``, ``receive_raw1_fps``, the ratios
 ``ingest_u16_ratio`` and ``ingest_raw1_ratio`` (ingest / drain), the CPU time this process spent
 a frame or position (``cpu_us_*``: all its threads; unlike the rates, barely moved by other
-processes' load), the load average and the sizes.
+processes' load), every round's ingest rate and CPU (``ingest_*_fps_rounds``,
+``cpu_us_ingest_*_rounds``), the load average and the sizes. ``--threads`` adds
+``cpu_us_by_thread_*``: one more ingest run's CPU a position by thread (Linux).
 """
 
 from __future__ import annotations
@@ -293,6 +296,62 @@ def stage_rates(stream: dict) -> dict:
     return rates
 
 
+class _ThreadCPU:
+    """CPU seconds of each thread of this process while it runs (Linux: ``/proc/self/task``).
+
+    Sampled every 20 ms, so a thread that lives less long may be missed; ingest threads live for
+    the whole run. Threads are named from ``threading.enumerate()`` (native ids); the rest (the
+    ZeroMQ I/O thread) by id.
+    """
+
+    def __init__(self):
+        self.available = os.path.isdir("/proc/self/task")
+        self._seen: dict[int, float] = {}
+        self._names: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._tick = os.sysconf("SC_CLK_TCK") if self.available else 100
+
+    def _sample(self) -> None:
+        for t in threading.enumerate():
+            if t.native_id:
+                self._names[t.native_id] = t.name
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            self._seen[int(tid)] = (int(fields[11]) + int(fields[12])) / self._tick
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self._sample()
+
+    def __enter__(self) -> "_ThreadCPU":
+        if self.available:
+            self._sample()
+            self._base = dict(self._seen)
+            self._thread = threading.Thread(target=self._run, daemon=True, name="bench-sampler")
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.available:
+            self._stop.set()
+            self._thread.join()
+            self._sample()
+
+    def per_item_us(self, n: int) -> dict:
+        """Microseconds of CPU an item, by thread name (threads above 0.5 us only)."""
+        out: dict = {}
+        for tid, cpu in self._seen.items():
+            name = self._names.get(tid, "other (ZeroMQ I/O)")
+            if name == "bench-sampler":
+                continue
+            out[name] = out.get(name, 0.0) + (cpu - self._base.get(tid, 0.0)) / n * 1e6
+        return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.5}
+
+
 def _profile_all_threads(fn):
     """Run ``fn`` with cProfile in every thread started meanwhile, print the merged top entries."""
     profiles = []
@@ -325,6 +384,8 @@ def main(argv=None) -> None:
     parser.add_argument("--only", choices=sorted(STREAMS), help="one stream only")
     parser.add_argument("--profile", action="store_true", help="cProfile one ingest run (all threads)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("--threads", action="store_true",
+                        help="CPU a position by thread, from one extra ingest run")
     args = parser.parse_args(argv)
     sizes = {"u16": 1500 if args.quick else 8000, "raw1": 8000 if args.quick else 40000}
     result: dict = {"load_avg_1min": os.getloadavg()[0], "repeat": args.repeat, "cpus": os.cpu_count()}
@@ -345,6 +406,11 @@ def main(argv=None) -> None:
                 rate, stats = _profile_all_threads(lambda: ingest(server, eds, n))
                 print(f"profiled ingest: {rate:.0f} pos/s; {stats['frame_blocks_allocated']} frame blocks "
                       f"of {BATCH} allocated for {n} positions")
+            threads = None
+            if args.threads:
+                with _ThreadCPU() as tc:
+                    ingest(server, eds, n)
+                threads = tc.per_item_us(n) if tc.available else None
             runs = []
             for _ in range(args.repeat):
                 d, r, (i, st), e = drain(server, n, stream), receive(server, n), ingest(server, eds, n), \
@@ -368,6 +434,11 @@ def main(argv=None) -> None:
               f"  CPU {ec:6.1f} us/spectrum")
         print(f"  goal >= {GOALS[key]} /s and >= 0.9x drain: "
               f"{'met' if i >= GOALS[key] and i >= 0.9 * d else 'NOT met'}")
+        print(f"  ingest by round: {', '.join(f'{run[2]:.0f}' for run in runs)} pos/s")
+        if threads:
+            print("  CPU by thread (one more ingest run, us/position): "
+                  + ", ".join(f"{name} {us:.1f}" for name, us in threads.items()))
+            result[f"cpu_us_by_thread_{key}"] = threads
         for stage, rate in stage_rates(stream).items():
             print(f"  stage alone: {stage:<24} {rate:9.0f} /s")
         result.update({f"drain_{key}_fps": round(d, 1), f"receive_{key}_fps": round(r, 1),
@@ -375,7 +446,9 @@ def main(argv=None) -> None:
                        f"receive_{key}_ratio": round(r / d, 3), f"n_{key}": n,
                        f"cpu_us_drain_{key}": round(dc, 1), f"cpu_us_receive_{key}": round(rc, 1),
                        f"cpu_us_ingest_{key}": round(ic, 1), f"eds_only_{key}_sps": round(e, 1),
-                       f"cpu_us_eds_only_{key}": round(ec, 1)})
+                       f"cpu_us_eds_only_{key}": round(ec, 1),
+                       f"ingest_{key}_fps_rounds": [round(run[2], 1) for run in runs],
+                       f"cpu_us_ingest_{key}_rounds": [round(run[6], 1) for run in runs]})
     result["load_avg_1min_end"] = os.getloadavg()[0]
     if args.json:
         print(json.dumps(result))

@@ -365,6 +365,61 @@ def test_kernels_match_numpy_twins(layout, n_chips, depth):
     np.testing.assert_array_equal(packed_slow, src)
 
 
+@pytest.mark.parametrize("layout, n_chips", [("1x1", 1), ("2x2", 4)])
+@pytest.mark.parametrize("bin_factor", [8, 16, 64])
+def test_raw_1bit_binning_equals_unpack_then_sum(layout, n_chips, bin_factor):
+    rng = np.random.default_rng(bin_factor + n_chips)
+    row0, col0, flip = raw_chip_placement(layout)
+    side = 256 if n_chips == 1 else 512
+    src = rng.integers(0, 256, 256 * 256 * n_chips // 8, dtype=np.uint8)
+    src[:64] = 0xFF  # saturated bytes and empty ones: where bit counting goes wrong
+    src[64:128] = 0
+    image = np.zeros((side, side), np.uint8)
+    fwd, rev = k.bit_luts()
+    k.unpack_raw_1bit(src, image.view(np.uint64), row0, col0, flip, fwd, rev)
+    expected = image.reshape(side // bin_factor, bin_factor, side // bin_factor, bin_factor).sum(axis=(1, 3))
+    fast = np.zeros((side // bin_factor,) * 2, np.int32)
+    slow = np.zeros((side // bin_factor,) * 2, np.int32)
+    k.bin_raw_1bit(src, fast, row0, col0, flip, bin_factor)
+    k.bin_raw_1bit_numpy(src, slow, row0, col0, flip, bin_factor)
+    np.testing.assert_array_equal(fast, expected)
+    np.testing.assert_array_equal(slow, expected)
+    k.bin_raw_1bit(src, fast, row0, col0, flip, bin_factor)  # it adds: a second frame doubles
+    np.testing.assert_array_equal(fast, 2 * expected)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+@pytest.mark.parametrize("shift", [0, 1, 3])
+def test_byte_swap_kernels_match_numpy_twin(dtype, shift):
+    rng = np.random.default_rng(shift)
+    n = 1031  # not a multiple of any vector width
+    values = rng.integers(0, np.iinfo(dtype).max, n, dtype=dtype, endpoint=True)
+    raw = values.astype(np.dtype(dtype).newbyteorder(">")).tobytes()
+    buf = np.zeros(len(raw) + shift, np.uint8)
+    src = buf[shift:]  # unaligned for shift > 0, as pixels behind an MQ1 header are
+    src[:] = np.frombuffer(raw, np.uint8)
+    fast = np.zeros(n, dtype)
+    slow = np.ones(n, dtype)
+    (k.swap_be16 if dtype == np.uint16 else k.swap_be32)(src, fast)
+    k.swap_be_numpy(src, slow)
+    np.testing.assert_array_equal(fast, values)
+    np.testing.assert_array_equal(slow, values)
+
+
+@pytest.mark.parametrize("depth", [12, 24])
+def test_processed_decoder_numba_and_numpy_agree(depth):
+    enc = FrameEncoder(image_shape=(256, 256), counter_depth=depth, raw=False, layout="1x1")
+    img = _random_image(np.random.default_rng(depth), (256, 256), depth, "1x1")
+    msg = enc.encode(3, img, FIXED_TIME)
+    h = parse_frame_header(msg)
+    shifted = bytearray(b"\x00" + msg[h.header_size:])
+    for use_numba in (True, False):
+        out = np.zeros(h.image_shape, h.image_dtype)
+        got = FrameDecoder(h, use_numba=use_numba).decode(memoryview(shifted)[1:], out=out)
+        assert got is out
+        np.testing.assert_array_equal(out, img)
+
+
 def test_decoder_matches_and_unaligned_input():
     enc = FrameEncoder(image_shape=(512, 512), counter_depth=12, raw=True)
     img = _random_image(np.random.default_rng(1), (512, 512), 12, "2x2")
