@@ -906,6 +906,10 @@ class StreamingEngine:
                 min_components=int(self.host_min_components), max_components=int(self.max_components),
                 min_explained_ratio=float(self.min_explained_ratio), sample_size=int(self.host_sample_size),
                 m=float(self.m), random_state=seed,
+                # the final space needs the converged spectrum (the 1 % rule sits on a flat part
+                # of it: streamclust.sample_pca); live spaces are re-fitted as the host grows and
+                # 4 power iterations cost 0.6x of 7 (benchmarks/bench_engine.py: host stage)
+                iterated_power=7 if final else 4,
             ).fit_space(self._stored_vectors(sample) * self._inv_c_warm())
             self._host_fit_size = inside.size
             self._counts["host_space_fits"] += 1
