@@ -3,10 +3,10 @@
 The default lamella phantom (64 x 64, seed 0: eight inclusions, the first crossed at row 12 and
 passed at row 20) is fed to :class:`streamclust.live.LiveAnalysis` in raster batches of 256 as the
 joiner delivers them; flag events go out on a real ZeroMQ PUSH socket and are read back by a PULL
-subscriber. Measured (seed 0): the second phase is flagged at 37.5 % of the scan (row 24, four
-rows after the scan passed the first inclusion; bbox rows 12-23, 98 % of the flagged positions
-second phase) and the flag stays active to the end (88 % precision then); the single-phase phantom
-raises nothing; raising the centre threshold from 0.5 to 0.75 moves the flagged cluster's Fe/Co
+subscriber. Measured (seed 0, 2026-11-24): the second phase is flagged at 31 % of the scan (rows
+0-19 done, as the scan passes the first inclusion; bbox rows 12-20, 98 % of the flagged positions
+second phase) and the flag stays active to the end (89 % precision then); the single-phase phantom
+raises nothing (seed 2's once raised a substrate patch on the film interface, see flags.py); raising the centre threshold from 0.5 to 0.75 moves the flagged cluster's Fe/Co
 K-alpha ratio from 2.11 to 2.42 (second phase 4.23, matrix 0.53).
 """
 
@@ -24,8 +24,8 @@ from streamclust.simulators.phantom import LamellaPhantom
 SCAN = (64, 64)
 
 
-def _live_scan(**phantom_kw):
-    ph = LamellaPhantom(SCAN, seed=0, **phantom_kw)
+def _live_scan(seed: int = 0, **phantom_kw):
+    ph = LamellaPhantom(SCAN, seed=seed, **phantom_kw)
     n = ph.n_positions
     pub = EventPublisher("tcp://127.0.0.1:0", socket_type="push", scan_id="test")
     sub = EventSubscriber(pub.endpoint, socket_type="pull")
@@ -68,7 +68,7 @@ def test_second_phase_is_flagged_before_the_scan_ends(lamella, record_property):
     # the scan first crosses the second phase at row 12 and passes the first inclusion at row 20
     rows = np.nonzero(ph.truth.second_phase.any(axis=1))[0]
     assert ev["bbox"][0] >= rows[0] - 1
-    assert fraction <= 0.6, fraction
+    assert fraction <= 0.4, fraction  # measured 0.31; one assessment later is 0.375
     # and a flag holding the second phase is active at the end
     active = live.flagger.active_flags
     assert active and max(truth[np.asarray(f.positions)].mean() for f in active) >= 0.8
@@ -87,7 +87,8 @@ def test_higher_threshold_purifies_the_flagged_centre(lamella):
     assert abs(high - true_second) <= abs(low - true_second), (low, high, true_second)
 
 
-def test_single_phase_lamella_raises_no_flag():
-    _, live, events = _live_scan(n_inclusions=0)
+@pytest.mark.parametrize("seed", [0, 2])
+def test_single_phase_lamella_raises_no_flag(seed):
+    _, live, events = _live_scan(seed, n_inclusions=0)
     assert not [ev for ev in events if ev["event"] == "raised"]
     assert not live.flagger.active_flags

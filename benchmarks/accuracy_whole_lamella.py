@@ -1,0 +1,105 @@
+"""Whole-lamella accuracy of the live analysis, per phantom seed: live vs offline, and flag timing.
+
+Not a speed benchmark: the figures behind docs/engine.md (live vs offline on the whole lamella)
+and docs/events.md (when the second phase is flagged). For each seed, a 64 x 64 default phantom is
+streamed in raster order through :class:`streamclust.live.LiveAnalysis` (256-position batches, the
+demo's automatic ``refresh_every`` 512 and ``assess_every`` 256), and the paper's offline pipeline
+with the same second level (``run_reference(refine_host=6)``, FCM with 10 restarts) runs on the
+same scan. Printed per seed:
+
+* ARI between the live final partition and the reference's, components live / reference;
+* second-phase F1 (best single cluster) live and reference;
+* the first flag raised: after how many rows, its scan fraction, the precision of its positions;
+  the row at which the scan first crossed the second phase; the state of every flag at the end.
+
+``--single-phase SEED ...`` runs phantoms without inclusions (no flag may be raised).
+
+Run::
+
+    NUMBA_NUM_THREADS=1 .venv/bin/python benchmarks/accuracy_whole_lamella.py --seeds 0 2 3 4 5 \
+        --single-phase 0 2 3 5 [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+from sklearn.metrics import adjusted_rand_score
+
+from streamclust.adapters.join import Batch
+from streamclust.fcm import FuzzyCMeans
+from streamclust.live import LiveAnalysis
+from streamclust.reference import best_f1, bin_frames, eds_window, run_reference
+from streamclust.simulators.phantom import LamellaPhantom
+
+SCAN = (64, 64)
+BATCH = 256
+
+
+def run_seed(seed: int, inclusions: bool = True) -> dict:
+    ph = LamellaPhantom(SCAN, seed=seed, **({} if inclusions else {"n_inclusions": 0}))
+    n, nx = ph.n_positions, SCAN[1]
+    truth = ph.truth.second_phase.ravel()
+    live = LiveAnalysis(ph.scan_shape, ph.frame_shape, ph.energy_axis_kev, random_state=seed, assess_every=256,
+                        engine_params={"warmup_positions": 512, "refresh_every": 512})
+    cbed, spectra = [], []
+    t0 = time.perf_counter()
+    for s in range(0, n, BATCH):
+        pos = np.arange(s, min(s + BATCH, n))
+        frames, spec = ph.frames(pos), ph.spectra(pos)
+        cbed.append(bin_frames(frames, 8))
+        spectra.append(spec)
+        ones = np.ones(pos.size, bool)
+        live.process(Batch(pos, frames, spec, ones, ones))
+    live.finish()
+    seconds = time.perf_counter() - t0
+    out = {"seed": seed, "inclusions": inclusions, "live_seconds": round(seconds, 1),
+           "flags": live.flags_summary(), "drift_refreshes": live.engine.stats_["drift_refreshes"]}
+    raised = [r for r in live.flag_log if r["kind"] == "raised"]
+    if raised:
+        first = raised[0]
+        out["first_raise_rows_done"] = int(round(first["scan_fraction"] * n)) // nx
+        out["first_raise_fraction"] = round(first["scan_fraction"], 3)
+        out["first_raise_fe_co"] = first.get("signals", {}).get("fe_co_ratio")
+    if inclusions:
+        rows = np.flatnonzero(truth.reshape(SCAN).any(axis=1))
+        out["second_phase_first_row"] = int(rows[0]) if rows.size else None
+        eds = eds_window(np.concatenate(spectra), ph.energy_axis_kev, (0.2, 10.0), rebin=2)
+        ref = run_reference(np.concatenate(cbed), eds, n_clusters=6, random_state=seed, refine_host=6,
+                            clusterer=FuzzyCMeans(6, n_init=10, random_state=seed))
+        lab = live.engine.labels_
+        out.update(ari_live_vs_reference=round(float(adjusted_rand_score(ref.labels, lab)), 3),
+                   components_live=int(live.engine.n_components_), components_reference=int(ref.n_components),
+                   f1_live=round(best_f1(lab, truth).single, 3), f1_reference=round(best_f1(ref.labels, truth).single, 3))
+        for f in live.flagger.active_flags:
+            p = np.asarray(f.positions)
+            out.setdefault("active_precision", []).append(round(float(truth[p].mean()), 2) if p.size else None)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 2, 3])
+    ap.add_argument("--single-phase", type=int, nargs="*", default=[0, 2])
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    results = [run_seed(s) for s in args.seeds] + [run_seed(s, inclusions=False) for s in args.single_phase]
+    for r in results:
+        if r["inclusions"]:
+            print(f"seed {r['seed']}: ARI live vs reference {r['ari_live_vs_reference']:.3f} (components "
+                  f"{r['components_live']} / {r['components_reference']}), F1 live {r['f1_live']:.3f} reference "
+                  f"{r['f1_reference']:.3f}; second phase from row {r['second_phase_first_row']}; first flag "
+                  + (f"after row {r['first_raise_rows_done'] - 1} ({r['first_raise_fraction']:.2f}, Fe/Co "
+                     f"{r['first_raise_fe_co']:.2f})" if "first_raise_fraction" in r else "none")
+                  + f"; at the end {[f['last_kind'] for f in r['flags']]} precision {r.get('active_precision')}")
+        else:
+            print(f"single phase seed {r['seed']}: flags raised {len(r['flags'])}")
+    if args.json:
+        print(json.dumps({"benchmark": "accuracy_whole_lamella", "results": results}))
+
+
+if __name__ == "__main__":
+    main()
