@@ -39,12 +39,16 @@ SCAN = (64, 64)
 BATCH = 256
 
 
-def run_seed(seed: int, inclusions: bool = True) -> dict:
+def run_seed(seed: int, inclusions: bool = True, flag_params: dict | None = None) -> dict:
     ph = LamellaPhantom(SCAN, seed=seed, **({} if inclusions else {"n_inclusions": 0}))
     n, nx = ph.n_positions, SCAN[1]
     truth = ph.truth.second_phase.ravel()
     live = LiveAnalysis(ph.scan_shape, ph.frame_shape, ph.energy_axis_kev, random_state=seed, assess_every=256,
                         engine_params={"warmup_positions": 512, "refresh_every": 512})
+    for key, value in (flag_params or {}).items():  # what-if runs of the flagger's parameters
+        if not hasattr(live.flagger, key):
+            raise ValueError(f"SecondPhaseFlagger has no parameter {key!r}")
+        setattr(live.flagger, key, type(getattr(live.flagger, key))(value))
     cbed, spectra = [], []
     t0 = time.perf_counter()
     for s in range(0, n, BATCH):
@@ -84,9 +88,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 2, 3])
     ap.add_argument("--single-phase", type=int, nargs="*", default=[0, 2])
+    ap.add_argument("--flag", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a SecondPhaseFlagger parameter (what-if runs), e.g. --flag max_open=0.5")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    results = [run_seed(s) for s in args.seeds] + [run_seed(s, inclusions=False) for s in args.single_phase]
+    flag_params = dict(kv.split("=", 1) for kv in args.flag)
+    results = ([run_seed(s, flag_params=flag_params) for s in args.seeds]
+               + [run_seed(s, inclusions=False, flag_params=flag_params) for s in args.single_phase])
     for r in results:
         if r["inclusions"]:
             print(f"seed {r['seed']}: ARI live vs reference {r['ari_live_vs_reference']:.3f} (components "

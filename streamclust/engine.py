@@ -735,6 +735,7 @@ class StreamingEngine:
     def _refresh(self, final: bool) -> None:
         self._since_refresh = 0
         self._last_refresh_time = time.monotonic()
+        recent = self._recent_vectors(2048) if self.drift_ is not None and not final else None
         self._flush_pending()
         c_now = self.balancer_.multiplier_
         self.pca_.set_current_multiplier(c_now)
@@ -817,12 +818,12 @@ class StreamingEngine:
         self.cluster_centers_ = mb.cluster_centers_.copy()
         self.n_components_ = k
         self.explained_variance_ratio_ = evr
-        if self.drift_ is not None:
-            # the baseline: the new model's distance to its own positions (a seeded sample)
-            sample = np.arange(idx.size) if idx.size <= 2048 else np.sort(
-                np.random.RandomState(seed).choice(idx.size, 2048, replace=False))
-            sel, zs = idx[sample], Z[sample]
-            reference = self._novelty(self._stored_vectors(sel), zs, mb.cluster_centers_)
+        if recent is not None and recent.shape[0]:
+            # the reference: the new model's distance to the latest positions it was fitted on, as
+            # whole vectors (not the store's: the basis store keeps no residual, and its baseline
+            # would make every new position look novel)
+            A32, b32 = self._scorer
+            reference = self._novelty(recent, recent @ A32 - b32, mb.cluster_centers_)
             if np.median(reference) > 0:
                 self.drift_.reset(reference)
         self._drift_due = False
@@ -832,6 +833,20 @@ class StreamingEngine:
             "xie_beni": xie_beni(Z, mb.cluster_centers_, U, m=float(self.m)),
         }
         self._counts["refreshes"] += 1
+
+    def _recent_vectors(self, limit: int) -> np.ndarray:
+        """The whole warm-space vectors of the latest (at most ``limit``) complete positions not yet
+        encoded into the store."""
+        parts, have = [], 0
+        for pos, x in reversed(self._pending):
+            keep = x[self._complete[pos]]
+            parts.append(keep[-(limit - have):])
+            have += parts[-1].shape[0]
+            if have >= limit:
+                break
+        if not parts:
+            return np.zeros((0, self.n_features_), np.float32)
+        return np.concatenate(parts[::-1]).astype(np.float32, copy=False)
 
     def _novelty(self, x_warm: np.ndarray, Z: np.ndarray, centres: np.ndarray) -> np.ndarray:
         """Squared distance of positions to the model in the full current space: the distance of

@@ -71,21 +71,25 @@ def _run(frames, spectra, **kw):
     return eng, starts
 
 
-def test_engine_refreshes_when_the_scan_enters_a_new_layer():
+@pytest.mark.parametrize("store", ["counts", "basis"])
+def test_engine_refreshes_when_the_scan_enters_a_new_layer(store):
     frames, spectra, truth = _layers()
-    eng, refreshed_at = _run(frames, spectra)
+    eng, refreshed_at = _run(frames, spectra, store=store)
     # the warm-up refresh, then one early refresh shortly into each new layer (400 and 800)
     assert eng.stats_["drift_refreshes"] == 2, refreshed_at
     assert any(400 < p <= 550 for p in refreshed_at) and any(800 < p <= 950 for p in refreshed_at)
     live = adjusted_rand_score(truth, eng.labels_)     # before finalize: what the operator sees
-    off, _ = _run(frames, spectra, drift_threshold=None)
+    off, _ = _run(frames, spectra, store=store, drift_threshold=None)
     assert off.stats_["drift_refreshes"] == 0 and off.stats_["refreshes"] == 1
     # without the test the model of the first layer labels the whole scan until the end
     assert live > 0.95 > adjusted_rand_score(truth, off.labels_)
 
 
-def test_no_early_refresh_within_one_material():
+@pytest.mark.parametrize("store", ["counts", "basis"])
+def test_no_early_refresh_within_one_material(store):
+    """Also with the basis store, whose stored vectors keep no residual: the reference distances
+    come from whole vectors, or every new position would look novel."""
     frames, spectra, _ = _layers()
     one = np.arange(N) % 400  # first layer's positions only, repeated
-    eng, _ = _run(frames[one], spectra[one])
+    eng, _ = _run(frames[one], spectra[one], store=store)
     assert eng.stats_["drift_refreshes"] == 0
