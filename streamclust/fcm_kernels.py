@@ -376,7 +376,9 @@ def membership_sums_numpy(X, U, w, m, centers, with_scatter=False):
 # (measured: benchmarks/bench_fcm.py speed). ``_FM`` allows re-association and FMA contraction but
 # keeps IEEE inf/nan semantics, which the on-centre and overflow handling rely on.
 _FM = {"reassoc", "contract", "arcp", "nsz"}
-_BLOCK = 256
+# points a block: 128 keeps a block's working arrays (XT, D2, U, G: about 30 kB at p = 10, c = 6)
+# in L1; measured against 256 / 64 at 262,144 points on one thread: 6.3 ms against 7.4 / 7.3 a pass
+_BLOCK = 128
 
 
 @njit(cache=True, nogil=True, fastmath=_FM, error_model="numpy")
