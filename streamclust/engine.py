@@ -68,12 +68,12 @@ from threadpoolctl import threadpool_limits
 
 from . import fcm_kernels
 from .block_balance import BlockBalancer
+from .drift import NoveltyDrift
 from .features import FrameReducer, SpectrumReducer
 from .fcm import DEFAULT_M, FuzzyCMeans, MiniBatchFuzzyCMeans
 from .host_refine import HostRefinement, compose_memberships, host_group, match_by_overlap
 from .incremental_pca import StreamingPCA
 from .position_store import PositionStore
-from .drift import NoveltyDrift
 from .sample_pca import one_percent_pca
 from .validity import partition_coefficient, partition_entropy, xie_beni
 
