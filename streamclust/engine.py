@@ -377,6 +377,7 @@ class StreamingEngine:
         self._host_fcm: FuzzyCMeans | None = None
         self._host_scorer: tuple[np.ndarray, np.ndarray] | None = None
         self._host_fit_size = 0
+        self._host_scores: tuple[np.ndarray, np.ndarray] | None = None  # (positions, level-2 scores) of a refresh
         self.drift_ = NoveltyDrift(threshold=float(self.drift_threshold)) if self.drift_threshold else None
         self._drift_due = False
         self.warmed_up_ = False
@@ -904,7 +905,8 @@ class StreamingEngine:
         # thickness); the primary only changes for a clearly larger cluster, or the sub-clusters
         # would be renumbered (and flags flicker) at every refresh (host_refine.host_group)
         host, group = host_group(U, overlap=float(self.host_overlap), previous=self.host_cluster_)
-        inside = idx[U[:, list(group)].sum(axis=1) > float(self.host_threshold)]
+        clear = U[:, list(group)].sum(axis=1) > float(self.host_threshold)
+        inside = idx[clear]
         if inside.size < max(int(self.host_min_positions), 4 * k2):
             logger.debug("host %s has %d clear positions: no refinement yet", group, inside.size)
             return
@@ -936,7 +938,11 @@ class StreamingEngine:
         # the level-2 space is defined on raw features (its zero-IQR floor of 1 is in raw counts,
         # so it is not invariant to the warm multiplier): fold 1 / c_warm into the map
         A = (A * self._inv_c_warm()[:, np.newaxis]).astype(np.float32)
-        Z2 = self._stored_project(A, b, inside)
+        # every stored position's level-2 scores, once: the host's fit uses its clear rows, and
+        # _compose_stored the whole of it right after (it used to decode the store twice)
+        Z2_all = self._stored_project(A, b, idx)
+        self._host_scores = (idx, Z2_all)
+        Z2 = Z2_all[clear]
         prev_labels = None
         if self.host_cluster_ is not None and not changed:
             prev = self.memberships_[inside, int(self.n_clusters):]
@@ -980,7 +986,9 @@ class StreamingEngine:
         if self._host_scorer is None:
             return compose_memberships(U, None, None, int(self.host_clusters))
         A, b = self._host_scorer
-        U2 = self._host_fcm.predict_memberships(self._stored_project(A, b, idx))
+        cached, self._host_scores = self._host_scores, None
+        Z2 = cached[1] if cached is not None and cached[0] is idx else self._stored_project(A, b, idx)
+        U2 = self._host_fcm.predict_memberships(Z2)
         return compose_memberships(U, U2, self.host_group_, int(self.host_clusters))
 
     def _compose(self, U: np.ndarray, x_warm: np.ndarray) -> np.ndarray:
