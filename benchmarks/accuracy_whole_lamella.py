@@ -2,22 +2,24 @@
 
 Not a speed benchmark: the figures behind docs/engine.md (live vs offline on the whole lamella)
 and docs/events.md (when the second phase is flagged). For each seed, a 64 x 64 default phantom is
-streamed in raster order through :class:`streamclust.live.LiveAnalysis` (256-position batches, the
-demo's automatic ``refresh_every`` 512 and ``assess_every`` 256), and the paper's offline pipeline
+streamed in raster order through :class:`streamclust.live.LiveAnalysis` (128-position batches, the
+configuration's automatic ``refresh_every`` 256 and ``assess_every`` 128 at 4,096 positions), and the paper's offline pipeline
 with the same second level (``run_reference(refine_host=6)``, FCM with 10 restarts) runs on the
 same scan. Printed per seed:
 
 * ARI between the live final partition and the reference's, components live / reference;
 * second-phase F1 (best single cluster) live and reference;
 * the first flag raised: after how many rows, its scan fraction, the precision of its positions;
-  the row at which the scan first crossed the second phase; the state of every flag at the end.
+  the row at which the scan first reached the second phase, and the row at which it had first
+  crossed a whole inclusion of at least 20 positions (its last row); the state of every flag at
+  the end.
 
 ``--single-phase SEED ...`` runs phantoms without inclusions (no flag may be raised).
 
 Run::
 
-    NUMBA_NUM_THREADS=1 .venv/bin/python benchmarks/accuracy_whole_lamella.py --seeds 0 2 3 4 5 \
-        --single-phase 0 2 3 5 [--json]
+    NUMBA_NUM_THREADS=1 .venv/bin/python benchmarks/accuracy_whole_lamella.py --seeds 0 1 2 3 4 5 6 7 8 \
+        --single-phase 0 1 2 3 4 5 6 7 [--json]
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import json
 import time
 
 import numpy as np
+from scipy import ndimage
 from sklearn.metrics import adjusted_rand_score
 
 from streamclust.adapters.join import Batch
@@ -36,19 +39,30 @@ from streamclust.reference import best_f1, bin_frames, eds_window, run_reference
 from streamclust.simulators.phantom import LamellaPhantom
 
 SCAN = (64, 64)
-BATCH = 256
+BATCH = 128
 
 
 def run_seed(seed: int, inclusions: bool = True, flag_params: dict | None = None) -> dict:
     ph = LamellaPhantom(SCAN, seed=seed, **({} if inclusions else {"n_inclusions": 0}))
     n, nx = ph.n_positions, SCAN[1]
     truth = ph.truth.second_phase.ravel()
-    live = LiveAnalysis(ph.scan_shape, ph.frame_shape, ph.energy_axis_kev, random_state=seed, assess_every=256,
-                        engine_params={"warmup_positions": 512, "refresh_every": 512})
+    live = LiveAnalysis(ph.scan_shape, ph.frame_shape, ph.energy_axis_kev, random_state=seed, assess_every=128,
+                        engine_params={"warmup_positions": 512, "refresh_every": 256})
     for key, value in (flag_params or {}).items():  # what-if runs of the flagger's parameters
         if not hasattr(live.flagger, key):
             raise ValueError(f"SecondPhaseFlagger has no parameter {key!r}")
         setattr(live.flagger, key, type(getattr(live.flagger, key))(value))
+    raised_positions: dict[int, np.ndarray] = {}
+    update = live.flagger.update
+
+    def keep_positions(*args, **kwargs):  # the flag log keeps no positions: precision needs them
+        events = update(*args, **kwargs)
+        for ev in events:
+            if ev.kind == "raised" and ev.flag_id not in raised_positions:
+                raised_positions[ev.flag_id] = np.asarray(ev.positions)
+        return events
+
+    live.flagger.update = keep_positions
     cbed, spectra = [], []
     t0 = time.perf_counter()
     for s in range(0, n, BATCH):
@@ -68,9 +82,15 @@ def run_seed(seed: int, inclusions: bool = True, flag_params: dict | None = None
         out["first_raise_rows_done"] = int(round(first["scan_fraction"] * n)) // nx
         out["first_raise_fraction"] = round(first["scan_fraction"], 3)
         out["first_raise_fe_co"] = first.get("signals", {}).get("fe_co_ratio")
+        p = raised_positions.get(first["flag_id"], np.zeros(0, int))
+        out["first_raise_precision"] = round(float(truth[p].mean()), 2) if p.size else None
     if inclusions:
         rows = np.flatnonzero(truth.reshape(SCAN).any(axis=1))
         out["second_phase_first_row"] = int(rows[0]) if rows.size else None
+        lab, n_inc = ndimage.label(truth.reshape(SCAN), structure=np.ones((3, 3), bool))
+        ends = [sl[0].stop - 1 for i, sl in enumerate(ndimage.find_objects(lab), start=1)
+                if np.count_nonzero(lab == i) >= 20]
+        out["first_inclusion_crossed_row"] = min(ends) if ends else None
         eds = eds_window(np.concatenate(spectra), ph.energy_axis_kev, (0.2, 10.0), rebin=2)
         ref = run_reference(np.concatenate(cbed), eds, n_clusters=6, random_state=seed, refine_host=6,
                             clusterer=FuzzyCMeans(6, n_init=10, random_state=seed))
@@ -99,9 +119,11 @@ def main() -> None:
         if r["inclusions"]:
             print(f"seed {r['seed']}: ARI live vs reference {r['ari_live_vs_reference']:.3f} (components "
                   f"{r['components_live']} / {r['components_reference']}), F1 live {r['f1_live']:.3f} reference "
-                  f"{r['f1_reference']:.3f}; second phase from row {r['second_phase_first_row']}; first flag "
+                  f"{r['f1_reference']:.3f}; second phase from row {r['second_phase_first_row']}, first inclusion "
+                  f"crossed at row {r['first_inclusion_crossed_row']}; first flag "
                   + (f"after row {r['first_raise_rows_done'] - 1} ({r['first_raise_fraction']:.2f}, Fe/Co "
-                     f"{r['first_raise_fe_co']:.2f})" if "first_raise_fraction" in r else "none")
+                     f"{r['first_raise_fe_co']:.2f}, precision {r['first_raise_precision']})"
+                     if "first_raise_fraction" in r else "none")
                   + f"; at the end {[f['last_kind'] for f in r['flags']]} precision {r.get('active_precision')}")
         else:
             print(f"single phase seed {r['seed']}: flags raised {len(r['flags'])}")

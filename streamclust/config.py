@@ -224,7 +224,7 @@ class EngineSection:
     warmup_positions: int | str = _opt(AUTO, _int(2, auto=True),
                                        '"auto": min(512, positions / 4)')
     refresh_every: int | str = _opt(AUTO, _int(1, auto=True),
-                                    '"auto": max(512, positions / 8)')
+                                    '"auto": max(256, positions / 16)')
     max_components: int = _opt(20, _int(1), "cap of the explained-variance rule")
     min_explained_ratio: float = _opt(0.01, _float(0.0, 1.0, lo_open=True, hi_open=True),
                                       "the 1 % rule")
@@ -248,6 +248,8 @@ class EngineSection:
     host_refit_growth: float = _opt(0.5, _float(0.0), "host growth that re-fits the level-2 space")
     host_overlap: float = _opt(0.1, _float(0.0, 1.0), "level-1 clusters sharing this fuzzy overlap of positions "
                                                       "with the host join it (a film split by thickness)")
+    host_pooling: bool = _opt(True, _bool, "live level-2 clustering on 3 x 3 neighbourhood means (the final "
+                                           "one per position); needs the scan shape")
     random_state: int = _opt(0, _int(0), "seed of every random choice (same seed, same result)")
 
     def resolved(self, n_positions: int) -> dict:
@@ -257,7 +259,9 @@ class EngineSection:
         if kw["warmup_positions"] == AUTO:
             kw["warmup_positions"] = max(int(self.n_clusters), min(512, n // 4))
         if kw["refresh_every"] == AUTO:
-            kw["refresh_every"] = max(512, n // 8)
+            # refreshes are where a new phase gets its cluster: every 256 positions on a 64 x 64
+            # scan (docs/events.md: flag timing; 512 flagged 3 of 9 phantoms late or never)
+            kw["refresh_every"] = max(256, n // 16)
         kw["energy_window_kev"] = tuple(kw["energy_window_kev"])
         # a key the installed engine does not know (an older engine) is left out, with a warning
         import inspect
@@ -278,10 +282,10 @@ class CentresSection:
     thresholds: tuple = _opt((0.5, 0.75), _thresholds, "membership thresholds of the centre signals")
     assess_every: int | str = _opt(AUTO, _int(1, auto=True),
                                    'positions between flag assessments without a refresh; '
-                                   '"auto": max(256, positions / 16)')
+                                   '"auto": max(128, positions / 32)')
 
     def resolved_assess_every(self, n_positions: int) -> int:
-        return max(256, int(n_positions) // 16) if self.assess_every == AUTO else int(self.assess_every)
+        return max(128, int(n_positions) // 32) if self.assess_every == AUTO else int(self.assess_every)
 
 
 @dataclass(frozen=True)
@@ -296,8 +300,10 @@ class FlagsSection:
     coherence: float = _opt(0.5, _float(0.0, 1.0), "fraction of the cluster inside counted components")
     max_extent: float = _opt(0.5, _float(0.0, 1.0, lo_open=True), "largest component span (scan fraction)")
     max_open: float = _opt(0.2, _float(0.0, 1.0), "largest unscanned fraction of a component's ring")
-    min_block_distance: float = _opt(0.6, _float(0.0), "cross-fitted separation needed in each block")
-    raise_after: int = _opt(1, _int(1), "consecutive passing updates before a flag is raised")
+    min_block_distance: float = _opt(0.6, _float(0.0), "cross-fitted separation needed in the CBED block")
+    min_eds_distance: float = _opt(1.0, _float(0.0), "cross-fitted separation needed in the EDS block")
+    eds_shape_only: bool = _opt(False, _bool, "EDS separation ignores overall intensity (thickness)")
+    raise_after: int = _opt(2, _int(1), "consecutive passing updates before a flag is raised")
     retract_after: int = _opt(2, _int(1), "consecutive failing updates before it is retracted")
     hysteresis: float = _opt(0.8, _float(0.0, 1.0, lo_open=True), "relaxation of an active flag's criteria")
     match_overlap: float = _opt(0.3, _float(0.0, 1.0), "position overlap that keeps a flag id")
@@ -310,6 +316,8 @@ class FlagsSection:
                                                         "8-neighbours in the same cluster")
     min_ring_share: float = _opt(0.25, _float(0.0, 1.0), "a cluster holding this share of the ring "
                                                          "(and at least the candidate's size) must be distinct too")
+    min_matrix_share: float = _opt(0.95, _float(0.0, 1.0), "share of the ring in the matrix (the host's "
+                                                           "sub-clusters) an inclusion needs")
 
 
 @dataclass(frozen=True)

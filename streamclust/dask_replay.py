@@ -862,7 +862,7 @@ def _signal_masks(masks: Sequence, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _assess_flags(backend, info: RecordingInfo, cfg: ReplayConfig, cfg_h, info_h, U: np.ndarray,
                   scanned: np.ndarray, folds: FoldSums, centre_set, outputs: Sequence, specs: Sequence[ChunkSpec], *,
-                  n_seen: int, t_start: float) -> tuple[list[dict], list]:
+                  n_seen: int, t_start: float, matrix_clusters: tuple = ()) -> tuple[list[dict], list]:
     """The live analysis' end-of-scan assessment (:meth:`LiveAnalysis._assess` after ``finish``) on
     the replay's memberships, with the block distances from mergeable sums.
 
@@ -877,6 +877,9 @@ def _assess_flags(backend, info: RecordingInfo, cfg: ReplayConfig, cfg_h, info_h
     from .flags import SecondPhaseFlagger
 
     params = dict(cfg.flag_params or {})
+    # one assessment with no history: what passes now is flagged (raise_after debounces a live
+    # sequence of updates; here there is one)
+    params["raise_after"] = 1
     shape = tuple(info.scan_shape)
     pairs: list[tuple[int, int]] = []
 
@@ -884,7 +887,8 @@ def _assess_flags(backend, info: RecordingInfo, cfg: ReplayConfig, cfg_h, info_h
         pairs.append((int(k), int(j)))
         return 0.0, 0.0
 
-    SecondPhaseFlagger(**params).assess(U, shape, None, None, scanned, block_distances=record)
+    SecondPhaseFlagger(**params).assess(U, shape, None, None, scanned, block_distances=record,
+                                        matrix_clusters=matrix_clusters)
     distances: dict = {}
     plan = None
     if pairs:
@@ -910,7 +914,8 @@ def _assess_flags(backend, info: RecordingInfo, cfg: ReplayConfig, cfg_h, info_h
 
     signals = centre_signals(centre_set, np.asarray(info.energy_axis_kev)) if centre_set is not None else {}
     flagger = SecondPhaseFlagger(**params)
-    events = flagger.update(U, shape, None, None, scanned_mask=scanned, signals=signals, block_distances=lookup)
+    events = flagger.update(U, shape, None, None, scanned_mask=scanned, signals=signals, block_distances=lookup,
+                            matrix_clusters=matrix_clusters)
     fraction = n_seen / info.n_positions
     log = []
     for ev in events:
@@ -1023,9 +1028,12 @@ def _run(backend, info: RecordingInfo, cfg: ReplayConfig, chunk_positions: int) 
     assessments: list = []
     centre_set = final.centres.centres() if final.centres is not None else None
     if cfg.flags and final.folds is not None:
+        # the host's sub-clusters are the matrix, as the live analysis tells its flagger
+        matrix = tuple(range(nc, nc + k2)) if host_info is not None else ()
         flag_log, assessments = _assess_flags(backend, info, cfg, cfg_h, info_h, U, has_frame & has_spectrum,
                                               final.folds, centre_set, outputs, specs,
-                                              n_seen=int(np.count_nonzero(has_frame | has_spectrum)), t_start=t_start)
+                                              n_seen=int(np.count_nonzero(has_frame | has_spectrum)), t_start=t_start,
+                                              matrix_clusters=matrix)
     seconds["flags"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t_start
     acc = final.validity
@@ -1273,9 +1281,13 @@ def replay_flags(mib_path, eds_path, memberships: np.ndarray, *, client=None, ch
             both[pos] = b
         log, assessments = [], []
         if final.folds is not None:
+            # level-2 columns holding membership: the host was refined, its sub-clusters are the matrix
+            nc = int(cfg.n_clusters)
+            matrix = (tuple(range(nc, U.shape[1])) if U.shape[1] > nc and np.nansum(U[:, nc:]) > 0 else ())
             log, assessments = _assess_flags(backend, info, cfg, cfg_h, info_h, U, both & finite, final.folds,
                                              final.centres.centres(), outputs, specs,
-                                             n_seen=int(np.count_nonzero(finite)), t_start=t_start)
+                                             n_seen=int(np.count_nonzero(finite)), t_start=t_start,
+                                             matrix_clusters=matrix)
     return {"flag_log": log, "flags": _ReplayView.flags_summary(SimpleNamespace(flag_log=log)),
             "assessments": assessments}
 

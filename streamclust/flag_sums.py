@@ -45,6 +45,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .flags import shape_difference
+
 __all__ = ["FLAG_EDS_REBIN", "FLAG_EDS_WINDOW_KEV", "FoldSums", "ProjectionMoments", "DistancePlan",
            "pair_distances", "flag_features", "eds_window", "scan_fold"]
 
@@ -189,12 +191,7 @@ class DistancePlan:
                 ok[p] = True
                 for a in (0, 1):
                     mean_k, mean_j = S[k, a] / c[k, a], S[j, a] / c[j, a]
-                    diff = mean_k - mean_j
-                    if shape_only:
-                        pooled = mean_k + mean_j
-                        pn = float(pooled @ pooled)
-                        if pn > 0:
-                            diff = diff - (float(diff @ pooled) / pn) * pooled
+                    diff = shape_difference(mean_k, mean_j) if shape_only else mean_k - mean_j
                     norm = float(np.linalg.norm(diff))
                     if not np.isfinite(norm) or norm == 0.0:
                         ok[p] = False

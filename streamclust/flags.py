@@ -33,11 +33,15 @@ A cluster ``k`` is a candidate when, among the scanned positions,
    projections give ``d = (mean_k - mean_j) / sqrt((var_k + var_j) / 2)``; the two folds' ``d``
    are averaged. Cross-fitting keeps noise from inflating ``d`` (a direction fitted to noise in
    hundreds of channels separates any two groups on the same data; on fresh data its expected
-   ``d`` is 0). Both blocks' ``d`` must reach ``min_block_distance``.
+   ``d`` is 0). The CBED ``d`` must reach ``min_block_distance``, the EDS ``d``
+   ``min_eds_distance``: a second phase differs in composition, and a region of the matrix that
+   is only thicker or thinner differs in counts a little (measured on the phantom: EDS ``d``
+   0.63-0.86 for thickness and bending domains of the film that the live clustering made a
+   cluster of, 1.2-3.5 for the Fe-rich second phase).
 
-Score (documented in ``docs/events.md``): ``score = sqrt(coherence * min(1, d_min / (2 *
-min_block_distance)))`` with ``d_min`` the smaller block distance: 1 for a fully coherent cluster
-twice as distinct as required, about 0.7 at the distinctness threshold.
+Score (documented in ``docs/events.md``): ``score = sqrt(coherence * min(1, r_min / 2))`` with
+``r_min`` the smaller of ``d_cbed / min_block_distance`` and ``d_eds / min_eds_distance``: 1 for a
+fully coherent cluster twice as distinct as required, about 0.7 at the distinctness threshold.
 
 Hysteresis: a flag is raised after ``raise_after`` consecutive passing updates; an active flag
 is kept while it passes the criteria relaxed by ``hysteresis`` (thresholds multiplied by it,
@@ -56,6 +60,8 @@ Examples
 >>> cbed = rng.normal(0, 1, (ny * nx, 8)); cbed[inc.ravel(), 0] += 4
 >>> eds = rng.normal(0, 1, (ny * nx, 8)); eds[inc.ravel(), 1] += 4
 >>> flagger = SecondPhaseFlagger(min_positions=5)
+>>> flagger.update(u, (ny, nx), cbed, eds)  # the first passing update arms the flag (raise_after=2)
+[]
 >>> events = flagger.update(u, (ny, nx), cbed, eds)
 >>> [(ev.kind, ev.flag_id, ev.cluster, ev.bbox) for ev in events]
 [('raised', 1, 1, (8, 8, 13, 13))]
@@ -72,7 +78,7 @@ from scipy import ndimage
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FlagEvent", "ClusterAssessment", "SecondPhaseFlagger", "block_distance"]
+__all__ = ["FlagEvent", "ClusterAssessment", "SecondPhaseFlagger", "block_distance", "shape_difference"]
 
 _EIGHT = np.ones((3, 3), bool)
 
@@ -96,6 +102,7 @@ class ClusterAssessment:
     reason: str = ""
     contiguity: float = 0.0
     ring_clusters: tuple = ()
+    matrix_share: float = 1.0
 
     @property
     def bbox(self) -> tuple:
@@ -134,12 +141,24 @@ class FlagEvent:
     reason: str = ""
 
 
+def shape_difference(mean_k: np.ndarray, mean_j: np.ndarray) -> np.ndarray:
+    """``mean_k - mean_j`` without its part along the pooled mean ``mean_k + mean_j``: what differs
+    in the ratios of the channels, not in the overall intensity."""
+    diff = mean_k - mean_j
+    pooled = mean_k + mean_j
+    pn = float(pooled @ pooled)
+    return diff - (float(diff @ pooled) / pn) * pooled if pn > 0 else diff
+
+
 def block_distance(features: np.ndarray, in_k: np.ndarray, in_j: np.ndarray, fold: np.ndarray,
-                   min_per_fold: int = 2) -> float:
+                   min_per_fold: int = 2, shape_only: bool = False) -> float:
     """Cross-fitted discriminability of two position sets in one feature block (module docstring).
 
     ``features`` (n, d) floating point; ``in_k``, ``in_j``, ``fold`` boolean (n,). Returns 0.0 when a fold has
-    fewer than ``min_per_fold`` positions of either set or the means coincide.
+    fewer than ``min_per_fold`` positions of either set or the means coincide. ``shape_only``: the
+    direction is made orthogonal to the two sets' pooled mean, so a difference in overall
+    intensity (a thicker region's spectrum: every line scaled alike) does not count, a difference
+    in the ratios (composition) does (as :class:`streamclust.flag_sums.DistancePlan`).
     """
     x = features
     out = []
@@ -152,8 +171,9 @@ def block_distance(features: np.ndarray, in_k: np.ndarray, in_j: np.ndarray, fol
         # means and projections as matrix-vector products over the whole block: fancy-indexed
         # copies of a (n, 4096) block cost more than the arithmetic (and a (2, n) x (n, d) gemm
         # measured 20x slower than two gemv here)
-        diff = ((ka.astype(x.dtype) @ x).astype(np.float64) / counts[0]
-                - (ja.astype(x.dtype) @ x).astype(np.float64) / counts[1])
+        mean_k = (ka.astype(x.dtype) @ x).astype(np.float64) / counts[0]
+        mean_j = (ja.astype(x.dtype) @ x).astype(np.float64) / counts[1]
+        diff = shape_difference(mean_k, mean_j) if shape_only else mean_k - mean_j
         norm = float(np.linalg.norm(diff))
         if not np.isfinite(norm) or norm == 0.0:
             return 0.0
@@ -201,7 +221,10 @@ class SecondPhaseFlagger:
         A component whose one-position ring is more than this fraction unscanned is still open
         (on the scan front) and does not count yet.
     min_block_distance : float
-        Least cross-fitted discriminability in each block.
+        Least cross-fitted discriminability in the CBED block (and in the EDS block when
+        ``min_eds_distance`` is None).
+    min_eds_distance : float or None
+        Least cross-fitted discriminability in the EDS block.
     raise_after, retract_after : int
         Consecutive passing (failing) updates before raising (retracting).
     hysteresis : float
@@ -226,15 +249,23 @@ class SecondPhaseFlagger:
     min_ring_share : float
         Every other cluster at least as large as the candidate and holding this share of the ring
         must be distinct from it too (criterion 3).
+    min_matrix_share : float
+        Least share of the ring membership in the matrix clusters, when the caller says which
+        they are (``matrix_clusters`` of :meth:`update`; criterion 3).
+    eds_shape_only : bool
+        The EDS distance ignores a difference in overall intensity (``shape_only`` of
+        :func:`block_distance`).
     """
 
     def __init__(self, *, min_fraction: float = 0.002, max_fraction: float = 0.25, min_positions: int = 8,
                  membership_threshold: float = 0.5, min_component_size: int = 4, coherence: float = 0.5,
-                 max_extent: float = 0.5, max_open: float = 0.2, min_block_distance: float = 0.6, raise_after: int = 1,
+                 max_extent: float = 0.5, max_open: float = 0.2, min_block_distance: float = 0.6,
+                 min_eds_distance: float | None = 1.0, raise_after: int = 2,
                  retract_after: int = 2, hysteresis: float = 0.8, match_overlap: float = 0.3,
                  max_listed_positions: int = 4096, neighbour_size_ratio: float = 2.0,
                  embedded_only: bool = True, max_band_rows: int = 3,
-                 min_contiguity: float = 0.5, min_ring_share: float = 0.25) -> None:
+                 min_contiguity: float = 0.5, min_ring_share: float = 0.25,
+                 min_matrix_share: float = 0.95, eds_shape_only: bool = False) -> None:
         self.min_fraction = min_fraction
         self.max_fraction = max_fraction
         self.min_positions = min_positions
@@ -244,6 +275,7 @@ class SecondPhaseFlagger:
         self.max_extent = max_extent
         self.max_open = max_open
         self.min_block_distance = min_block_distance
+        self.min_eds_distance = min_eds_distance
         self.raise_after = raise_after
         self.retract_after = retract_after
         self.hysteresis = hysteresis
@@ -254,6 +286,8 @@ class SecondPhaseFlagger:
         self.max_band_rows = max_band_rows
         self.min_contiguity = min_contiguity
         self.min_ring_share = min_ring_share
+        self.min_matrix_share = min_matrix_share
+        self.eds_shape_only = eds_shape_only
         if not 0.0 < hysteresis <= 1.0:
             raise ValueError(f"hysteresis must be in (0, 1], got {hysteresis}")
         if raise_after < 1 or retract_after < 1:
@@ -271,7 +305,7 @@ class SecondPhaseFlagger:
 
     # ------------------------------------------------------------------ measuring
     def assess(self, memberships, scan_shape, cbed_features, eds_features,
-               scanned_mask=None, *, block_distances=None) -> list[ClusterAssessment]:
+               scanned_mask=None, *, block_distances=None, matrix_clusters=None) -> list[ClusterAssessment]:
         """Measure every cluster (no state change).
 
         ``block_distances``, optional: a callable ``(k, j, in_k, in_j, fold) -> (d_cbed, d_eds)``
@@ -279,6 +313,13 @@ class SecondPhaseFlagger:
         features that are not held in one place (the Dask replay computes the same cross-fitted
         distances from per-fold sums, :mod:`streamclust.flag_sums`). Rows it must leave out
         (no features) are excluded with ``scanned_mask``.
+
+        ``matrix_clusters``, optional: the cluster numbers that make up the matrix (with the
+        engine's two levels, the host's sub-clusters). A candidate must then hold at least
+        ``min_matrix_share`` of its ring membership in them: a second phase is embedded in the
+        matrix, while a patch of another layer (a substrate column split off by bending) is
+        surrounded by its own layer. None or empty: no such test (a single-level model does not
+        say which cluster is the matrix).
         """
         u = np.asarray(memberships, dtype=np.float64)
         ny, nx = (int(v) for v in scan_shape)
@@ -317,17 +358,25 @@ class SecondPhaseFlagger:
         c = u.shape[1]
         if n_seen == 0:
             return []
+        matrix = None
+        if matrix_clusters is not None and len(matrix_clusters):
+            matrix = np.zeros(c, bool)
+            idx = np.asarray(list(matrix_clusters), dtype=np.intp)
+            if idx.min() < 0 or idx.max() >= c:
+                raise ValueError(f"matrix_clusters {list(matrix_clusters)} are not all among the {c} clusters")
+            matrix[idx] = True
         uz = np.where(seen[:, None], np.nan_to_num(u, nan=0.0), 0.0)
         member = uz > self.membership_threshold
         yy, xx = np.divmod(np.arange(n), nx)
         fold = (yy + xx) % 2 == 0
         out = []
         for k in range(c):
-            out.append(self._assess_one(k, uz, member, seen, n_seen, (ny, nx), blocks, fold, block_distances))
+            out.append(self._assess_one(k, uz, member, seen, n_seen, (ny, nx), blocks, fold, block_distances,
+                                        matrix))
         return out
 
     def _assess_one(self, k, uz, member, seen, n_seen, shape, blocks, fold,
-                    block_distances=None) -> ClusterAssessment:
+                    block_distances=None, matrix=None) -> ClusterAssessment:
         ny, nx = shape
         mk = member[:, k]
         n_k = int(mk.sum())
@@ -335,6 +384,8 @@ class SecondPhaseFlagger:
         lab, n_comp = ndimage.label(mk.reshape(ny, nx), structure=_EIGHT)
         unseen2d = None if seen.all() else ~seen.reshape(ny, nx)
         comps = []
+        edge = []  # compact, closed components cut by the scan frame: coherent, not flaggable
+        n_open = 0
         kept = np.zeros((ny, nx), bool)
         if n_comp:
             sizes = np.bincount(lab.ravel(), minlength=n_comp + 1)
@@ -346,15 +397,22 @@ class SecondPhaseFlagger:
                     # a line one or two positions thick: a piece of an interface, not an
                     # inclusion (inclusions are compact: a few to 20 positions across)
                     continue
+                if unseen2d is not None and self._is_open(lab, i, sl, unseen2d):
+                    # on the scan front: undecided, neither coherent nor scattered yet
+                    n_open += int(sizes[i])
+                    continue
+                cpt = (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop, h / ny, w / nx, i)
                 if self.embedded_only and (sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == ny
                                            or sl[1].stop == nx):
                     # touches the scan frame: a layer entering the scan (substrate, cap), or a
                     # piece of one, is not an embedded phase (measured: substrate strips split by
-                    # bending into 3-5 clusters raised flags against the film)
+                    # bending into 3-5 clusters raised flags against the film). It still counts
+                    # as coherent: an inclusion cut by the frame is a compact blob of the phase
+                    # (measured: on seed 3, 70 of the second-phase cluster's 126 positions were one
+                    # inclusion at the frame, and its coherence 0.25 held the flag back 16 rows)
+                    edge.append(cpt)
                     continue
-                if unseen2d is not None and self._is_open(lab, i, sl, unseen2d):
-                    continue
-                comps.append((sl[0].start, sl[1].start, sl[0].stop, sl[1].stop, h / ny, w / nx, i))
+                comps.append(cpt)
         def localised(limit: float) -> list:
             return [cpt for cpt in comps if cpt[4] < limit and cpt[5] < limit]
 
@@ -370,9 +428,17 @@ class SecondPhaseFlagger:
                 strict, relaxed = [], []
         ids = [cpt[6] for cpt in relaxed]
         kept = np.isin(lab, ids) & (lab > 0) if ids else kept
-        n_strict = int(np.isin(lab, [cpt[6] for cpt in strict]).sum()) if strict else 0
-        coh_strict = n_strict / n_k if n_k else 0.0
-        coh = int(kept.sum()) / n_k if n_k else 0.0
+        # coherent = in a counted component, or in a localised one the frame cuts
+        edge_strict = [cpt[6] for cpt in edge if cpt[4] < self.max_extent and cpt[5] < self.max_extent]
+        edge_relaxed = [cpt[6] for cpt in edge if max(cpt[4], cpt[5]) < self.max_extent / self.hysteresis]
+        n_strict = int(np.isin(lab, [cpt[6] for cpt in strict] + edge_strict).sum()) if strict else 0
+        # positions in open components are left out of the count: a second inclusion half
+        # scanned is not evidence against the first (measured: on seed 3 it held the flag back
+        # 4 rows, 70 of 138 positions in an open inclusion)
+        n_decided = n_k - n_open
+        coh_strict = n_strict / n_decided if n_decided > 0 else 0.0
+        n_coh = int(kept.sum()) + (int(np.isin(lab, edge_relaxed).sum()) if ids and edge_relaxed else 0)
+        coh = n_coh / n_decided if n_decided > 0 else 0.0
         # neighbour: most membership on the ring around the kept components (else around all)
         base = kept if kept.any() else mk.reshape(ny, nx)
         ring = (ndimage.binary_dilation(base, structure=_EIGHT) & ~base).ravel() & seen
@@ -395,6 +461,11 @@ class SecondPhaseFlagger:
         # film interface of the single-phase phantom, seed 2, was distinct from the film and
         # raised a flag; it is not distinct from the substrate above it)
         others = float(ring_weights.sum() - ring_weights[k])
+        matrix_share = 1.0
+        if matrix is not None:
+            in_matrix = matrix.copy()
+            in_matrix[k] = False
+            matrix_share = float(ring_weights[in_matrix].sum()) / others if others > 0 else 0.0
         holders = [j]
         if j != k and others > 0:
             # at least as large as the candidate: of two halves of one phase split in two, the
@@ -413,11 +484,14 @@ class SecondPhaseFlagger:
                 if block_distances is not None:
                     pairs.append(tuple(float(v) for v in block_distances(k, h, mk, mh, fold)))
                 else:
-                    pairs.append((block_distance(blocks[0], mk, mh, fold), block_distance(blocks[1], mk, mh, fold)))
+                    pairs.append((block_distance(blocks[0], mk, mh, fold),
+                                  block_distance(blocks[1], mk, mh, fold, shape_only=self.eds_shape_only)))
             d_cbed = min(p[0] for p in pairs)
             d_eds = min(p[1] for p in pairs)
-        d_min = min(d_cbed, d_eds)
-        score = math.sqrt(max(0.0, coh) * min(1.0, d_min / (2.0 * self.min_block_distance)))
+        t_cbed = float(self.min_block_distance)
+        t_eds = t_cbed if self.min_eds_distance is None else float(self.min_eds_distance)
+        r_min = min(d_cbed / t_cbed if t_cbed > 0 else 1.0, d_eds / t_eds if t_eds > 0 else 1.0)
+        score = math.sqrt(max(0.0, coh) * min(1.0, max(r_min, 0.0) / 2.0))
 
         def check(relax: float, coherence_value: float, n_comps: int) -> str:
             if n_k < self.min_positions * relax:
@@ -430,11 +504,13 @@ class SecondPhaseFlagger:
                 return "no_localised_component"
             if coherence_value < self.coherence * relax:
                 return "not_coherent"
+            if matrix_share < self.min_matrix_share * relax:
+                return "not_in_matrix"
             if contiguity < self.min_contiguity * relax:
                 return "not_contiguous"
-            if d_cbed < self.min_block_distance * relax:
+            if d_cbed < t_cbed * relax:
                 return "not_distinct_cbed"
-            if d_eds < self.min_block_distance * relax:
+            if d_eds < t_eds * relax:
                 return "not_distinct_eds"
             return ""
 
@@ -448,6 +524,7 @@ class SecondPhaseFlagger:
             components=tuple(cpt[:4] for cpt in relaxed), passes=not reason_strict,
             passes_relaxed=not reason_relaxed, reason=reason_strict or reason_relaxed,
             contiguity=contiguity, ring_clusters=tuple(holders) if j != k else (),
+            matrix_share=matrix_share,
         )
 
     def _is_open(self, lab: np.ndarray, i: int, sl: tuple, unseen: np.ndarray) -> bool:
@@ -462,7 +539,7 @@ class SecondPhaseFlagger:
 
     # ------------------------------------------------------------------ state machine
     def update(self, memberships, scan_shape, cbed_features, eds_features, *, scanned_mask=None,
-               signals: dict | None = None, block_distances=None) -> list[FlagEvent]:
+               signals: dict | None = None, block_distances=None, matrix_clusters=None) -> list[FlagEvent]:
         """Re-assess all clusters and return the flag events of this update.
 
         Parameters
@@ -481,6 +558,9 @@ class SecondPhaseFlagger:
         block_distances : callable, optional
             ``(k, j, in_k, in_j, fold) -> (d_cbed, d_eds)`` instead of the feature arrays
             (see :meth:`assess`).
+        matrix_clusters : sequence of int, optional
+            The clusters that make up the matrix (the engine's host sub-clusters): a candidate
+            must then have ``min_matrix_share`` of its ring in them (see :meth:`assess`).
 
         Returns
         -------
@@ -491,7 +571,7 @@ class SecondPhaseFlagger:
         self._shape = tuple(int(v) for v in scan_shape)
         self._signals = signals or {}
         assessments = self.assess(memberships, scan_shape, cbed_features, eds_features, scanned_mask,
-                                  block_distances=block_distances)
+                                  block_distances=block_distances, matrix_clusters=matrix_clusters)
         self.assessments_ = assessments
         events: list[FlagEvent] = []
         claimed: set[int] = set()

@@ -122,7 +122,9 @@ class LiveAnalysis:
         self.centre_set = self.centres.update(u)
         signals = centre_signals(self.centre_set, self.energy_axis_kev)
         cbed, eds = self.centres.features(eds_rebin=8, eds_channels=self._window)
-        events = self.flagger.update(u, self.scan_shape, cbed, eds, signals=signals)
+        # the host's sub-clusters are the matrix an inclusion is embedded in (flags docs)
+        events = self.flagger.update(u, self.scan_shape, cbed, eds, signals=signals,
+                                     matrix_clusters=self.engine.host_columns_)
         fraction = self.n_seen / self.n_positions
         for ev in events:
             rec = {k: v for k, v in asdict(ev).items() if k != "positions"}

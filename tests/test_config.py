@@ -82,11 +82,11 @@ def test_file_errors_name_the_file(tmp_path):
 def test_auto_values_resolve_from_the_scan_size():
     e = load_config().engine
     kw = e.resolved(64 * 64)
-    assert kw["warmup_positions"] == 512 and kw["refresh_every"] == 512
+    assert kw["warmup_positions"] == 512 and kw["refresh_every"] == 256
     kw = e.resolved(256 * 256)
-    assert kw["warmup_positions"] == 512 and kw["refresh_every"] == 8192
+    assert kw["warmup_positions"] == 512 and kw["refresh_every"] == 4096
     assert e.resolved(16)["warmup_positions"] == e.n_clusters  # never below the cluster count
-    assert load_config().centres.resolved_assess_every(64 * 64) == 256
+    assert load_config().centres.resolved_assess_every(64 * 64) == 128
     fixed = load_config({"engine": {"refresh_every": 1000}}).engine.resolved(4096)
     assert fixed["refresh_every"] == 1000
 

@@ -30,7 +30,7 @@ def synthetic_events(kind_sequence=("raise", "retract")):
     cbed[inc.ravel(), 0] += 4
     eds = rng.normal(0, 1, (ny * nx, 8))
     eds[inc.ravel(), 1] += 4
-    flagger = SecondPhaseFlagger(min_positions=5)
+    flagger = SecondPhaseFlagger(min_positions=5, raise_after=1)  # one update raises
     events = flagger.update(u, (ny, nx), cbed, eds, signals={1: {"fe_co_ratio": 1.9, "fe_ka_net": float("nan")}})
     merged = np.column_stack([np.ones(ny * nx), np.zeros(ny * nx)])
     events += flagger.update(merged, (ny, nx), cbed, eds)

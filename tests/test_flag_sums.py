@@ -122,9 +122,9 @@ def test_flagger_hook_gives_the_same_events():
         calls.append((k, j))
         return pair_distances(plan, *plan.moments(member, fold, cbed, eds))[(k, j)]
 
-    ref_flagger = SecondPhaseFlagger(min_positions=5)
+    ref_flagger = SecondPhaseFlagger(min_positions=5, raise_after=1)
     ref = ref_flagger.update(u, (ny, nx), cbed, eds)
-    got = SecondPhaseFlagger(min_positions=5).update(u, (ny, nx), None, None, block_distances=distances)
+    got = SecondPhaseFlagger(min_positions=5, raise_after=1).update(u, (ny, nx), None, None, block_distances=distances)
     assert calls == [(1, 0)]  # only the minor cluster is measured
     # the flags.py docstring's example: the inclusion is raised
     assert [(e.kind, e.cluster, e.bbox) for e in got] == [(e.kind, e.cluster, e.bbox) for e in ref]

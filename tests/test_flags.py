@@ -66,6 +66,9 @@ def single_phase():
 def test_flag_raised_for_second_phase(with_inclusions):
     ph, u, cbed, eds = with_inclusions
     flagger = SecondPhaseFlagger()
+    # raise_after=2: the first passing update only arms the flag (a transient pass is not a flag)
+    assert flagger.update(u, SCAN, cbed, eds) == []
+    assert [a.passes for a in flagger.assessments_].count(True) == 1
     events = flagger.update(u, SCAN, cbed, eds)
     assert [ev.kind for ev in events] == ["raised"]
     ev = events[0]
@@ -127,7 +130,7 @@ def test_flag_raised_mid_scan_then_followed(with_inclusions):
 
 def test_retraction_with_hysteresis(with_inclusions):
     ph, u, cbed, eds = with_inclusions
-    flagger = SecondPhaseFlagger(retract_after=2)
+    flagger = SecondPhaseFlagger(retract_after=2, raise_after=1)
     (raised,) = flagger.update(u, SCAN, cbed, eds)
     # the EDS block stops separating (e.g. the model's EDS scaling changed): one failing update
     # is tolerated, the second retracts
@@ -152,7 +155,7 @@ def test_retraction_with_hysteresis(with_inclusions):
 
 def test_flag_id_survives_relabelled_clusters(with_inclusions):
     ph, u, cbed, eds = with_inclusions
-    flagger = SecondPhaseFlagger()
+    flagger = SecondPhaseFlagger(raise_after=1)
     (raised,) = flagger.update(u, SCAN, cbed, eds)
     perm = np.array([5, 2, 0, 4, 1, 3])  # new cluster i is old cluster perm[i]
     (ev,) = flagger.update(u[:, perm], SCAN, cbed, eds)
@@ -267,3 +270,86 @@ def test_patch_on_an_interface_must_be_distinct_from_both_sides():
     alone = {a.cluster: a for a in SecondPhaseFlagger(max_fraction=0.5, min_ring_share=1.01).assess(
         u, (ny, nx), cbed, eds)}
     assert alone[2].passes
+
+
+def _host_with_patch_and_inclusion(rng, ny=40, nx=40):
+    """Layer A (rows 0-11, cluster 0) over the matrix B (clusters 1 and 2: the host's two
+    sub-clusters); a patch of A material inside A near the interface (cluster 3, surrounded by A),
+    and an inclusion in B (cluster 4). Both are distinct in both blocks from what surrounds them."""
+    n = ny * nx
+    yy, xx = np.mgrid[:ny, :nx]
+    lab = np.where(yy < 12, 0, np.where(xx < nx // 2, 1, 2)).ravel()
+    patch = ((yy >= 3) & (yy < 8) & (xx >= 10) & (xx < 16)).ravel()
+    inc = ((yy - 27) ** 2 + (xx - 10) ** 2 <= 9).ravel()
+    lab[patch], lab[inc] = 3, 4
+    u = np.eye(5)[lab] * 0.9 + 0.1 / 5
+    cbed = rng.normal(0, 1, (n, 16))
+    eds = rng.normal(0, 1, (n, 16))
+    for k in range(5):
+        cbed[lab == k, k] += 4
+        eds[lab == k, k] += 4
+    return u, cbed, eds
+
+
+def test_matrix_share_keeps_patches_of_other_layers_out():
+    """Told which clusters are the matrix (the engine's host sub-clusters), the flagger needs an
+    inclusion's ring in them: a patch inside another layer is not embedded in the matrix."""
+    u, cbed, eds = _host_with_patch_and_inclusion(np.random.default_rng(2))
+    flagger = SecondPhaseFlagger(max_fraction=0.5)
+    blind = {a.cluster: a for a in flagger.assess(u, (40, 40), cbed, eds)}
+    assert blind[3].passes and blind[4].passes  # without the matrix, both look like inclusions
+    told = {a.cluster: a for a in flagger.assess(u, (40, 40), cbed, eds, matrix_clusters=(1, 2))}
+    assert told[4].passes and told[4].matrix_share == pytest.approx(1.0, abs=0.05)
+    assert not told[3].passes and told[3].reason == "not_in_matrix" and told[3].matrix_share < 0.2
+    with pytest.raises(ValueError, match="matrix_clusters"):
+        flagger.assess(u, (40, 40), cbed, eds, matrix_clusters=(1, 7))
+
+
+def test_an_inclusion_cut_by_the_frame_counts_as_coherent():
+    """Positions of the candidate in a compact component at the scan frame are not flagged (a layer
+    may enter there) but are coherent: they must not hold back the flag of an embedded inclusion."""
+    rng = np.random.default_rng(4)
+    ny, nx = 40, 40
+    n = ny * nx
+    yy, xx = np.mgrid[:ny, :nx]
+    inc = ((yy - 20) ** 2 + (xx - 12) ** 2 <= 6).ravel()
+    edge = ((yy - 15) ** 2 + (xx - 39) ** 2 <= 30).ravel()  # a bigger one cut by the right edge
+    lab = np.where(inc | edge, 1, 0)
+    u = np.eye(2)[lab] * 0.9 + 0.05
+    cbed = rng.normal(0, 1, (n, 8))
+    eds = rng.normal(0, 1, (n, 8))
+    cbed[lab == 1, 0] += 4
+    eds[lab == 1, 0] += 4
+    (a,) = [a for a in SecondPhaseFlagger().assess(u, (ny, nx), cbed, eds) if a.cluster == 1]
+    assert a.passes and a.coherence > 0.95
+    assert set(np.unique(np.divmod(a.positions, nx)[1])) <= set(range(5, 20))  # the flag is the embedded one
+    assert np.count_nonzero(edge) > np.count_nonzero(inc)  # without the credit, coherence < 0.5
+
+
+def test_eds_needs_its_own_threshold_and_shape_only_ignores_intensity():
+    """The EDS block needs ``min_eds_distance``; ``eds_shape_only`` does not count a spectrum that
+    is only scaled (a thicker region), and counts a change of line ratios."""
+    rng = np.random.default_rng(6)
+    n = 4000
+    fold = np.arange(n) % 2 == 0
+    k = rng.random(n) < 0.1
+    lines = np.array([40.0, 20.0, 10.0, 5.0])
+    thick = rng.poisson(np.where(k[:, None], 1.4, 1.0) * lines).astype(np.float64)
+    assert block_distance(thick, k, ~k, fold) > 2.0
+    assert block_distance(thick, k, ~k, fold, shape_only=True) < 0.5
+    ratio = lines * np.where(k[:, None], [1.0, 1.0, 2.5, 1.0], 1.0)
+    other = rng.poisson(ratio).astype(np.float64)
+    assert block_distance(other, k, ~k, fold, shape_only=True) > 1.5
+    # an inclusion whose EDS differs by d ~ 0.8: enough under the CBED threshold, not the EDS one
+    ny, nx = 40, 40
+    yy, xx = np.mgrid[:ny, :nx]
+    inc = ((yy - 20) ** 2 + (xx - 20) ** 2 <= 12).ravel()
+    u = np.eye(2)[inc.astype(int)] * 0.9 + 0.05
+    cbed = rng.normal(0, 1, (ny * nx, 8))
+    eds = rng.normal(0, 1, (ny * nx, 8))
+    cbed[inc, 0] += 4
+    eds[inc, 0] += 0.8
+    (a,) = [a for a in SecondPhaseFlagger().assess(u, (ny, nx), cbed, eds) if a.cluster == 1]
+    assert 0.6 < a.distance_eds < 1.0 and a.reason == "not_distinct_eds"
+    (b,) = [b for b in SecondPhaseFlagger(min_eds_distance=0.6).assess(u, (ny, nx), cbed, eds) if b.cluster == 1]
+    assert b.passes

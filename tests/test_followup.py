@@ -49,7 +49,7 @@ def live_scan(phantom):
     signals = centre_signals(centres.update(u), ph.energy_axis_kev)
     window = slice(*np.searchsorted(ph.energy_axis_kev, (0.2, 10.0)))
     cbed, eds = centres.features(eds_rebin=8, eds_channels=window)
-    events = SecondPhaseFlagger().update(u, SCAN, cbed, eds, signals=signals)
+    events = SecondPhaseFlagger(raise_after=1).update(u, SCAN, cbed, eds, signals=signals)  # one update raises
     return spectra, events
 
 

@@ -30,10 +30,11 @@ def _live_scan(seed: int = 0, **phantom_kw):
     pub = EventPublisher("tcp://127.0.0.1:0", socket_type="push", scan_id="test")
     sub = EventSubscriber(pub.endpoint, socket_type="pull")
     try:
+        # the configuration's automatic cadence at 4,096 positions (refresh 256, assess 128)
         live = LiveAnalysis(ph.scan_shape, ph.frame_shape, ph.energy_axis_kev, events=pub, random_state=0,
-                            assess_every=256, engine_params={"warmup_positions": 512, "refresh_every": 512})
-        for start in range(0, n, 256):
-            pos = np.arange(start, start + 256)
+                            assess_every=128, engine_params={"warmup_positions": 512, "refresh_every": 256})
+        for start in range(0, n, 128):
+            pos = np.arange(start, start + 128)
             ones = np.ones(pos.size, bool)
             live.process(Batch(pos, ph.frames(pos), ph.spectra(pos), ones, ones))
         live.finish()
@@ -65,10 +66,11 @@ def test_second_phase_is_flagged_before_the_scan_ends(lamella, record_property):
     record_property("first_flag_scan_fraction", fraction)
     record_property("first_flag_precision", precision)
     assert precision >= 0.8, precision
-    # the scan first crosses the second phase at row 12 and passes the first inclusion at row 20
+    # the scan first reaches the second phase at row 12 and has crossed the first inclusion after
+    # row 19; measured: flagged after row 23 (0.375; raise_after=2, two passing assessments)
     rows = np.nonzero(ph.truth.second_phase.any(axis=1))[0]
     assert ev["bbox"][0] >= rows[0] - 1
-    assert fraction <= 0.4, fraction  # measured 0.31; one assessment later is 0.375
+    assert fraction <= 0.42, fraction
     # and a flag holding the second phase is active at the end
     active = live.flagger.active_flags
     assert active and max(truth[np.asarray(f.positions)].mean() for f in active) >= 0.8
