@@ -928,6 +928,10 @@ class StreamingEngine:
     def _refine_host(self, idx: np.ndarray, U: np.ndarray, final: bool, seed: int) -> None:
         """Level 2: re-cluster the host cluster among its own positions (module host_refine)."""
         k2 = int(self.host_clusters)
+        if final:
+            # the final partition is per position, even when the host is too small to refine
+            # below (the live pooling grid would otherwise still pool the final composition)
+            self._host_z = None
         # the host: the largest level-1 cluster with those sharing its positions (a film split by
         # thickness); the primary only changes for a clearly larger cluster, or the sub-clusters
         # would be renumbered (and flags flicker) at every refresh (host_refine.host_group)
