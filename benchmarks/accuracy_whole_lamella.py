@@ -92,7 +92,7 @@ def run_seed(seed: int, inclusions: bool = True, flag_params: dict | None = None
                 if np.count_nonzero(lab == i) >= 20]
         out["first_inclusion_crossed_row"] = min(ends) if ends else None
         eds = eds_window(np.concatenate(spectra), ph.energy_axis_kev, (0.2, 10.0), rebin=2)
-        ref = run_reference(np.concatenate(cbed), eds, n_clusters=6, random_state=seed, refine_host=6,
+        ref = run_reference(np.concatenate(cbed), eds, n_clusters=6, random_state=seed, refine_host=6, scan_shape=SCAN,
                             clusterer=FuzzyCMeans(6, n_init=10, random_state=seed))
         lab = live.engine.labels_
         out.update(ari_live_vs_reference=round(float(adjusted_rand_score(ref.labels, lab)), 3),

@@ -1,8 +1,9 @@
 """Flag latency: seconds from the acquisition of the positions that decide a flag to the event
 arriving at a subscriber, with the live analysis running at full rate.
 
-The simulated lamella's positions are handed to :class:`streamclust.live.LiveAnalysis` in the
-joiner's batches on a scan clock: position ``p`` is *acquired* at ``t0 + (p + 1) / rate``, and a
+The simulated lamella's positions are handed to :class:`streamclust.live.LiveAnalysis`, built with
+the default configuration resolved for the scan as ``streamclust run`` builds it (refresh and
+assessment cadence, flagger), in the joiner's batches on a scan clock: position ``p`` is *acquired* at ``t0 + (p + 1) / rate``, and a
 batch is handed over once its last position is acquired (or at once, when the analysis is behind:
 then the backlog counts in the latency, as it would on the instrument). Flag events go out on a
 real ZeroMQ PUSH socket; a PULL subscriber thread stamps their arrival. For each ``raised`` event
@@ -23,6 +24,7 @@ assess (ingest only); the ratio says how many plain batches' worth of time a dec
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import threading
@@ -33,7 +35,9 @@ import numpy as np
 
 def run(scan: int = 64, rate: float = 500.0, seed: int = 0, batch: int = 128) -> dict:
     from streamclust.adapters.join import Batch
+    from streamclust.config import Config
     from streamclust.events import EventPublisher, EventSubscriber
+    from streamclust.flags import SecondPhaseFlagger
     from streamclust.live import LiveAnalysis
     from streamclust.simulators.phantom import LamellaPhantom
 
@@ -52,9 +56,14 @@ def run(scan: int = 64, rate: float = 500.0, seed: int = 0, batch: int = 128) ->
 
     th = threading.Thread(target=listen, daemon=True)
     th.start()
+    # the product's parameters, resolved for this scan exactly as `streamclust run` resolves them
+    config = Config()
+    engine_params = config.engine.resolved(n)
+    engine_params.pop("random_state")
     live = LiveAnalysis(ph.scan_shape, ph.frame_shape, ph.energy_axis_kev, events=pub, random_state=seed,
-                        assess_every=256, engine_params={"warmup_positions": min(512, n // 4),
-                                                         "refresh_every": 512})
+                        n_clusters=config.engine.n_clusters, thresholds=config.centres.thresholds,
+                        assess_every=config.centres.resolved_assess_every(n), engine_params=engine_params)
+    live.flagger = SecondPhaseFlagger(**dataclasses.asdict(config.flags))
     live.engine.warm_up()
     decided: dict[int, float] = {}  # flag id -> acquisition time of its deciding batch
     plain, deciding = [], []
@@ -94,7 +103,7 @@ def run(scan: int = 64, rate: float = 500.0, seed: int = 0, batch: int = 128) ->
         "scan": scan, "rate_positions_per_s": rate, "batch": batch,
         "flags_raised": len(decided),
         "flag_latency_s": float(max(lat)) if lat else None,
-        "flag_latency_all_s": [round(v, 4) for v in lat],
+        "flag_latency_all_s": [round(float(v), 4) for v in lat],
         "assessing_batch_s_median": float(np.median(deciding)) if deciding else None,
         "plain_batch_s_median": base,
         "latency_vs_plain_batch": (float(max(lat)) / base) if lat and base > 0 else None,

@@ -96,6 +96,27 @@ class Sampler:
             self._fh.close()
 
 
+def _wait_for_teardown(previous: dict, timeout_s: float = 2.0) -> float:
+    """Wait (at most ``timeout_s``) until the open fds and OS threads are back at ``previous``'s counts.
+
+    Why: ZeroMQ closes a TCP connection on its own I/O thread after ``close()`` has returned, and the
+    simulators' connection threads end just after their peer hangs up; a count taken the instant a
+    scan ends sometimes still holds one such socket (fds 51, 51, 52, 51, ... under load). A leaked fd
+    or thread never comes back, so the between-scans sample still shows it, only ``timeout_s`` later.
+    Returns the seconds waited.
+    """
+    proc = psutil.Process()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        if proc.num_fds() <= previous["fds"] and proc.num_threads() <= previous["os_threads"]:
+            break
+        time.sleep(0.01)
+    waited = time.perf_counter() - t0
+    if waited > 0.05:
+        logger.info("between scans: waited %.2f s for sockets and threads to close", waited)
+    return waited
+
+
 def rss_slope_mb_per_100k(rows: list[dict], start_frames: float, kind: str = "scan_end") -> float:
     """Least-squares slope of RSS against frames over ``kind`` samples at or after ``start_frames``.
 
@@ -190,7 +211,9 @@ def run_soak(n_frames: int = 1_000_000, *, scan: int = 64, out_dir: str | Path =
                 state["scans"] += 1
                 if trim:
                     _trim()
-                sampler.sample("scan_end")
+                if state["scans"] > 1:
+                    _wait_for_teardown(settled)
+                settled = sampler.sample("scan_end")
                 if state["scans"] == 1:
                     first_scan_samples = len(sampler.rows)
                 logger.info("scan %d: %d frames (%d total), rss %.0f MB", state["scans"], account["delivered"],

@@ -248,6 +248,8 @@ class EngineSection:
     host_refit_growth: float = _opt(0.5, _float(0.0), "host growth that re-fits the level-2 space")
     host_overlap: float = _opt(0.1, _float(0.0, 1.0), "level-1 clusters sharing this fuzzy overlap of positions "
                                                       "with the host join it (a film split by thickness)")
+    host_mixing: float = _opt(0.5, _float(0.0, 1.0), "level-1 clusters intermixed with the host position by position "
+                                                      "(this fraction of each touches the other) join it; 0: off")
     host_pooling: bool = _opt(True, _bool, "live level-2 clustering on 3 x 3 neighbourhood means (the final "
                                            "one per position); needs the scan shape")
     random_state: int = _opt(0, _int(0), "seed of every random choice (same seed, same result)")
@@ -318,6 +320,8 @@ class FlagsSection:
                                                          "(and at least the candidate's size) must be distinct too")
     min_matrix_share: float = _opt(0.95, _float(0.0, 1.0), "share of the ring in the matrix (the host's "
                                                            "sub-clusters) an inclusion needs")
+    distances_for_all: bool = _opt(False, _bool, "measure every cluster's block distances, not only those "
+                                                 "passing the other tests (diagnostics; slower)")
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ from .host_refine import HostRefinement, compose_memberships, host_group
 from .incremental_pca import StreamingPCA
 from .flag_sums import DistancePlan, FoldSums, ProjectionMoments, eds_window, flag_features, pair_distances, scan_fold
 from .mergeable import CentreSums, FCMSums, merge_all, merge_into
+from .spatial_pool import spatial_mixing
 from .robust_scaling import FeatureMoments
 from .validity import ValidityAccumulator
 
@@ -129,6 +130,7 @@ class ReplayConfig:
     host_sample_size: int = 4096
     host_min_components: int = 5
     host_overlap: float = 0.1
+    host_mixing: float | None = 0.5
     thresholds: tuple = (0.5, 0.75)
     centre_shape: tuple = (32, 32)
     random_state: int | None = 0
@@ -755,11 +757,17 @@ def _fit_fcm(backend, scores: Sequence, sizes: np.ndarray, n_clusters: int, cfg:
 
 
 def _refine_host(backend, U1: np.ndarray, src: Sequence, specs: Sequence[ChunkSpec], info_h, cfg: ReplayConfig,
-                 cfg_h, scaling_h, n_cbed: int, seed: int) -> dict[str, Any] | None:
+                 cfg_h, scaling_h, n_cbed: int, seed: int, scan_shape=None) -> dict[str, Any] | None:
     """Level 2 as :meth:`StreamingEngine._refine_host` does it at ``finalize``: the host (largest
     total membership) re-scaled, projected and clustered among its clear positions."""
     k2 = int(cfg.host_clusters)
-    host, group = host_group(U1, overlap=float(cfg.host_overlap))  # as the engine
+    mixing = None
+    if scan_shape is not None and cfg.host_mixing:
+        seen = np.isfinite(U1).all(axis=1)
+        grid = np.where(seen, np.argmax(np.nan_to_num(U1, nan=-1.0), axis=1), -1)
+        mixing = spatial_mixing(grid, tuple(scan_shape), U1.shape[1])
+    host, group = host_group(U1, overlap=float(cfg.host_overlap), mixing=mixing,
+                             min_mixing=float(cfg.host_mixing or 0.0))  # as the engine
     inside = np.flatnonzero(np.nan_to_num(U1[:, list(group)]).sum(axis=1) > float(cfg.host_threshold))
     if inside.size < max(int(cfg.host_min_positions), 4 * k2):
         logger.info("host cluster %d has %d clear positions: no level-2 refinement", host, inside.size)
@@ -1003,7 +1011,8 @@ def _run(backend, info: RecordingInfo, cfg: ReplayConfig, chunk_positions: int) 
         # level 2 is defined on raw features, as the engine's (x_warm / c_warm): its zero-IQR
         # floor of 1 is in raw counts, so the whole-scan multiplier must not be applied first
         raw_h = backend.share({**scaling, "multiplier": np.ones_like(scaling["multiplier"])})
-        host_info = _refine_host(backend, U1, src, specs, info_h, cfg, cfg_h, raw_h, n_cbed, seed)
+        host_info = _refine_host(backend, U1, src, specs, info_h, cfg, cfg_h, raw_h, n_cbed, seed,
+                                 scan_shape=info.scan_shape)
         if host_info is None:
             outputs = backend.map(chunk_compose, level1, [None] * k, [None] * k, [m] * k, [None] * k, [k2] * k)
         else:

@@ -128,6 +128,7 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
     for name, sig in (("merged", "merged"), ("eds_only", "eds"), ("cbed_only", "cbed")):
         res = run_reference(cbed[both], eds_feat[both], signals=sig, n_clusters=n_clusters,
                             random_state=seed_engine, refine_host=k2,
+                            scan_shape=tuple(scan_shape) if both.all() else None,
                             clusterer=FuzzyCMeans(n_clusters, n_init=10, random_state=seed_engine))
         results[name] = res
         lab = np.full(n, -1, np.int64)

@@ -75,7 +75,7 @@ from .host_refine import HostRefinement, compose_memberships, host_group, match_
 from .incremental_pca import StreamingPCA
 from .position_store import PositionStore
 from .sample_pca import one_percent_pca
-from .spatial_pool import neighbourhood_mean, neighbours
+from .spatial_pool import neighbourhood_mean, neighbours, spatial_mixing
 from .validity import partition_coefficient, partition_entropy, xie_beni
 
 logger = logging.getLogger(__name__)
@@ -205,6 +205,13 @@ class StreamingEngine:
     host_overlap : float, default=0.1
         Level-1 clusters sharing at least this fuzzy overlap of positions with the host join it
         (:func:`~streamclust.host_refine.host_group`: a film split by thickness is one host).
+    host_mixing : float or None, default=0.5
+        Level-1 clusters also join the host when they are spatially intermixed with it: more than
+        this fraction of each one's positions has an 8-neighbour in the other
+        (:func:`~streamclust.spatial_pool.spatial_mixing`; needs ``scan_shape``). One layer split
+        by noise into clusters alternating position by position, with crisp memberships, has no
+        fuzzy overlap (measured: 0.009 on the phantom's film at 36 X-ray counts a spectrum) and
+        the host flipped between one and both halves from refresh to refresh. None or 0: off.
     host_pooling : bool, default=True
         While the scan runs, the level-2 clustering works on each host position's level-2 scores
         averaged with those of its scanned 8-neighbours in the host
@@ -275,6 +282,7 @@ class StreamingEngine:
         host_min_components: int = 5,
         host_refit_growth: float = 0.5,
         host_overlap: float = 0.1,
+        host_mixing: float | None = 0.5,
         host_pooling: bool = True,
         blas_threads: int | None = 1,
         random_state: int | None = None,
@@ -318,6 +326,7 @@ class StreamingEngine:
         self.host_min_components = host_min_components
         self.host_refit_growth = host_refit_growth
         self.host_overlap = host_overlap
+        self.host_mixing = host_mixing
         self.host_pooling = host_pooling
         self.blas_threads = blas_threads
         self.random_state = random_state
@@ -935,7 +944,13 @@ class StreamingEngine:
         # the host: the largest level-1 cluster with those sharing its positions (a film split by
         # thickness); the primary only changes for a clearly larger cluster, or the sub-clusters
         # would be renumbered (and flags flicker) at every refresh (host_refine.host_group)
-        host, group = host_group(U, overlap=float(self.host_overlap), previous=self.host_cluster_)
+        mixing = None
+        if self.scan_shape is not None and self.host_mixing:
+            grid = np.full(int(self.n_positions), -1, dtype=np.intp)
+            grid[idx] = np.argmax(U, axis=1)
+            mixing = spatial_mixing(grid, self.scan_shape, U.shape[1])
+        host, group = host_group(U, overlap=float(self.host_overlap), previous=self.host_cluster_,
+                                 mixing=mixing, min_mixing=float(self.host_mixing or 0.0))
         clear = U[:, list(group)].sum(axis=1) > float(self.host_threshold)
         inside = idx[clear]
         if inside.size < max(int(self.host_min_positions), 4 * k2):
@@ -985,7 +1000,10 @@ class StreamingEngine:
         self._host_scores = (idx, Z2_all)
         Z2 = Z2_all[clear]
         prev_labels = None
-        if self.host_cluster_ is not None and not changed:
+        # the sub-clusters keep their numbers across a change of host group or space too: they
+        # are matched by the positions they hold (positions new to the host have no level-2
+        # memberships yet and are left out)
+        if self.host_cluster_ is not None:
             prev = self.memberships_[inside, int(self.n_clusters):]
             known = np.isfinite(prev).all(axis=1) & (prev.sum(axis=1) > 0)
             prev_labels = np.where(known, np.argmax(np.nan_to_num(prev), axis=1), -1)

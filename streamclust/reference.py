@@ -177,6 +177,8 @@ def run_reference(
     refine_host: int = 0,
     host_threshold: float = 0.9,
     host_min_components: int = 5,
+    scan_shape: tuple[int, int] | None = None,
+    host_mixing: float = 0.5,
 ) -> ReferenceResult:
     """Run the batch pipeline on feature matrices (rows = scan positions).
 
@@ -197,6 +199,10 @@ def run_reference(
         clustered with fuzzy C-means among its positions of membership > ``host_threshold``;
         labels are the arg-max of the product-rule memberships (``labels`` then number
         ``n_clusters + refine_host`` clusters, the host's own number unused).
+    scan_shape : (ny, nx), optional
+        The rows' scan grid (raster order). With it the host group also takes the clusters
+        intermixed with it position by position (``host_mixing``), as the engine's does
+        (:func:`streamclust.host_refine.host_group`); without it, by fuzzy overlap only.
     """
     if signals not in ("merged", "cbed", "eds"):
         raise ValueError(f"signals must be 'merged', 'cbed' or 'eds', got {signals!r}")
@@ -224,16 +230,20 @@ def run_reference(
     est = KMeans(n_clusters=n_clusters, n_init=10, random_state=random_state) if clusterer is None else clone(clusterer)
     labels = _labels_of(est, z)
     logger.info("reference %s: %d PCA components, EDS factor %.3g", signals, k, factor)
+    if scan_shape is not None and int(np.prod(scan_shape)) != x.shape[0]:
+        raise ValueError(f"scan_shape {tuple(scan_shape)} has {int(np.prod(scan_shape))} positions, "
+                         f"the features {x.shape[0]} rows")
     if refine_host:
         raw = [np.asarray(b, dtype=np.float32) for b, use in ((cbed, signals in ("merged", "cbed")),
                                                                (eds, signals in ("merged", "eds"))) if use]
         labels = _refine_host(raw, labels, est, n_clusters, int(refine_host), host_threshold,
-                              host_min_components, variance_threshold, random_state)
+                              host_min_components, variance_threshold, random_state,
+                              scan_shape=scan_shape, host_mixing=host_mixing)
     return ReferenceResult(labels, z, k, pca.explained_variance_ratio_, factor, est)
 
 
 def _refine_host(raw_blocks, labels, est, n_clusters, k2, threshold, min_components, variance_threshold,
-                 random_state) -> np.ndarray:
+                 random_state, scan_shape=None, host_mixing=0.5) -> np.ndarray:
     """Second level on the host cluster (see ``refine_host`` of :func:`run_reference`)."""
     from streamclust.fcm import FuzzyCMeans
     from streamclust.host_refine import HostRefinement, compose_memberships, host_group
@@ -242,7 +252,13 @@ def _refine_host(raw_blocks, labels, est, n_clusters, k2, threshold, min_compone
     if u1 is None or np.asarray(u1).shape != (labels.size, n_clusters):
         u1 = np.eye(n_clusters, dtype=np.float32)[labels]  # a hard partition's memberships
     u1 = np.asarray(u1, dtype=np.float32)
-    host, group = host_group(u1)  # the engine's host: the largest cluster with those sharing it
+    mixing = None
+    if scan_shape is not None and host_mixing:
+        from streamclust.spatial_pool import spatial_mixing
+
+        mixing = spatial_mixing(np.argmax(u1, axis=1), tuple(scan_shape), n_clusters)
+    # the engine's host: the largest cluster with those sharing or intermixed with it
+    host, group = host_group(u1, mixing=mixing, min_mixing=float(host_mixing or 0.0))
     inside = u1[:, list(group)].sum(axis=1) > threshold
     if inside.sum() < max(4 * k2, 8):
         # as the engine: no clear host, no second level (a noisy single-signal clustering)

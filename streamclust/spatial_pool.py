@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["neighbourhood_mean", "neighbours"]
+__all__ = ["neighbourhood_mean", "neighbours", "spatial_mixing"]
 
 _OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 
@@ -79,3 +79,41 @@ def neighbourhood_mean(values: np.ndarray, pool: np.ndarray, scan_shape: tuple[i
             count[ok] += 1.0
     total /= count[:, np.newaxis]
     return total
+
+
+def spatial_mixing(labels: np.ndarray, scan_shape: tuple[int, int], n_clusters: int) -> np.ndarray:
+    """How intermixed the clusters of a label map are: ``M[i, j]`` is the fraction of the positions
+    labelled ``i`` that have at least one 8-neighbour labelled ``j`` (labels < 0: not scanned).
+
+    Why: fuzzy C-means may split one layer by noise into clusters that alternate position by
+    position, with crisp memberships (measured on the phantom's film at 36 X-ray counts a
+    spectrum: a fuzzy overlap of 0.009 between two clusters, yet 52 % of horizontally adjacent
+    film pairs in different clusters). Such clusters are each other's neighbours almost
+    everywhere, both ways; layers touch along an interface only, and an inclusion touches the
+    matrix around it while the matrix as a whole barely touches it, so ``min(M[i, j], M[j, i])``
+    is small for both.
+
+    >>> lab = np.array([0, 1, 0, 1, 0, 1, 2, 2, 2])   # 0 and 1 alternate, 2 is a layer below
+    >>> m = spatial_mixing(lab, (3, 3), 3)
+    >>> mm = np.minimum(m, m.T)
+    >>> round(float(mm[0, 1]), 2), round(float(mm[0, 2]), 2)
+    (1.0, 0.33)
+    """
+    ny, nx = (int(v) for v in scan_shape)
+    k = int(n_clusters)
+    lab = np.asarray(labels).reshape(ny, nx)
+    touches = np.zeros((ny, nx, k), dtype=bool)
+    padded = np.full((ny + 2, nx + 2), -1, dtype=np.intp)
+    padded[1:-1, 1:-1] = lab
+    for dy, dx in _OFFSETS:
+        nb = padded[1 + dy:1 + dy + ny, 1 + dx:1 + dx + nx]
+        ok = nb >= 0
+        yy, xx = np.nonzero(ok)
+        touches[yy, xx, nb[ok]] = True
+    out = np.zeros((k, k))
+    for i in range(k):
+        here = lab == i
+        n_i = int(here.sum())
+        if n_i:
+            out[i] = touches[here].sum(axis=0) / n_i
+    return out

@@ -154,6 +154,26 @@ def test_features_for_the_flagger():
     np.testing.assert_array_equal(eds[3], [11 + 12 + 13 + 14, 15 + 16 + 17 + 18])
 
 
+def test_features_are_computed_once_per_position_and_stay_exact():
+    """Later calls only compute the positions added since: the result equals a fresh store's, for
+    each channel selection, and the arrays handed out are read-only."""
+    rng = np.random.default_rng(0)
+    frames = rng.poisson(3.0, (12, 4, 4)).astype(np.float32)
+    spectra = rng.poisson(2.0, (12, 16)).astype(np.uint16)
+    tc = ThresholdedCentres(2, n_positions=12, cbed_shape=(2, 2))
+    for part in (np.array([3, 0, 7]), np.array([1, 2]), np.array([11, 4, 5, 6, 8, 9, 10])):
+        tc.add(part, frames[part], spectra[part])
+        for rebin, window in ((4, slice(1, 14)), (2, None)):
+            cbed, eds = tc.features(eds_rebin=rebin, eds_channels=window)
+            fresh = ThresholdedCentres(2, n_positions=12, cbed_shape=(2, 2))
+            seen = np.flatnonzero(tc._stored)
+            fresh.add(seen, frames[seen], spectra[seen])
+            want_c, want_e = fresh.features(eds_rebin=rebin, eds_channels=window)
+            np.testing.assert_array_equal(cbed, want_c)
+            np.testing.assert_array_equal(eds, want_e)
+    assert not cbed.flags.writeable and not eds.flags.writeable
+
+
 def test_state_bytes():
     s128 = ThresholdedCentres.state_bytes(128 * 128)
     s512 = ThresholdedCentres.state_bytes(512 * 512)

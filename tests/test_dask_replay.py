@@ -127,7 +127,11 @@ def test_local_cluster_matches_in_process_and_single_process_replay(recording, i
     assert adjusted_rand_score(sp["level1_labels"], got["level1_labels"]) >= 0.99
     assert adjusted_rand_score(sp["labels"], got["labels"]) >= 0.99
     assert sp["n_components"] == got["n_components"]
-    assert got["flags"] == sp["flags"] == []  # no second phase flagged on this scan, by either
+    # the Dask replay's verdict has no history: it matches the flags active at the end of the
+    # single-process replay. Measured (2026-11-24, late): the live path raised the inclusion at
+    # rows 6-13 at 62 % of the scan (Fe/Co 2.22) and retracted it at 75 % (its cluster merged away
+    # at a refresh); at the end neither holds a flag
+    assert got["flags"] == [f for f in sp["flags"] if f["last_kind"] != "retracted"] == []
 
     # the merged thresholded centres are ThresholdedCentres' on the replay's memberships
     frames = read_mib(recording.mib)
@@ -183,10 +187,14 @@ def test_flags_equal_the_live_analysis(flag_recording, client, tmp_path):
     UTC this scan had one flag, raised at the end, which the replay's file held with the same bbox
     and score. The comparisons below hold whatever the criteria decide.)
     """
-    la = _live(flag_recording)
+    # every cluster's distances measured (by default only a cluster passing the other tests is),
+    # so that there are distances to compare
+    cfg = CONFIG.override("flags", distances_for_all=True)
+    dask_cfg = replay_config(cfg)
+    la = _live(flag_recording, cfg)
     U_live = la.engine.memberships_
     summary = replay_dask(flag_recording.mib, flag_recording.eds, tmp_path, scheduler=client,
-                          chunk_positions=256, config=DASK)
+                          chunk_positions=256, config=dask_cfg)
     got = _read(summary["results_path"])
     assert validate_results(summary["results_path"]) == []
     # a second scan, both levels against the same pipeline: measured ARI 1.000
@@ -199,7 +207,7 @@ def test_flags_equal_the_live_analysis(flag_recording, client, tmp_path):
     to_live = _match(got["memberships"], U_live)
     live = {a.cluster: a for a in la.flagger.assessments_}
     mine = replay_flags(flag_recording.mib, flag_recording.eds, got["memberships"], chunk_positions=512,
-                        config=DASK)
+                        config=dask_cfg)
     def timeless(flags):
         return [{k: v for k, v in f.items() if k != "seconds_at_first_flag"} for f in flags]
 
@@ -222,7 +230,7 @@ def test_flags_equal_the_live_analysis(flag_recording, client, tmp_path):
 
     # the live memberships in, the live flagger's measurements out (distances to ~1e-6)
     res = replay_flags(flag_recording.mib, flag_recording.eds, U_live, client=client, chunk_positions=300,
-                       config=DASK)
+                       config=dask_cfg)
     measured = 0
     for a, ref in zip(res["assessments"], la.flagger.assessments_):
         assert (a.cluster, a.neighbour, a.n_positions, a.bbox) == (ref.cluster, ref.neighbour, ref.n_positions,

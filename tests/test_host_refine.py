@@ -83,3 +83,21 @@ def test_match_by_overlap_recovers_a_permutation():
     new = perm[old]  # new cluster perm[j] is old cluster j
     col = match_by_overlap(old, new, 5)
     np.testing.assert_array_equal(col, perm)
+
+
+def test_host_group_joins_a_layer_split_by_noise_with_crisp_memberships():
+    """Fuzzy overlap misses two clusters that alternate position by position with crisp
+    memberships (one film split by discrete X-ray counts); their spatial mixing does not, and a
+    layer beside the film stays out."""
+    from streamclust.host_refine import host_group
+    from streamclust.spatial_pool import spatial_mixing
+
+    rng = np.random.default_rng(1)
+    ny, nx = 40, 40
+    yy, _ = np.mgrid[:ny, :nx]
+    lab = np.where(yy < 12, 2, np.where(rng.random((ny, nx)) < 0.55, 0, 1)).ravel()  # substrate 2
+    u = np.eye(3)[lab] * 0.98 + 0.02 / 3
+    assert host_group(u) == (0, (0,))  # crisp: no fuzzy overlap between the film's halves
+    mixing = spatial_mixing(lab, (ny, nx), 3)
+    assert host_group(u, mixing=mixing) == (0, (0, 1))
+    assert host_group(u, mixing=mixing, min_mixing=0.99) == (0, (0,))

@@ -1,11 +1,11 @@
 """Issue 5's done-when on the real engine output (not on truth-derived memberships).
 
-The default lamella phantom (64 x 64, seed 0: eight inclusions, the first crossed at row 12 and
-passed at row 20) is fed to :class:`streamclust.live.LiveAnalysis` in raster batches of 256 as the
-joiner delivers them; flag events go out on a real ZeroMQ PUSH socket and are read back by a PULL
-subscriber. Measured (seed 0, 2026-11-24): the second phase is flagged at 31 % of the scan (rows
-0-19 done, as the scan passes the first inclusion; bbox rows 12-20, 98 % of the flagged positions
-second phase) and the flag stays active to the end (89 % precision then); the single-phase phantom
+The default lamella phantom (64 x 64, seed 0: eight inclusions, the first reached at row 12 and
+passed at row 19) is fed to :class:`streamclust.live.LiveAnalysis` in raster batches of 128 (the
+configuration's cadence at 4,096 positions); flag events go out on a real ZeroMQ PUSH socket and
+are read back by a PULL subscriber. Measured (seed 0, 2026-11-24, late evening): the second phase
+is flagged at 37.5 % of the scan (rows 0-23 done; 94 % of the flagged positions second phase) and
+the flag stays active to the end (89 % precision then); the single-phase phantom
 raises nothing (seed 2's once raised a substrate patch on the film interface, see flags.py); raising the centre threshold from 0.5 to 0.75 moves the flagged cluster's Fe/Co
 K-alpha ratio from 2.11 to 2.42 (second phase 4.23, matrix 0.53).
 """

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from streamclust.spatial_pool import neighbourhood_mean, neighbours
+from streamclust.spatial_pool import neighbourhood_mean, neighbours, spatial_mixing
 
 
 def _direct(values, pool, shape, positions):
@@ -58,3 +58,39 @@ def test_neighbours_are_clipped_to_the_scan_and_unique():
 def test_bad_shape_is_named():
     with pytest.raises(ValueError, match="scan_shape"):
         neighbourhood_mean(np.zeros((10, 2)), np.ones(10, bool), (3, 3), np.arange(3))
+
+
+def _mixing_direct(labels, shape, k):
+    ny, nx = shape
+    lab = np.asarray(labels).reshape(ny, nx)
+    out = np.zeros((k, k))
+    for i in range(k):
+        cells = np.argwhere(lab == i)
+        for j in range(k):
+            hit = 0
+            for y, x in cells:
+                hit += any(0 <= y + dy < ny and 0 <= x + dx < nx and lab[y + dy, x + dx] == j
+                           for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx)
+            out[i, j] = hit / len(cells) if len(cells) else 0.0
+    return out
+
+
+def test_spatial_mixing_matches_a_direct_loop_with_unscanned_positions():
+    rng = np.random.default_rng(3)
+    lab = rng.integers(-1, 4, size=(6, 11))
+    np.testing.assert_allclose(spatial_mixing(lab.ravel(), (6, 11), 4), _mixing_direct(lab, (6, 11), 4))
+
+
+def test_spatial_mixing_tells_a_noise_split_from_layers_and_inclusions():
+    """One layer split at random position by position: both halves touch each other almost
+    everywhere. Two layers, or an inclusion and its matrix: at least one side barely touches."""
+    rng = np.random.default_rng(0)
+    ny, nx = 40, 40
+    yy, xx = np.mgrid[:ny, :nx]
+    lab = np.where(yy < 15, 0, np.where(rng.random((ny, nx)) < 0.6, 1, 2))  # layer 0 over film 1|2
+    lab[(yy - 28) ** 2 + (xx - 20) ** 2 <= 9] = 3                              # an inclusion
+    m = spatial_mixing(lab.ravel(), (ny, nx), 4)
+    both = np.minimum(m, m.T)
+    assert both[1, 2] > 0.9
+    assert both[0, 1] < 0.1 and both[0, 2] < 0.1
+    assert both[1, 3] < 0.05 and m[3, 1] > 0.5  # the inclusion touches the film, not the reverse

@@ -1,0 +1,62 @@
+"""The live analysis's cadence does not depend on the transport's batch size.
+
+The joiner hands over batches of ``[scan] batch_size`` positions; :meth:`LiveAnalysis.process`
+analyses a batch larger than ``assess_every`` in pieces of at most ``assess_every``, so the engine's
+refreshes and the flag assessments come at the same positions whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamclust.adapters.join import Batch
+from streamclust.live import LiveAnalysis
+from streamclust.simulators.phantom import LamellaPhantom
+
+SCAN = (32, 32)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    ph = LamellaPhantom(SCAN, seed=0)
+    pos = np.arange(ph.n_positions)
+    return ph, ph.frames(pos), ph.spectra(pos)
+
+
+def _run(phantom, batch: int) -> tuple[LiveAnalysis, list[int]]:
+    ph, frames, spectra = phantom
+    live = LiveAnalysis(ph.scan_shape, ph.frame_shape, ph.energy_axis_kev, random_state=0, assess_every=64,
+                        engine_params={"warmup_positions": 256, "refresh_every": 128})
+    assessed_at = []
+    assess = live._assess
+
+    def record():
+        assessed_at.append(live.n_seen)
+        return assess()
+
+    live._assess = record
+    for s in range(0, ph.n_positions, batch):
+        pos = np.arange(s, min(s + batch, ph.n_positions))
+        ones = np.ones(pos.size, bool)
+        live.process(Batch(pos, frames[pos], spectra[pos], ones, ones))
+    return live, assessed_at
+
+
+def test_large_batches_are_analysed_in_assessment_sized_pieces(phantom):
+    small, at_small = _run(phantom, 64)
+    large, at_large = _run(phantom, 512)
+    # every 64 positions, as with 64-position batches (512-position batches alone: every 512)
+    assert at_large == at_small
+    assert at_large == list(range(64, SCAN[0] * SCAN[1] + 1, 64))
+    assert large.engine.stats_["refreshes"] == small.engine.stats_["refreshes"] >= 5
+    np.testing.assert_allclose(large.engine.memberships_, small.engine.memberships_, atol=1e-5)
+    # the three before warm-up's end find no memberships to assess
+    assert large.flagger.n_updates_ == small.flagger.n_updates_ == len(at_small) - 3
+
+
+def test_a_batch_not_larger_than_the_cadence_is_one_piece(phantom):
+    live, at = _run(phantom, 48)
+    # assessed at batch ends (multiples of 48), every second batch once 64 positions have passed
+    assert at and all(n % 48 == 0 for n in at)
+    assert set(np.diff(at)) <= {48, 96}
