@@ -127,8 +127,29 @@ def main() -> None:
                   + f"; at the end {[f['last_kind'] for f in r['flags']]} precision {r.get('active_precision')}")
         else:
             print(f"single phase seed {r['seed']}: flags raised {len(r['flags'])}")
+    print(summary_line(results))
     if args.json:
         print(json.dumps({"benchmark": "accuracy_whole_lamella", "results": results}))
+
+
+def summary_line(results: list[dict]) -> str:
+    """Across seeds: phantoms flagged mid-scan, single-phase phantoms with a flag, and how many
+    rows after the scan crossed the first inclusion (and first reached the second phase) the first
+    flag came."""
+    inc = [r for r in results if r["inclusions"]]
+    single = [r for r in results if not r["inclusions"]]
+    flagged = [r for r in inc if "first_raise_rows_done" in r and r["first_raise_fraction"] < 1.0]
+    after_cross = [r["first_raise_rows_done"] - 1 - r["first_inclusion_crossed_row"] for r in flagged
+                   if r["first_inclusion_crossed_row"] is not None]
+    after_reach = [r["first_raise_rows_done"] - 1 - r["second_phase_first_row"] for r in flagged]
+
+    def spread(v):
+        return f"{min(v)} to {max(v)} (median {float(np.median(v)):g})" if v else "n/a"
+
+    return (f"flagged mid-scan: {len(flagged)} of {len(inc)} phantoms with inclusions; single-phase phantoms "
+            f"with a flag: {sum(bool(r['flags']) for r in single)} of {len(single)}; first flag {spread(after_cross)} "
+            f"rows after the first inclusion was crossed, {spread(after_reach)} rows after the second phase "
+            f"was first reached")
 
 
 if __name__ == "__main__":
