@@ -212,8 +212,11 @@ def run_soak(n_frames: int = 1_000_000, *, scan: int = 64, out_dir: str | Path =
                 if trim:
                     _trim()
                 if state["scans"] > 1:
+                    # against the lowest counts so far: a first sample that still held a closing
+                    # socket must not become a lenient baseline
                     _wait_for_teardown(settled)
-                settled = sampler.sample("scan_end")
+                row = sampler.sample("scan_end")
+                settled = row if state["scans"] == 1 else {k: min(settled[k], row[k]) for k in ("fds", "os_threads")}
                 if state["scans"] == 1:
                     first_scan_samples = len(sampler.rows)
                 logger.info("scan %d: %d frames (%d total), rss %.0f MB", state["scans"], account["delivered"],

@@ -22,9 +22,10 @@ memberships:
 
 State per position with the defaults (32 x 32 float32 CBED, 2048 uint16 channels, one weight row of
 ``len(thresholds) * n_clusters`` float64 and a stored flag): ``4096 + 4096 + 8 * T * c + 1`` bytes,
-about 8.3 kB with 2 thresholds and 6 clusters: 136 MB for a 128 x 128 scan and 2.2 GB for 512 x 512
-(:meth:`ThresholdedCentres.state_bytes`). For 512 x 512 scans use ``cbed_shape=(16, 16)`` and an
-energy window (``channels=slice(20, 1000)``): 3.0 kB a position, 0.8 GB.
+and the flagger's features once asked for (:meth:`ThresholdedCentres.features`: ``4096 + 1024``),
+about 13.4 kB with 2 thresholds and 6 clusters: 220 MB for a 128 x 128 scan and 3.5 GB for
+512 x 512 (:meth:`ThresholdedCentres.state_bytes`). For 512 x 512 scans use ``cbed_shape=(16, 16)``
+and an energy window (``channels=slice(20, 1000)``): 4.6 kB a position, 1.2 GB.
 
 The module also measures what the centre spectra are for: the Fe and Co K-alpha net intensities and
 their ratio (:func:`fe_co_lines`, :func:`fe_co_ratio`).
@@ -262,9 +263,14 @@ class ThresholdedCentres:
     @staticmethod
     def state_bytes(n_positions: int, n_clusters: int = 6, n_thresholds: int = 2,
                     cbed_shape: tuple = (32, 32), n_channels: int = 2048) -> dict:
-        """Bytes of the per-position store: ``{"per_position": ..., "total": ...}``."""
-        per = 4 * int(np.prod(cbed_shape)) + 2 * int(n_channels) + 8 * n_thresholds * n_clusters + 1
-        return {"per_position": per, "total": per * int(n_positions)}
+        """Bytes of the per-position store: ``{"per_position": ..., "total": ..., "features": ...}``.
+
+        ``features``: the part of ``per_position`` that :meth:`features` keeps once the flagger
+        has asked for it (float32 square-rooted patterns and the spectra rebinned by 8, at most).
+        """
+        features = 4 * int(np.prod(cbed_shape)) + 4 * -(-int(n_channels) // 8)
+        per = 4 * int(np.prod(cbed_shape)) + 2 * int(n_channels) + 8 * n_thresholds * n_clusters + 1 + features
+        return {"per_position": per, "total": per * int(n_positions), "features": features}
 
     def _allocate(self, n_channels: int, frame_shape) -> None:
         n = int(self.n_positions)
@@ -350,32 +356,35 @@ class ThresholdedCentres:
             raise RuntimeError("no position stored yet: call add() first")
         # a stored position never changes (the first arrival is kept), so its features are
         # computed once: only the positions added since the last call are (recomputing all was
-        # 0.16 s of a 0.53 s flag assessment at 8,192 positions, benchmarks/bench_flag_latency.py)
-        key = (int(eds_rebin), None if eds_channels is None else (eds_channels.start, eds_channels.stop,
-                                                                   eds_channels.step))
+        # 0.16 s of a 0.53 s flag assessment at 8,192 positions, benchmarks/bench_flag_latency.py).
+        # Memory: one more float32 CBED block and the rebinned EDS block (state_bytes "features")
+        if isinstance(eds_channels, slice) or eds_channels is None:
+            window = eds_channels
+            key_channels = None if window is None else (window.start, window.stop, window.step)
+        else:
+            window = np.asarray(eds_channels)
+            key_channels = ("index", tuple(window.ravel().tolist()))
+        key = (int(eds_rebin), key_channels)
         cache = getattr(self, "_feature_cache", None)
         if cache is None or cache[0] != key:
-            spec_w = self._eds.shape[1] if eds_channels is None else len(range(*eds_channels.indices(self._eds.shape[1])))
-            m = spec_w // eds_rebin * eds_rebin
+            width = self._eds[:1, window].shape[1] if window is not None else self._eds.shape[1]
+            m = width // eds_rebin * eds_rebin
             cache = (key, np.full(self._cbed.shape, np.nan, np.float32),
                      np.full((self._eds.shape[0], m // eds_rebin), np.nan, np.float32),
                      np.zeros(self._stored.shape, bool))
-            cache[1].flags.writeable = cache[2].flags.writeable = False
             self._feature_cache = cache
         _, cbed, eds, done = cache
         idx = np.flatnonzero(self._stored & ~done)
         if idx.size:
-            cbed.flags.writeable = eds.flags.writeable = True
-            try:
-                cbed[idx] = np.sqrt(np.maximum(self._cbed[idx], 0.0))
-                spec = self._eds[idx] if eds_channels is None else self._eds[idx][:, eds_channels]
-                m = eds.shape[1] * eds_rebin
-                eds[idx] = spec[:, :m].reshape(idx.size, -1, eds_rebin).sum(axis=2, dtype=np.float32)
-                done[idx] = True
-            finally:
-                cbed.flags.writeable = eds.flags.writeable = False
+            cbed[idx] = np.sqrt(np.maximum(self._cbed[idx], 0.0))
+            spec = self._eds[idx] if window is None else self._eds[idx][:, window]
+            m = eds.shape[1] * eds_rebin
+            eds[idx] = spec[:, :m].reshape(idx.size, -1, eds_rebin).sum(axis=2, dtype=np.float32)
+            done[idx] = True
         # read-only views of the cache: the flagger only reads them
-        return cbed, eds
+        cbed_view, eds_view = cbed.view(), eds.view()
+        cbed_view.flags.writeable = eds_view.flags.writeable = False
+        return cbed_view, eds_view
 
     def _weights(self, u: np.ndarray) -> np.ndarray:
         """(n, c) memberships -> (n, T * c) thresholded weights, threshold-major."""

@@ -160,6 +160,8 @@ class ReplayConfig:
             raise ValueError(f"pca_method must be 'auto', 'exact' or 'sketch', got {self.pca_method!r}")
         if int(self.host_clusters) < 0 or int(self.host_clusters) == 1:
             raise ValueError(f"host_clusters must be 0 (off) or >= 2, got {self.host_clusters!r}")
+        if self.host_mixing is not None and not 0.0 <= float(self.host_mixing) <= 1.0:
+            raise ValueError(f"host_mixing must be in [0, 1] or None, got {self.host_mixing!r}")
         if int(self.max_components) < 1 or int(self.fan_in) < 2 or int(self.refit_sample) < int(self.n_clusters):
             raise ValueError("max_components >= 1, fan_in >= 2 and refit_sample >= n_clusters are required")
         if self.flag_params is not None:

@@ -127,8 +127,9 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
     results = {}
     for name, sig in (("merged", "merged"), ("eds_only", "eds"), ("cbed_only", "cbed")):
         res = run_reference(cbed[both], eds_feat[both], signals=sig, n_clusters=n_clusters,
-                            random_state=seed_engine, refine_host=k2,
-                            scan_shape=tuple(scan_shape) if both.all() else None,
+                            random_state=seed_engine, refine_host=k2, scan_shape=tuple(scan_shape),
+                            scan_positions=np.flatnonzero(both), host_overlap=live.engine.host_overlap,
+                            host_mixing=live.engine.host_mixing or 0.0,
                             clusterer=FuzzyCMeans(n_clusters, n_init=10, random_state=seed_engine))
         results[name] = res
         lab = np.full(n, -1, np.int64)

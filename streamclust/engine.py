@@ -387,6 +387,9 @@ class StreamingEngine:
             raise ValueError(f"host_clusters must be 0 (off) or >= 2, got {self.host_clusters!r}")
         if not 0.0 < float(self.host_threshold) < 1.0:
             raise ValueError(f"host_threshold must be in (0, 1), got {self.host_threshold!r}")
+        if self.host_mixing is not None and not 0.0 <= float(self.host_mixing) <= 1.0:
+            # below 0 every pair of clusters would count as intermixed: all would join the host
+            raise ValueError(f"host_mixing must be in [0, 1] or None, got {self.host_mixing!r}")
         self.n_output_clusters_ = int(self.n_clusters) + int(self.host_clusters)
         self.memberships_ = np.full((n, self.n_output_clusters_), np.nan, dtype=np.float32)
         self.host_cluster_: int | None = None
@@ -949,7 +952,11 @@ class StreamingEngine:
             grid = np.full(int(self.n_positions), -1, dtype=np.intp)
             grid[idx] = np.argmax(U, axis=1)
             mixing = spatial_mixing(grid, self.scan_shape, U.shape[1])
-        host, group = host_group(U, overlap=float(self.host_overlap), previous=self.host_cluster_,
+        # the final host is chosen without the live history (previous primary), as the Dask replay
+        # and the offline reference choose it: the final partition must not depend on how the scan
+        # went; the sub-cluster numbers stay stable anyway (matched by position below)
+        host, group = host_group(U, overlap=float(self.host_overlap),
+                                 previous=None if final else self.host_cluster_,
                                  mixing=mixing, min_mixing=float(self.host_mixing or 0.0))
         clear = U[:, list(group)].sum(axis=1) > float(self.host_threshold)
         inside = idx[clear]
@@ -1001,11 +1008,12 @@ class StreamingEngine:
         Z2 = Z2_all[clear]
         prev_labels = None
         # the sub-clusters keep their numbers across a change of host group or space too: they
-        # are matched by the positions they hold (positions new to the host have no level-2
-        # memberships yet and are left out)
+        # are matched by the positions they hold; only positions clearly inside the previous host
+        # count (for the others the sub-columns hold a sliver of membership, and their arg-max
+        # is noise)
         if self.host_cluster_ is not None:
             prev = self.memberships_[inside, int(self.n_clusters):]
-            known = np.isfinite(prev).all(axis=1) & (prev.sum(axis=1) > 0)
+            known = np.isfinite(prev).all(axis=1) & (np.nan_to_num(prev).sum(axis=1) > float(self.host_threshold))
             prev_labels = np.where(known, np.argmax(np.nan_to_num(prev), axis=1), -1)
         if refit_space or self._host_fcm is None:
             n_init = int(self.final_n_init) if final else int(self.fcm_n_init)
@@ -1088,6 +1096,8 @@ class StreamingEngine:
         return dict(self.__dict__)
 
     def __setstate__(self, state: dict) -> None:
+        # an engine pickled before a parameter existed gets the parameter's default
+        state.setdefault("host_mixing", None)
         self.__dict__.update(state)
         # wall-clock refresh timing restarts in the new process
         self._last_refresh_time = time.monotonic()

@@ -596,26 +596,32 @@ class SecondPhaseFlagger:
         self.assessments_ = assessments
         events: list[FlagEvent] = []
         claimed: set[int] = set()
-        # active flags first, each following one candidate it overlaps
-        for flag in sorted(self._flags.values(), key=lambda f: f.flag_id):
-            # among the candidates overlapping it enough, a flag follows one that passes outright,
-            # then one that passes relaxed, then the most overlapping: after a refresh moved an
-            # inclusion's positions between clusters, the most overlapping cluster was a
-            # matrix-like one still passing relaxed (Fe/Co 1.1, 45 % second phase), and the second
-            # phase's own cluster raised a second flag for the same region (seed 4, row 36)
-            best, best_key = None, (-1, 0.0)
+        # active flags first, each following one candidate it overlaps by match_overlap. The pairs
+        # are assigned together, best first: a candidate that passes outright, then one that
+        # passes relaxed, then the most overlapping. Why the order: after a refresh moved an
+        # inclusion's positions between clusters, the most overlapping cluster was a matrix-like
+        # one still passing relaxed (Fe/Co 1.1, 45 % second phase), and the second phase's own
+        # cluster raised a second flag for the same region (seed 4, row 36). Why together: one
+        # flag at a time, in id order, a flag could take a passing cluster that is another flag's
+        # own and leave that flag retracted as "cluster_gone"
+        pairs = []
+        for flag in self._flags.values():
             for a in assessments:
-                if a.cluster in claimed or a.positions.size == 0:
+                if a.positions.size == 0:
                     continue
                 ov = _overlap(flag.positions, a.positions)
-                if ov <= 0.0:
-                    continue
-                rank = (2 if a.passes else 1 if a.passes_relaxed else 0) if ov >= self.match_overlap else -1
-                if (rank, ov) > best_key:
-                    best, best_key = a, (rank, ov)
-            best_ov = _overlap(flag.positions, best.positions) if best is not None else 0.0
-            if best is not None and best_ov >= self.match_overlap:
-                claimed.add(best.cluster)
+                if ov >= self.match_overlap:
+                    rank = 2 if a.passes else 1 if a.passes_relaxed else 0
+                    pairs.append((rank, ov, -flag.flag_id, a.cluster, flag, a))
+        pairs.sort(key=lambda t: t[:4], reverse=True)
+        follows: dict[int, ClusterAssessment] = {}
+        for *_, flag, a in pairs:
+            if flag.flag_id not in follows and a.cluster not in claimed:
+                follows[flag.flag_id] = a
+                claimed.add(a.cluster)
+        for flag in sorted(self._flags.values(), key=lambda f: f.flag_id):
+            best = follows.get(flag.flag_id)
+            if best is not None:
                 if best.passes_relaxed:
                     flag.fails = 0
                     flag.positions, flag.cluster, flag.last = best.positions, best.cluster, best

@@ -178,6 +178,8 @@ def run_reference(
     host_threshold: float = 0.9,
     host_min_components: int = 5,
     scan_shape: tuple[int, int] | None = None,
+    scan_positions: np.ndarray | None = None,
+    host_overlap: float = 0.1,
     host_mixing: float = 0.5,
 ) -> ReferenceResult:
     """Run the batch pipeline on feature matrices (rows = scan positions).
@@ -200,10 +202,15 @@ def run_reference(
         labels are the arg-max of the product-rule memberships (``labels`` then number
         ``n_clusters + refine_host`` clusters, the host's own number unused).
     scan_shape : (ny, nx), optional
-        The rows' scan grid (raster order). With it the host group also takes the clusters
-        intermixed with it position by position (``host_mixing``), as the engine's does
-        (:func:`streamclust.host_refine.host_group`); without it, by fuzzy overlap only.
+        The scan grid. With it the host group also takes the clusters intermixed with it position
+        by position (``host_mixing``), as the engine's does (:func:`streamclust.host_refine.host_group`,
+        fuzzy overlap ``host_overlap``); without it, by fuzzy overlap only.
+    scan_positions : (n,) int, optional
+        The flat scan position of each row (positions without a row count as unscanned); default:
+        the rows are the whole scan in raster order.
     """
+    if host_mixing is not None and not 0.0 <= float(host_mixing) <= 1.0:
+        raise ValueError(f"host_mixing must be in [0, 1], got {host_mixing!r}")
     if signals not in ("merged", "cbed", "eds"):
         raise ValueError(f"signals must be 'merged', 'cbed' or 'eds', got {signals!r}")
     blocks = []
@@ -230,20 +237,28 @@ def run_reference(
     est = KMeans(n_clusters=n_clusters, n_init=10, random_state=random_state) if clusterer is None else clone(clusterer)
     labels = _labels_of(est, z)
     logger.info("reference %s: %d PCA components, EDS factor %.3g", signals, k, factor)
-    if scan_shape is not None and int(np.prod(scan_shape)) != x.shape[0]:
-        raise ValueError(f"scan_shape {tuple(scan_shape)} has {int(np.prod(scan_shape))} positions, "
-                         f"the features {x.shape[0]} rows")
+    if scan_shape is not None:
+        n_scan = int(np.prod(scan_shape))
+        if scan_positions is None and n_scan != x.shape[0]:
+            raise ValueError(f"scan_shape {tuple(scan_shape)} has {n_scan} positions, the features {x.shape[0]} "
+                             "rows (give scan_positions for a partial scan)")
+        if scan_positions is not None:
+            sp = np.asarray(scan_positions)
+            if sp.shape != (x.shape[0],) or (sp.size and (sp.min() < 0 or sp.max() >= n_scan)):
+                raise ValueError(f"scan_positions must be {x.shape[0]} positions in [0, {n_scan})")
     if refine_host:
         raw = [np.asarray(b, dtype=np.float32) for b, use in ((cbed, signals in ("merged", "cbed")),
                                                                (eds, signals in ("merged", "eds"))) if use]
         labels = _refine_host(raw, labels, est, n_clusters, int(refine_host), host_threshold,
                               host_min_components, variance_threshold, random_state,
-                              scan_shape=scan_shape, host_mixing=host_mixing)
+                              scan_shape=scan_shape, scan_positions=scan_positions, host_overlap=host_overlap,
+                              host_mixing=host_mixing)
     return ReferenceResult(labels, z, k, pca.explained_variance_ratio_, factor, est)
 
 
 def _refine_host(raw_blocks, labels, est, n_clusters, k2, threshold, min_components, variance_threshold,
-                 random_state, scan_shape=None, host_mixing=0.5) -> np.ndarray:
+                 random_state, scan_shape=None, scan_positions=None, host_overlap=0.1,
+                 host_mixing=0.5) -> np.ndarray:
     """Second level on the host cluster (see ``refine_host`` of :func:`run_reference`)."""
     from streamclust.fcm import FuzzyCMeans
     from streamclust.host_refine import HostRefinement, compose_memberships, host_group
@@ -256,9 +271,12 @@ def _refine_host(raw_blocks, labels, est, n_clusters, k2, threshold, min_compone
     if scan_shape is not None and host_mixing:
         from streamclust.spatial_pool import spatial_mixing
 
-        mixing = spatial_mixing(np.argmax(u1, axis=1), tuple(scan_shape), n_clusters)
+        grid = np.full(int(np.prod(scan_shape)), -1, dtype=np.intp)
+        rows = np.arange(u1.shape[0]) if scan_positions is None else np.asarray(scan_positions)
+        grid[rows] = np.argmax(u1, axis=1)
+        mixing = spatial_mixing(grid, tuple(scan_shape), n_clusters)
     # the engine's host: the largest cluster with those sharing or intermixed with it
-    host, group = host_group(u1, mixing=mixing, min_mixing=float(host_mixing or 0.0))
+    host, group = host_group(u1, overlap=float(host_overlap), mixing=mixing, min_mixing=float(host_mixing or 0.0))
     inside = u1[:, list(group)].sum(axis=1) > threshold
     if inside.sum() < max(4 * k2, 8):
         # as the engine: no clear host, no second level (a noisy single-signal clustering)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamclust.flags import SecondPhaseFlagger, block_distance
+from streamclust.flags import ClusterAssessment, SecondPhaseFlagger, block_distance
 from streamclust.reference import bin_frames, eds_window
 from streamclust.simulators.phantom import LamellaPhantom
 
@@ -212,6 +212,27 @@ def test_a_flag_follows_the_passing_cluster_not_the_most_overlapping():
             kinds.append((ev.kind, ev.flag_id, ev.cluster))
     assert kinds == [("updated", 1, 1)] * 3
     assert [f.flag_id for f in flagger.active_flags] == [1]
+
+
+def test_a_flag_does_not_take_another_flags_passing_cluster():
+    """Flags are matched to candidates together: flag 1, whose own cluster now passes relaxed only,
+    does not take the passing cluster of flag 2 (which holds 3 of flag 1's 10 positions) and leave
+    flag 2 retracted as gone."""
+    def cand(k, pos, passes, relaxed):
+        return ClusterAssessment(
+            cluster=k, n_positions=len(pos), fraction=0.01, coherence=1.0, neighbour=9, distance_cbed=3.0,
+            distance_eds=3.0, score=1.0, positions=np.array(list(pos)), components=((0, 0, 1, 1),),
+            passes=passes, passes_relaxed=relaxed, reason="" if passes else "not_distinct_eds")
+
+    flagger = SecondPhaseFlagger()
+    now = [[cand(1, range(10), True, True), cand(2, range(100, 120), True, True)]]
+    flagger.assess = lambda *args, **kwargs: now[0]
+    flagger.update(np.zeros((1, 3)), (1, 1), None, None)
+    raised = flagger.update(np.zeros((1, 3)), (1, 1), None, None)
+    assert [(ev.kind, ev.flag_id, ev.cluster) for ev in raised] == [("raised", 1, 1), ("raised", 2, 2)]
+    now[0] = [cand(1, range(10), False, True), cand(2, list(range(7, 10)) + list(range(100, 120)), True, True)]
+    events = flagger.update(np.zeros((1, 3)), (1, 1), None, None)
+    assert [(ev.kind, ev.flag_id, ev.cluster) for ev in events] == [("updated", 1, 1), ("updated", 2, 2)]
 
 
 def test_raise_after_needs_consecutive_updates():

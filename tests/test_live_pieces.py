@@ -60,3 +60,24 @@ def test_a_batch_not_larger_than_the_cadence_is_one_piece(phantom):
     # assessed at batch ends (multiples of 48), every second batch once 64 positions have passed
     assert at and all(n % 48 == 0 for n in at)
     assert set(np.diff(at)) <= {48, 96}
+
+
+def test_pieces_are_cut_at_multiples_of_the_cadence_over_the_scan(phantom):
+    """384-position batches with a cadence of 256: the pieces end at 256, 512, 768 ... positions
+    into the scan (not 256, 384, 640 ...)."""
+    ph, frames, spectra = phantom
+    live = LiveAnalysis(ph.scan_shape, ph.frame_shape, ph.energy_axis_kev, random_state=0, assess_every=256,
+                        engine_params={"warmup_positions": 256, "refresh_every": 10_000})
+    ends = []
+    fit = live.engine.partial_fit
+
+    def record(positions, *args, **kwargs):
+        ends.append(int(positions[-1]) + 1)
+        return fit(positions, *args, **kwargs)
+
+    live.engine.partial_fit = record
+    for s in range(0, ph.n_positions, 384):
+        pos = np.arange(s, min(s + 384, ph.n_positions))
+        ones = np.ones(pos.size, bool)
+        live.process(Batch(pos, frames[pos], spectra[pos], ones, ones))
+    assert ends == [256, 384, 512, 768, 1024]

@@ -196,3 +196,29 @@ def test_whole_scan_is_dominated_by_substrate_and_cap():
     cbed, eds, truth, _ = _claim_features(0)
     f1 = _scores(cbed, eds, truth)
     assert max(f1.values()) < 0.6, f1
+
+
+def test_host_mixing_grid_from_scan_positions():
+    """The second level's host group sees the scan grid: rows are placed at ``scan_positions`` (the
+    others count as unscanned), the whole scan in raster order by default, and a grid that does
+    not fit the rows is a clear error."""
+    rng = np.random.default_rng(0)
+    ny, nx = 12, 12
+    n = ny * nx
+    yy, _ = np.divmod(np.arange(n), nx)
+    # a top layer and a film split by noise position by position (two clusters, crisp)
+    film_half = rng.random(n) < 0.5
+    cbed = rng.normal(0, 0.3, (n, 6)) + np.where(yy[:, None] < 4, 5.0, 0.0) * np.eye(6)[0]
+    cbed[film_half & (yy >= 4), 1] += 5.0
+    eds = rng.normal(0, 0.3, (n, 4))
+    kw = dict(n_clusters=3, random_state=0, refine_host=2, clusterer=FuzzyCMeans(3, n_init=3, random_state=0))
+    whole = run_reference(cbed, eds, scan_shape=(ny, nx), **kw)
+    same = run_reference(cbed, eds, scan_shape=(ny, nx), scan_positions=np.arange(n), **kw)
+    np.testing.assert_array_equal(whole.labels, same.labels)
+    part = np.arange(n)[np.arange(n) % 7 != 0]
+    res = run_reference(cbed[part], eds[part], scan_shape=(ny, nx), scan_positions=part, **kw)
+    assert res.labels.shape == (part.size,)
+    with pytest.raises(ValueError, match="scan_positions"):
+        run_reference(cbed[part], eds[part], scan_shape=(ny, nx), **kw)
+    with pytest.raises(ValueError, match="host_mixing"):
+        run_reference(cbed, eds, scan_shape=(ny, nx), host_mixing=-0.1, **kw)
