@@ -97,8 +97,9 @@ class LiveAnalysis:
         is the transport's (memory, hand-over cost), and the refresh and assessment cadence must
         not depend on it (measured on ``make demo``, seed 0, 256-position batches: whole batches
         assessed every 4 rows instead of 2, and the second phase was flagged at 44 % of the scan
-        instead of 37.5 %, 4 rows later; the extra assessments made the processing-bound scan
-        16.2 s instead of 13.4 s, one run each). Batches no larger than ``assess_every`` are
+        instead of 37.5 %, 4 rows later; the processing-bound scan took 13.6 and 16.2 s in two runs
+        with pieces, 13.4 s in one without: no cost beyond the run-to-run spread seen). Batches
+        no larger than ``assess_every`` are
         analysed whole. The pieces are views, and a replay in the same batches cuts the same
         pieces. The engine counts pieces as its batches (``stats_["batches"]``).
         """
