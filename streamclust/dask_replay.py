@@ -71,7 +71,7 @@ from .host_refine import HostRefinement, compose_memberships, host_group
 from .incremental_pca import StreamingPCA
 from .flag_sums import DistancePlan, FoldSums, ProjectionMoments, eds_window, flag_features, pair_distances, scan_fold
 from .mergeable import CentreSums, FCMSums, merge_all, merge_into
-from .spatial_pool import spatial_mixing
+from .spatial_pool import membership_mixing
 from .robust_scaling import FeatureMoments
 from .validity import ValidityAccumulator
 
@@ -765,9 +765,7 @@ def _refine_host(backend, U1: np.ndarray, src: Sequence, specs: Sequence[ChunkSp
     k2 = int(cfg.host_clusters)
     mixing = None
     if scan_shape is not None and cfg.host_mixing:
-        seen = np.isfinite(U1).all(axis=1)
-        grid = np.where(seen, np.argmax(np.nan_to_num(U1, nan=-1.0), axis=1), -1)
-        mixing = spatial_mixing(grid, tuple(scan_shape), U1.shape[1])
+        mixing = membership_mixing(U1, tuple(scan_shape))
     host, group = host_group(U1, overlap=float(cfg.host_overlap), mixing=mixing,
                              min_mixing=float(cfg.host_mixing or 0.0))  # as the engine
     inside = np.flatnonzero(np.nan_to_num(U1[:, list(group)]).sum(axis=1) > float(cfg.host_threshold))

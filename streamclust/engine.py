@@ -75,7 +75,7 @@ from .host_refine import HostRefinement, compose_memberships, host_group, match_
 from .incremental_pca import StreamingPCA
 from .position_store import PositionStore
 from .sample_pca import one_percent_pca
-from .spatial_pool import neighbourhood_mean, neighbours, spatial_mixing
+from .spatial_pool import membership_mixing, neighbourhood_mean, neighbours
 from .validity import partition_coefficient, partition_entropy, xie_beni
 
 logger = logging.getLogger(__name__)
@@ -949,9 +949,7 @@ class StreamingEngine:
         # would be renumbered (and flags flicker) at every refresh (host_refine.host_group)
         mixing = None
         if self.scan_shape is not None and self.host_mixing:
-            grid = np.full(int(self.n_positions), -1, dtype=np.intp)
-            grid[idx] = np.argmax(U, axis=1)
-            mixing = spatial_mixing(grid, self.scan_shape, U.shape[1])
+            mixing = membership_mixing(U, self.scan_shape, idx)
         # the final host is chosen without the live history (previous primary), as the Dask replay
         # and the offline reference choose it: the final partition must not depend on how the scan
         # went; the sub-cluster numbers stay stable anyway (matched by position below)

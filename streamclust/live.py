@@ -99,9 +99,9 @@ class LiveAnalysis:
         assessed every 4 rows instead of 2, and the second phase was flagged at 44 % of the scan
         instead of 37.5 %, 4 rows later; the processing-bound scan took 13.6 and 16.2 s in two runs
         with pieces, 13.4 s in one without: no cost beyond the run-to-run spread seen). Batches
-        no larger than ``assess_every`` are
-        analysed whole. The pieces are views, and a replay in the same batches cuts the same
-        pieces. The engine counts pieces as its batches (``stats_["batches"]``).
+        no larger than ``assess_every`` are analysed whole. The pieces are views, and a replay
+        in the same batches cuts the same pieces. The engine counts pieces as its batches
+        (``stats_["batches"]``).
         """
         n = int(np.asarray(batch.positions).shape[0])
         step = max(int(self.assess_every), 1)

@@ -269,12 +269,9 @@ def _refine_host(raw_blocks, labels, est, n_clusters, k2, threshold, min_compone
     u1 = np.asarray(u1, dtype=np.float32)
     mixing = None
     if scan_shape is not None and host_mixing:
-        from streamclust.spatial_pool import spatial_mixing
+        from streamclust.spatial_pool import membership_mixing
 
-        grid = np.full(int(np.prod(scan_shape)), -1, dtype=np.intp)
-        rows = np.arange(u1.shape[0]) if scan_positions is None else np.asarray(scan_positions)
-        grid[rows] = np.argmax(u1, axis=1)
-        mixing = spatial_mixing(grid, tuple(scan_shape), n_clusters)
+        mixing = membership_mixing(u1, tuple(scan_shape), scan_positions)
     # the engine's host: the largest cluster with those sharing or intermixed with it
     host, group = host_group(u1, overlap=float(host_overlap), mixing=mixing, min_mixing=float(host_mixing or 0.0))
     inside = u1[:, list(group)].sum(axis=1) > threshold

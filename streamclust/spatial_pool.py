@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["neighbourhood_mean", "neighbours", "spatial_mixing"]
+__all__ = ["membership_mixing", "neighbourhood_mean", "neighbours", "spatial_mixing"]
 
 _OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 
@@ -117,3 +117,26 @@ def spatial_mixing(labels: np.ndarray, scan_shape: tuple[int, int], n_clusters: 
         if n_i:
             out[i] = touches[here].sum(axis=0) / n_i
     return out
+
+
+def membership_mixing(memberships: np.ndarray, scan_shape: tuple[int, int],
+                      positions: np.ndarray | None = None) -> np.ndarray:
+    """:func:`spatial_mixing` of the arg-max labels of ``memberships`` (n, c).
+
+    Row ``i`` belongs to scan position ``positions[i]`` (default: the rows are the whole scan in
+    raster order); positions without a row, and rows with a NaN, count as unscanned. The one way
+    the engine, the Dask replay and the offline reference label the grid for the host group.
+
+    >>> u = np.array([[0.9, 0.1], [0.2, 0.8], [np.nan, np.nan], [0.6, 0.4]])
+    >>> membership_mixing(u, (2, 2))[0].tolist()
+    [1.0, 1.0]
+    """
+    u = np.asarray(memberships, dtype=np.float64)
+    ny, nx = (int(v) for v in scan_shape)
+    rows = np.arange(u.shape[0]) if positions is None else np.asarray(positions, dtype=np.intp)
+    if rows.shape != (u.shape[0],):
+        raise ValueError(f"{u.shape[0]} membership rows need as many positions, got {rows.shape}")
+    grid = np.full(ny * nx, -1, dtype=np.intp)
+    seen = np.isfinite(u).all(axis=1)
+    grid[rows[seen]] = np.argmax(u[seen], axis=1)
+    return spatial_mixing(grid, (ny, nx), u.shape[1])
