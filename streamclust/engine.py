@@ -956,7 +956,7 @@ class StreamingEngine:
         host, group = host_group(U, overlap=float(self.host_overlap),
                                  previous=None if final else self.host_cluster_,
                                  mixing=mixing, min_mixing=float(self.host_mixing or 0.0))
-        clear = U[:, list(group)].sum(axis=1) > float(self.host_threshold)
+        clear = self._clear_in(U, group)
         inside = idx[clear]
         if inside.size < max(int(self.host_min_positions), 4 * k2):
             logger.debug("host %s has %d clear positions: no refinement yet", group, inside.size)
@@ -1059,10 +1059,15 @@ class StreamingEngine:
             if self._host_z is not None:
                 # the host was not refined at this refresh: pool in the space it has
                 self._host_z[idx] = Z2
-                self._host_pool[idx] = U[:, list(self.host_group_)].sum(axis=1) > float(self.host_threshold)
+                self._host_pool[idx] = self._clear_in(U, self.host_group_)
                 Z2 = neighbourhood_mean(self._host_z, self._host_pool, self.scan_shape, idx)
         U2 = self._host_fcm.predict_memberships(Z2)
         return compose_memberships(U, U2, self.host_group_, int(self.host_clusters))
+
+    def _clear_in(self, U: np.ndarray, group) -> np.ndarray:
+        """Positions clearly inside the host group: summed level-1 membership > ``host_threshold``
+        (they shape the level-2 space and are the pooling's neighbours)."""
+        return U[:, list(group)].sum(axis=1) > float(self.host_threshold)
 
     def _pooling(self, final: bool) -> bool:
         return bool(self.host_pooling) and self.scan_shape is not None and not final
@@ -1073,7 +1078,7 @@ class StreamingEngine:
         re-predicted from neighbourhood means."""
         A, b = self._host_scorer
         self._host_z[pos] = x_warm @ A - b
-        self._host_pool[pos] = U1[:, list(self.host_group_)].sum(axis=1) > float(self.host_threshold)
+        self._host_pool[pos] = self._clear_in(U1, self.host_group_)
         near = neighbours(pos, self.scan_shape)
         near = near[np.isfinite(self._host_z[near, 0]) & np.isfinite(self.level1_memberships_[near, 0])]
         U2 = self._host_fcm.predict_memberships(neighbourhood_mean(self._host_z, self._host_pool,
