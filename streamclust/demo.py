@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,9 +27,17 @@ logger = logging.getLogger(__name__)
 __all__ = ["run_demo"]
 
 
+#: Positions the offline yardstick fits its statistics on (robust scales, balance, PCA, level-2 space):
+#: the scan up to 8,192 positions (the paper's pipeline exactly, the whole 64 x 64 demo), a seeded
+#: sample above, so its memory does not grow with the scan (issue 16). The engine's own final PCA
+#: sample has the same size.
+REFERENCE_SAMPLE = 8192
+
+
 def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] = (64, 64),
              n_clusters: int | None = None, dwell_s: float = 0.0, bin_factor: int | None = None,
-             progress=None, config=None, liveview=None) -> dict:
+             progress=None, config=None, liveview=None, inclusions: int | None = None,
+             dose: float = 1.0) -> dict:
     """Run the demo and write ``results.h5``, pictures and ``summary.json`` into ``out_dir``.
 
     Parameters
@@ -41,7 +50,14 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
     n_clusters, bin_factor : int, optional
         Override ``[engine]`` of ``config`` (default there: 6 and 8).
     dwell_s : float
-        Seconds a position (0: as fast as the machine goes).
+        Seconds a position (0: as fast as the machine goes). This paces the scan clock only: the
+        counts a position holds are set by ``dose``.
+    inclusions : int, optional
+        Second-phase inclusions of the phantom (default: the phantom's, 8); 0 is a single-phase
+        control sample, for false-alarm checks.
+    dose : float
+        Beam current as a multiple of the phantom's 4 pA at its 10 ms reference dwell (1.0: about 35
+        X-ray counts a spectrum and 400 counts a direct-beam pixel; 2 ms at 20 pA is the same dose).
     progress : ProgressDisplay or callable, optional
         A :class:`~streamclust.progress.ProgressDisplay`, or ``progress(done, total)``.
     config : Config, optional
@@ -63,11 +79,19 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
     from streamclust.simulators.microscope import MicroscopeConfig, SimulatedMicroscope
     from streamclust.simulators.phantom import LamellaPhantom
 
+    if not dose > 0:
+        raise ValueError(f"dose must be > 0, got {dose!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    phantom = LamellaPhantom(scan_shape=tuple(scan_shape), seed=seed)
+    phantom = LamellaPhantom(scan_shape=tuple(scan_shape), seed=seed, n_inclusions=inclusions,
+                             beam_current_pa=4.0 * float(dose))
     n = phantom.n_positions
-    eds = np.zeros((n, phantom.n_channels), np.float32)
+    # the scan's reduced features (for the offline yardstick) and raw spectra (for the pictures) go
+    # to memory-mapped scratch files beside the results, not RAM: 22 kB a position, 1.4 GB at
+    # 256 x 256 (issue 16: what grows with the scan goes to disk)
+    scratch = tempfile.TemporaryDirectory(prefix=".scratch-", dir=out)
+    eds = _scratch(scratch.name, "spectra", (n, phantom.n_channels), np.uint16)
+    eds_sum = np.zeros(phantom.n_channels, np.float64)
     have_frame = np.zeros(n, bool)
     have_spectrum = np.zeros(n, bool)
     vbf = np.zeros(n, np.float64)
@@ -81,7 +105,10 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
     seed_engine = cfg.engine.random_state
     reducer = FrameReducer(bin_factor=bin_factor, frame_shape=phantom.frame_shape).fit()
     n_feat = (phantom.frame_shape[0] // bin_factor) * (phantom.frame_shape[1] // bin_factor)
-    cbed = np.zeros((n, n_feat), np.float32)
+    cbed = _scratch(scratch.name, "cbed", (n, n_feat), np.float32)
+    window = (phantom.energy_axis_kev >= 0.2) & (phantom.energy_axis_kev < 10.0)
+    n_eds_feat = int(window.sum()) // 2
+    eds_feat = _scratch(scratch.name, "eds_features", (n, n_eds_feat), np.float32)
     display = progress if isinstance(progress, ProgressDisplay) else None
     session = ScanSession(cfg, scan_shape=phantom.scan_shape, frame_shape=phantom.frame_shape,
                           energy_axis_kev=phantom.energy_axis_kev, out_dir=out, scan_id=f"demo-{seed}",
@@ -102,6 +129,8 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
         sm = batch.has_spectrum
         if sm.any():
             eds[p[sm]] = batch.spectra[sm]
+            eds_feat[p[sm]] = eds_window(batch.spectra[sm], phantom.energy_axis_kev, (0.2, 10.0), rebin=2)
+            eds_sum[:] += batch.spectra[sm].sum(axis=0, dtype=np.float64)
             have_spectrum[p[sm]] = True
         if progress is not None and display is None:
             progress(int(have_frame.sum()), n)
@@ -112,12 +141,15 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
         host, port = scope.merlin.data_address
         report = acquire_scan((host, port), scope.eds.endpoint, n, on_batch, batch_size=cfg.scan.batch_size,
                               join_timeout_s=cfg.scan.join_timeout_s, on_missing=cfg.scan.on_missing)
+    elapsed = time.perf_counter() - t0  # the last position acquired *and* analysed
+    t_end = time.perf_counter()
     session.end_scan()
-    elapsed = time.perf_counter() - t0
+    finalize_s = time.perf_counter() - t_end
+    t_offline = time.perf_counter()
 
     both = have_frame & have_spectrum
     truth = phantom.truth.second_phase.ravel()
-    eds_feat = eds_window(eds, phantom.energy_axis_kev, (0.2, 10.0), rebin=2)
+    rows = np.flatnonzero(both)
     scores = {}
     labels = {}
     # The offline yardstick is the paper's batch pipeline with the same second level as the engine
@@ -126,9 +158,9 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
     k2 = int(live.engine.host_clusters)
     results = {}
     for name, sig in (("merged", "merged"), ("eds_only", "eds"), ("cbed_only", "cbed")):
-        res = run_reference(cbed[both], eds_feat[both], signals=sig, n_clusters=n_clusters,
-                            random_state=seed_engine, refine_host=k2, scan_shape=tuple(scan_shape),
-                            scan_positions=np.flatnonzero(both), host_overlap=live.engine.host_overlap,
+        res = run_reference(cbed, eds_feat, rows=rows, sample_size=REFERENCE_SAMPLE, signals=sig,
+                            n_clusters=n_clusters, random_state=seed_engine, refine_host=k2,
+                            scan_shape=tuple(scan_shape), scan_positions=rows, host_overlap=live.engine.host_overlap,
                             host_mixing=live.engine.host_mixing or 0.0,
                             clusterer=FuzzyCMeans(n_clusters, n_init=10, random_state=seed_engine))
         results[name] = res
@@ -137,11 +169,12 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
         labels[name] = lab
         scores[name] = float(best_f1(res.labels, truth[both]).single)
         logger.info("%s: %d components, second-phase F1 %.3f", name, res.n_components, scores[name])
-    single = run_reference(cbed[both], eds_feat[both], signals="merged", n_clusters=n_clusters,
-                           random_state=seed_engine,
+    single = run_reference(cbed, eds_feat, rows=rows, sample_size=REFERENCE_SAMPLE, signals="merged",
+                           n_clusters=n_clusters, random_state=seed_engine,
                            clusterer=FuzzyCMeans(n_clusters, n_init=10, random_state=seed_engine))
     f1_single_level = float(best_f1(single.labels, truth[both]).single)
 
+    offline_s = time.perf_counter() - t_offline
     live_labels = np.asarray(live.engine.labels_)
     labels["live"] = live_labels
     ari = float(adjusted_rand_score(results["merged"].labels, live_labels[both]))
@@ -152,12 +185,23 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
         "streamclust_version": __version__,
         "seed": seed,
         "scan_shape": list(phantom.scan_shape),
+        "inclusions": int(phantom.n_inclusions),
+        "dose": float(dose),
+        "second_phase_positions": int(truth.sum()),
         "frames_received": frames_received,
         "frames_processed": int(have_frame.sum()),
         "frames_dropped": int(report.frames_dropped),
         "spectra_received": int(have_spectrum.sum()),
         "positions_joined": int(both.sum()),
         "elapsed_s": round(elapsed, 3),
+        # keeping up: the scan's nominal time (positions x dwell) against the time until its last
+        # position was received and analysed; the final refresh and the offline yardstick follow
+        "dwell_s": float(dwell_s),
+        "scan_nominal_s": round(n * float(dwell_s), 3),
+        "keepup": round(n * float(dwell_s) / elapsed, 4) if dwell_s > 0 and elapsed > 0 else None,
+        "lag_at_scan_end_s": round(max(0.0, elapsed - n * float(dwell_s)), 3) if dwell_s > 0 else None,
+        "finalize_s": round(finalize_s, 3),
+        "offline_s": round(offline_s, 3),
         "frames_per_s": round(frames_received / report.elapsed_s, 1) if report.elapsed_s else None,
         "n_clusters": n_clusters,
         "flags": live.flags_summary(),
@@ -175,7 +219,7 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
     extra.update({
         "demo/virtual_bright_field": vbf.reshape(ny, nx),
         "demo/joined": both.reshape(ny, nx),
-        "demo/eds_sum": eds.sum(axis=0),
+        "demo/eds_sum": eds_sum,
         "demo/summary_json": json.dumps(summary, default=json_default),
         "ground_truth/labels": phantom.truth.labels,
         "ground_truth/second_phase": phantom.truth.second_phase,
@@ -184,7 +228,23 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
     session.finish(report, status="complete" if report.complete else "partial", extra=extra)
     _write_pictures(out, phantom, labels, vbf, eds, both)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default))
+    del cbed, eds, eds_feat
+    scratch.cleanup()
     return summary
+
+
+def _scratch(folder: str, name: str, shape: tuple, dtype) -> np.ndarray:
+    """A zero-filled memory-mapped scratch array (sparse on disk until written)."""
+    return np.lib.format.open_memmap(Path(folder) / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+
+
+def _mean_rows(a: np.ndarray, sel: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Mean of the selected rows of a (memory-mapped) array, read a chunk at a time."""
+    idx = np.flatnonzero(sel)
+    total = np.zeros(a.shape[1], np.float64)
+    for s in range(0, idx.size, chunk):
+        total += np.asarray(a[idx[s:s + chunk]]).sum(axis=0, dtype=np.float64)
+    return total / max(idx.size, 1)
 
 
 def _write_pictures(out: Path, phantom, labels: dict, vbf, eds, joined) -> None:
@@ -215,7 +275,7 @@ def _write_pictures(out: Path, phantom, labels: dict, vbf, eds, joined) -> None:
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for c in np.unique(lab[lab >= 0]):
         sel = lab == c
-        ax.plot(e, eds[sel].mean(axis=0), lw=0.8, label=f"cluster {c} ({int(sel.sum())} positions)")
+        ax.plot(e, _mean_rows(eds, sel), lw=0.8, label=f"cluster {c} ({int(sel.sum())} positions)")
     for name, kev in (("Fe Ka", 6.4039), ("Co Ka", 6.9303), ("Si Ka", 1.7397)):
         ax.axvline(kev, color="k", ls=":", lw=0.7)
         ax.text(kev, ax.get_ylim()[1] * 0.95, name, rotation=90, va="top", ha="right", fontsize=8)

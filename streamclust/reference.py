@@ -181,6 +181,9 @@ def run_reference(
     scan_positions: np.ndarray | None = None,
     host_overlap: float = 0.1,
     host_mixing: float = 0.5,
+    rows: np.ndarray | None = None,
+    sample_size: int | None = None,
+    chunk_rows: int = 4096,
 ) -> ReferenceResult:
     """Run the batch pipeline on feature matrices (rows = scan positions).
 
@@ -208,57 +211,102 @@ def run_reference(
     scan_positions : (n,) int, optional
         The flat scan position of each row (positions without a row count as unscanned); default:
         the rows are the whole scan in raster order.
+    rows : (n,) int, optional
+        Use only these rows of ``cbed`` / ``eds`` (which may then be larger arrays or
+        memory-mapped files: the rows are read in chunks, never copied whole).
+    sample_size : int, optional
+        Bounded memory for scans of any size: the robust scales, the balance factor, the PCA and the
+        level-2 space are fitted on at most this many rows (a seeded uniform sample), and every row
+        is then scaled and projected in chunks of ``chunk_rows``. Memory is O(sample_size x
+        features) plus O(rows x components), whatever the scan size. ``None`` (default), or a
+        sample at least as large as the scan: every row, which is the paper's pipeline exactly.
     """
     if host_mixing is not None and not 0.0 <= float(host_mixing) <= 1.0:
         raise ValueError(f"host_mixing must be in [0, 1], got {host_mixing!r}")
     if signals not in ("merged", "cbed", "eds"):
         raise ValueError(f"signals must be 'merged', 'cbed' or 'eds', got {signals!r}")
-    blocks = []
+    use_cbed = signals in ("merged", "cbed")
+    use_eds = signals in ("merged", "eds")
+    if use_cbed and cbed is None:
+        raise ValueError(f"signals={signals!r} needs cbed features")
+    if use_eds and eds is None:
+        raise ValueError(f"signals={signals!r} needs eds features")
+    n_all = (cbed if use_cbed else eds).shape[0]
+    rows = np.arange(n_all) if rows is None else np.asarray(rows, dtype=np.intp)
+    n = rows.size
+    fit_rows = _fit_rows(rows, sample_size, random_state)
+    exact = fit_rows.size == n
+    # float64 on the whole scan (the paper's pipeline exactly, as scikit-learn computes it); a
+    # bounded sample in float32, which halves its memory
+    raw_fit = _read_rows(cbed if use_cbed else None, eds if use_eds else None, fit_rows,
+                         np.float64 if exact else np.float32)
+    scalers = [RobustScaler().fit(b) for b in raw_fit]
+    scaled_fit = [sc.transform(b) for sc, b in zip(scalers, raw_fit)]
+    del raw_fit
     factor = 1.0
-    if signals in ("merged", "cbed"):
-        if cbed is None:
-            raise ValueError(f"signals={signals!r} needs cbed features")
-        blocks.append(scale_block(cbed))
-    if signals in ("merged", "eds"):
-        if eds is None:
-            raise ValueError(f"signals={signals!r} needs eds features")
-        e = scale_block(eds)
-        if signals == "merged":
-            factor = balance_factor(blocks[0], e, balance)
-            e = e * factor
-        blocks.append(e)
-    x = np.hstack(blocks) if len(blocks) > 1 else blocks[0]
+    if signals == "merged":
+        factor = balance_factor(scaled_fit[0], scaled_fit[1], balance)
+        scaled_fit[1] *= factor
+    x = np.hstack(scaled_fit) if len(scaled_fit) > 1 else scaled_fit[0]
+    del scaled_fit
     n_max = int(min(max_components, x.shape[0], x.shape[1]))
     pca = PCA(n_components=n_max, svd_solver="randomized" if n_max < min(x.shape) // 2 else "full",
               random_state=random_state)
-    scores = pca.fit_transform(x)
+    fit_scores = pca.fit_transform(x)
+    del x
     k = n_components_one_percent(pca.explained_variance_ratio_, variance_threshold)
-    z = scores[:, :k]
+    if exact:
+        z = fit_scores[:, :k]
+    else:
+        # every row, scaled with the sample's statistics and projected, a chunk at a time
+        z = np.empty((n, k), dtype=np.float64)
+        V = pca.components_[:k].T
+        for s0 in range(0, n, int(chunk_rows)):
+            part = _read_rows(cbed if use_cbed else None, eds if use_eds else None, rows[s0:s0 + int(chunk_rows)])
+            blocks = [sc.transform(b) for sc, b in zip(scalers, part)]
+            if signals == "merged":
+                blocks[1] *= factor
+            xc = np.hstack(blocks) if len(blocks) > 1 else blocks[0]
+            z[s0:s0 + xc.shape[0]] = (xc - pca.mean_) @ V
+    del fit_scores
     est = KMeans(n_clusters=n_clusters, n_init=10, random_state=random_state) if clusterer is None else clone(clusterer)
     labels = _labels_of(est, z)
-    logger.info("reference %s: %d PCA components, EDS factor %.3g", signals, k, factor)
+    logger.info("reference %s: %d PCA components, EDS factor %.3g, fitted on %d of %d rows", signals, k, factor,
+                fit_rows.size, n)
     if scan_shape is not None:
         n_scan = int(np.prod(scan_shape))
-        if scan_positions is None and n_scan != x.shape[0]:
-            raise ValueError(f"scan_shape {tuple(scan_shape)} has {n_scan} positions, the features {x.shape[0]} "
+        if scan_positions is None and n_scan != n:
+            raise ValueError(f"scan_shape {tuple(scan_shape)} has {n_scan} positions, the features {n} "
                              "rows (give scan_positions for a partial scan)")
         if scan_positions is not None:
             sp = np.asarray(scan_positions)
-            if sp.shape != (x.shape[0],) or (sp.size and (sp.min() < 0 or sp.max() >= n_scan)):
-                raise ValueError(f"scan_positions must be {x.shape[0]} positions in [0, {n_scan})")
+            if sp.shape != (n,) or (sp.size and (sp.min() < 0 or sp.max() >= n_scan)):
+                raise ValueError(f"scan_positions must be {n} positions in [0, {n_scan})")
     if refine_host:
-        raw = [np.asarray(b, dtype=np.float32) for b, use in ((cbed, signals in ("merged", "cbed")),
-                                                               (eds, signals in ("merged", "eds"))) if use]
-        labels = _refine_host(raw, labels, est, n_clusters, int(refine_host), host_threshold,
-                              host_min_components, variance_threshold, random_state,
-                              scan_shape=scan_shape, scan_positions=scan_positions, host_overlap=host_overlap,
-                              host_mixing=host_mixing)
+        labels = _refine_host(cbed if use_cbed else None, eds if use_eds else None, rows, labels, est, n_clusters,
+                              int(refine_host), host_threshold, host_min_components, variance_threshold,
+                              random_state, scan_shape=scan_shape, scan_positions=scan_positions,
+                              host_overlap=host_overlap, host_mixing=host_mixing, sample_size=sample_size,
+                              chunk_rows=chunk_rows)
     return ReferenceResult(labels, z, k, pca.explained_variance_ratio_, factor, est)
 
 
-def _refine_host(raw_blocks, labels, est, n_clusters, k2, threshold, min_components, variance_threshold,
+def _fit_rows(rows: np.ndarray, sample_size: int | None, random_state) -> np.ndarray:
+    """The rows statistics are fitted on: all, or a seeded uniform sample of ``sample_size``."""
+    if sample_size is None or rows.size <= int(sample_size):
+        return rows
+    return np.sort(np.random.RandomState(random_state).choice(rows, int(sample_size), replace=False))
+
+
+def _read_rows(cbed, eds, rows: np.ndarray, dtype=np.float32) -> list[np.ndarray]:
+    """The used blocks' rows as arrays (a memory-mapped file is read, not copied whole)."""
+    # reading sorted rows from a memory map touches each page once
+    return [np.asarray(b[rows], dtype=dtype) for b in (cbed, eds) if b is not None]
+
+
+def _refine_host(cbed, eds, rows, labels, est, n_clusters, k2, threshold, min_components, variance_threshold,
                  random_state, scan_shape=None, scan_positions=None, host_overlap=0.1,
-                 host_mixing=0.5) -> np.ndarray:
+                 host_mixing=0.5, sample_size=None, chunk_rows=4096) -> np.ndarray:
     """Second level on the host cluster (see ``refine_host`` of :func:`run_reference`)."""
     from streamclust.fcm import FuzzyCMeans
     from streamclust.host_refine import HostRefinement, compose_memberships, host_group
@@ -279,12 +327,18 @@ def _refine_host(raw_blocks, labels, est, n_clusters, k2, threshold, min_compone
         # as the engine: no clear host, no second level (a noisy single-signal clustering)
         logger.info("host cluster %d has %d clear positions: not refined", host, int(inside.sum()))
         return labels
-    x = np.hstack(raw_blocks) if len(raw_blocks) > 1 else raw_blocks[0]
+    n_cbed = cbed.shape[1] if cbed is not None else (eds.shape[1] if eds is not None else 0)
     # one block alone: n_cbed = all features, no balancing
-    ref = HostRefinement(raw_blocks[0].shape[1], k2, threshold=threshold, min_components=min_components,
+
+    def vectors(r: np.ndarray) -> np.ndarray:
+        blocks = _read_rows(cbed, eds, r)
+        return np.hstack(blocks) if len(blocks) > 1 else blocks[0]
+
+    ref = HostRefinement(n_cbed, k2, threshold=threshold, min_components=min_components,
                          min_explained_ratio=variance_threshold, random_state=random_state)
-    ref.fit_space(x[inside])
-    z2 = ref.project(x)
+    ref.fit_space(vectors(_fit_rows(rows[inside], sample_size, random_state)))
+    z2 = np.concatenate([ref.project(vectors(rows[s0:s0 + int(chunk_rows)]))
+                         for s0 in range(0, rows.size, int(chunk_rows))])
     fcm = FuzzyCMeans(k2, n_init=10, random_state=random_state).fit(z2[inside])
     u = compose_memberships(u1, fcm.predict_memberships(z2), group, k2)
     return np.argmax(u, axis=1)
