@@ -74,7 +74,8 @@ def phantom_kwargs(setting: dict, inclusions: bool) -> dict:
     return kw
 
 
-def run_phantom(size: int, seed: int, setting: dict, inclusions: bool, batch: int = 256) -> dict:
+def run_phantom(size: int, seed: int, setting: dict, inclusions: bool, batch: int = 256,
+                flags: dict | None = None) -> dict:
     from streamclust.adapters.join import Batch
     from streamclust.config import Config
     from streamclust.flags import SecondPhaseFlagger
@@ -84,7 +85,7 @@ def run_phantom(size: int, seed: int, setting: dict, inclusions: bool, batch: in
 
     ph = LamellaPhantom((size, size), seed=seed, **phantom_kwargs(setting, inclusions))
     n, nx = ph.n_positions, size
-    config = Config()
+    config = Config().override("flags", **(flags or {})) if flags else Config()
     engine_params = config.engine.resolved(n)
     engine_params.pop("random_state")
     live = LiveAnalysis(ph.scan_shape, ph.frame_shape, ph.energy_axis_kev, random_state=seed,
@@ -192,13 +193,26 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=40, help="held-out phantoms of each kind")
     ap.add_argument("--set", choices=("held-out", "tune"), default="held-out")
     ap.add_argument("--json", action="store_true", help="the summary as one JSON object on the last line")
+    ap.add_argument("--flag", action="append", default=[], metavar="KEY=VALUE",
+                    help="a [flags] setting for this run, e.g. --flag method=test --flag alpha=0.01")
+    ap.add_argument("--only", choices=("both", "single", "two"), default="both",
+                    help="only single-phase controls or only phantoms with inclusions")
     args = ap.parse_args(argv)
+    flags = {}
+    for kv in args.flag:
+        key, _, value = kv.partition("=")
+        try:
+            flags[key] = json.loads(value)
+        except json.JSONDecodeError:
+            flags[key] = value
     rows = []
     for seed, setting, inclusions in phantoms(args.set, args.n):
-        row = run_phantom(args.size, seed, setting, inclusions)
+        if args.only != "both" and inclusions != (args.only == "two"):
+            continue
+        row = run_phantom(args.size, seed, setting, inclusions, flags=flags)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
-    summary = {"size": args.size, "set": args.set, **summarise(rows)}
+    summary = {"size": args.size, "set": args.set, "flags": flags, **summarise(rows)}
     for k, v in summary.items():
         print(f"{k}: {v}")
     if args.json:

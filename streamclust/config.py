@@ -322,6 +322,14 @@ class FlagsSection:
                                                            "sub-clusters) an inclusion needs")
     distances_for_all: bool = _opt(False, _bool, "measure every cluster's block distances, not only those "
                                                  "passing the other tests (diagnostics; slower)")
+    method: str = _opt("rules", _choice("rules", "test"), "rules: block distances and raise_after; test: "
+                                                          "composition and pattern hypothesis tests at alpha")
+    alpha: float = _opt(0.01, _float(0.0, 1.0, lo_open=True, hi_open=True),
+                        "method = test: false-alarm probability per scan (spent over the looks)")
+    min_effect: float = _opt(0.05, _float(0.0, 1.0), "method = test: least change of an element line's share "
+                                                     "of the line counts")
+    matrix_radius: int = _opt(3, _int(1), "method = test: the matrix a candidate is tested against lies "
+                                          "within this many positions")
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,12 @@ def event_header(ev: FlagEvent, *, scan_id: str | int, sequence: int, time_unix:
         "scan_shape": [int(v) for v in ev.scan_shape],
         "signals": signals,
         "reason": ev.reason,
+        # [flags] method = "test": the statistics behind the flag, else null (docs/events.md)
+        "statistics": None if ev.p_value_eds is None else {
+            "p_value_eds": float(ev.p_value_eds), "p_value_cbed": float(ev.p_value_cbed),
+            "effect_eds": _finite(ev.effect_eds), "effect_cbed": _finite(ev.effect_cbed),
+            "level": float(ev.level), "composition": ev.composition,
+        },
     }
 
 

@@ -73,10 +73,12 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage
+
+from streamclust.flag_stats import AlphaSpending, composition_test, projection_test
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +107,14 @@ class ClusterAssessment:
     contiguity: float = 0.0
     ring_clusters: tuple = ()
     matrix_share: float = 1.0
+    # method="test" (streamclust.flag_stats): the candidate's hypothesis tests against its matrix
+    tested: bool = False
+    p_value_eds: float = 1.0
+    p_value_cbed: float = 1.0
+    effect_eds: float = 0.0
+    effect_cbed: float = 0.0
+    level: float = 0.0  # the false-alarm budget this candidate was tested at (alpha spending)
+    composition: dict = field(default_factory=dict)
 
     @property
     def bbox(self) -> tuple:
@@ -141,6 +151,13 @@ class FlagEvent:
     update: int = 0
     signals: dict = field(default_factory=dict)
     reason: str = ""
+    # method="test": the statistics behind the flag (docs/events.md)
+    p_value_eds: float | None = None
+    p_value_cbed: float | None = None
+    effect_eds: float | None = None
+    effect_cbed: float | None = None
+    level: float | None = None
+    composition: dict = field(default_factory=dict)
 
 
 def shape_difference(mean_k: np.ndarray, mean_j: np.ndarray) -> np.ndarray:
@@ -261,6 +278,22 @@ class SecondPhaseFlagger:
         Measure the block distances of every cluster that could pass on size, not only of those
         that pass every other test (diagnostics: ``assessments_`` then says how distinct a layer
         is; the distances are most of an assessment's cost).
+    method : {"rules", "test"}
+        How a localised, embedded candidate is judged distinct from its matrix. ``"rules"``: the
+        cross-fitted block distances against ``min_block_distance`` / ``min_eds_distance`` and
+        ``raise_after`` passing updates. ``"test"`` (:mod:`streamclust.flag_stats`): a
+        quasi-likelihood composition test of the element-line counts (``line_counts`` of
+        :meth:`update`) and a cross-fitted projection test of the CBED features, both at the
+        candidate's share of a false-alarm budget ``alpha`` per scan spent over the looks; a
+        candidate passing both is raised at once.
+    alpha : float
+        ``method="test"``: probability that a scan with no second phase raises any flag.
+    min_effect : float
+        ``method="test"``: least difference of an element line's share of the line counts between
+        a candidate and its matrix (0.05: five percentage points).
+    matrix_radius : int
+        ``method="test"``: the matrix a candidate is tested against lies within this many positions
+        of it.
     """
 
     def __init__(self, *, min_fraction: float = 0.002, max_fraction: float = 0.25, min_positions: int = 8,
@@ -272,7 +305,8 @@ class SecondPhaseFlagger:
                  embedded_only: bool = True, max_band_rows: int = 3,
                  min_contiguity: float = 0.5, min_ring_share: float = 0.25,
                  min_matrix_share: float = 0.95, eds_shape_only: bool = False,
-                 distances_for_all: bool = False) -> None:
+                 distances_for_all: bool = False, method: str = "rules", alpha: float = 0.01,
+                 min_effect: float = 0.05, matrix_radius: int = 3) -> None:
         self.min_fraction = min_fraction
         self.max_fraction = max_fraction
         self.min_positions = min_positions
@@ -296,6 +330,17 @@ class SecondPhaseFlagger:
         self.min_matrix_share = min_matrix_share
         self.eds_shape_only = eds_shape_only
         self.distances_for_all = distances_for_all
+        self.method = method
+        self.alpha = alpha
+        self.min_effect = min_effect
+        self.matrix_radius = matrix_radius
+        if method not in ("rules", "test"):
+            raise ValueError(f"method must be 'rules' or 'test', got {method!r}")
+        if not 0.0 < float(alpha) < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+        if int(matrix_radius) < 1:
+            raise ValueError(f"matrix_radius must be >= 1, got {matrix_radius!r}")
+        self._spending = None  # AlphaSpending of the scan, made at the first update (method="test")
         if not 0.0 < hysteresis <= 1.0:
             raise ValueError(f"hysteresis must be in (0, 1], got {hysteresis}")
         if raise_after < 1 or retract_after < 1:
@@ -313,7 +358,8 @@ class SecondPhaseFlagger:
 
     # ------------------------------------------------------------------ measuring
     def assess(self, memberships, scan_shape, cbed_features, eds_features,
-               scanned_mask=None, *, block_distances=None, matrix_clusters=None) -> list[ClusterAssessment]:
+               scanned_mask=None, *, block_distances=None, matrix_clusters=None,
+               line_counts=None) -> list[ClusterAssessment]:
         """Measure every cluster (no state change).
 
         ``block_distances``, optional: a callable ``(k, j, in_k, in_j, fold) -> (d_cbed, d_eds)``
@@ -328,6 +374,10 @@ class SecondPhaseFlagger:
         matrix, while a patch of another layer (a substrate column split off by bending) is
         surrounded by its own layer. None or empty: no such test (a single-level model does not
         say which cluster is the matrix).
+
+        ``line_counts``, optional (n_positions, E) integer: X-ray counts of each position in the
+        element-line windows (:func:`streamclust.flag_stats.window_counts`); ``method="test"``
+        needs them (and the CBED features).
         """
         u = np.asarray(memberships, dtype=np.float64)
         ny, nx = (int(v) for v in scan_shape)
@@ -337,7 +387,8 @@ class SecondPhaseFlagger:
         blocks = []
         for name, f in (("cbed", cbed_features), ("eds", eds_features)):
             if f is None:
-                if block_distances is None:
+                if block_distances is None and not (name == "eds" and self.method == "test"):
+                    # (method="test" judges composition on the line counts, not the EDS features)
                     raise ValueError(f"{name}_features are needed unless block_distances is given")
                 blocks.append(None)
                 continue
@@ -377,14 +428,21 @@ class SecondPhaseFlagger:
         member = uz > self.membership_threshold
         yy, xx = np.divmod(np.arange(n), nx)
         fold = (yy + xx) % 2 == 0
+        lines = None
+        if self.method == "test":
+            if line_counts is None or blocks[0] is None:
+                raise ValueError("method='test' needs line_counts and cbed_features")
+            lines = np.asarray(line_counts)
+            if lines.ndim != 2 or lines.shape[0] != n:
+                raise ValueError(f"line_counts must be ({n}, E), got {lines.shape}")
         out = []
         for k in range(c):
             out.append(self._assess_one(k, uz, member, seen, n_seen, (ny, nx), blocks, fold, block_distances,
-                                        matrix))
+                                        matrix, lines))
         return out
 
     def _assess_one(self, k, uz, member, seen, n_seen, shape, blocks, fold,
-                    block_distances=None, matrix=None) -> ClusterAssessment:
+                    block_distances=None, matrix=None, lines=None) -> ClusterAssessment:
         ny, nx = shape
         mk = member[:, k]
         n_k = int(mk.sum())
@@ -507,6 +565,9 @@ class SecondPhaseFlagger:
                 return "not_in_matrix"
             if contiguity < self.min_contiguity * relax:
                 return "not_contiguous"
+            if lines is not None:
+                # method="test": the statistics decide, in update() (they need the look's budget)
+                return ""
             if d_cbed < t_cbed * relax:
                 return "not_distinct_cbed"
             if d_eds < t_eds * relax:
@@ -521,7 +582,14 @@ class SecondPhaseFlagger:
         measurable = (j != k and n_k >= self.min_positions * self.hysteresis
                       and self.min_fraction * self.hysteresis <= frac
                       and matrix_fraction <= self.max_fraction / self.hysteresis)
-        if measurable and (self.distances_for_all or not check(self.hysteresis, coh, len(relaxed))):
+        tests = {}
+        if lines is not None:
+            d_cbed = d_eds = 0.0
+            if measurable and not check(self.hysteresis, coh, len(relaxed)):
+                tests = self._tests(kept, member, holders if matrix is None else np.flatnonzero(matrix),
+                                    k, seen, shape, blocks[0], lines)
+                d_cbed, d_eds = tests["effect_cbed"], tests["effect_eds"]
+        elif measurable and (self.distances_for_all or not check(self.hysteresis, coh, len(relaxed))):
             pairs = []
             for h in holders:
                 mh = member[:, h]
@@ -534,7 +602,11 @@ class SecondPhaseFlagger:
             d_eds = min(p[1] for p in pairs)
         else:
             d_cbed = d_eds = 0.0
-        r_min = min(d_cbed / t_cbed if t_cbed > 0 else 1.0, d_eds / t_eds if t_eds > 0 else 1.0)
+        if lines is not None:
+            # the test's own effect sizes against their minimum (EDS) and a distinct pattern (d 1)
+            r_min = min(d_eds / self.min_effect if self.min_effect > 0 else 1.0, d_cbed)
+        else:
+            r_min = min(d_cbed / t_cbed if t_cbed > 0 else 1.0, d_eds / t_eds if t_eds > 0 else 1.0)
         score = math.sqrt(max(0.0, coh) * min(1.0, max(r_min, 0.0) / 2.0))
         reason_strict = check(1.0, coh_strict, len(strict))
         reason_relaxed = check(self.hysteresis, coh, len(relaxed))
@@ -545,8 +617,41 @@ class SecondPhaseFlagger:
             components=tuple(cpt[:4] for cpt in relaxed), passes=not reason_strict,
             passes_relaxed=not reason_relaxed, reason=reason_strict or reason_relaxed,
             contiguity=contiguity, ring_clusters=tuple(holders) if j != k else (),
-            matrix_share=matrix_share,
+            matrix_share=matrix_share, **tests,
         )
+
+    def _tests(self, kept, member, matrix_clusters, k, seen, shape, cbed, lines) -> dict:
+        """Composition and structure tests of a candidate against its matrix, cross-fitted by the
+        scan's checkerboard: a position is in the tested region when most of its scanned
+        4-neighbours (all of the other fold) are in the candidate's kept components, and in the
+        tested matrix when all of them are matrix members within ``matrix_radius`` of the
+        candidate. Its own counts never decided which set it is in, so a cluster that noise cut out
+        of a uniform film is not different in its held-out positions (selection would otherwise
+        make any noise cluster 'significant')."""
+        ny, nx = shape
+        seen2 = seen.reshape(ny, nx)
+        cand = kept & seen2
+        mat = member[:, list(matrix_clusters)].any(axis=1).reshape(ny, nx) & seen2 & ~member[:, k].reshape(ny, nx)
+        four = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]], np.int32)
+        n_seen4 = ndimage.convolve(seen2.astype(np.int32), four, mode="constant")
+        n_cand4 = ndimage.convolve(cand.astype(np.int32), four, mode="constant")
+        n_mat4 = ndimage.convolve(mat.astype(np.int32), four, mode="constant")
+        near = ndimage.binary_dilation(cand, structure=_EIGHT, iterations=int(self.matrix_radius))
+        region = seen2 & (n_seen4 > 0) & (2 * n_cand4 > n_seen4)
+        around = seen2 & near & (n_seen4 > 0) & (n_mat4 == n_seen4) & ~region
+        r, m = region.ravel(), around.ravel()
+        out = {"tested": True}
+        if r.sum() < 2 or m.sum() < 2:
+            return {**out, "p_value_eds": 1.0, "p_value_cbed": 1.0, "effect_eds": 0.0, "effect_cbed": 0.0}
+        comp = composition_test(lines[r], lines[m])
+        yy, xx = np.divmod(np.arange(ny * nx), nx)
+        fold = (yy + xx) % 2 == 0
+        proj = projection_test(cbed[r], cbed[m], fold[r], fold[m])
+        return {**out, "p_value_eds": comp.p_value, "p_value_cbed": proj.p_value, "effect_eds": comp.effect,
+                "effect_cbed": proj.effect,
+                "composition": {"region_share": comp.region_share, "matrix_share": comp.matrix_share,
+                                "dispersion": round(comp.dispersion, 3), "statistic": round(comp.statistic, 2),
+                                "region_positions": int(r.sum()), "matrix_positions": int(m.sum())}}
 
     def _is_open(self, lab: np.ndarray, i: int, sl: tuple, unseen: np.ndarray) -> bool:
         """True when more than ``max_open`` of the component's ring is not scanned yet: its extent
@@ -560,7 +665,8 @@ class SecondPhaseFlagger:
 
     # ------------------------------------------------------------------ state machine
     def update(self, memberships, scan_shape, cbed_features, eds_features, *, scanned_mask=None,
-               signals: dict | None = None, block_distances=None, matrix_clusters=None) -> list[FlagEvent]:
+               signals: dict | None = None, block_distances=None, matrix_clusters=None,
+               line_counts=None) -> list[FlagEvent]:
         """Re-assess all clusters and return the flag events of this update.
 
         Parameters
@@ -582,6 +688,8 @@ class SecondPhaseFlagger:
         matrix_clusters : sequence of int, optional
             The clusters that make up the matrix (the engine's host sub-clusters): a candidate
             must then have ``min_matrix_share`` of its ring in them (see :meth:`assess`).
+        line_counts : (n_positions, E) int, optional
+            Element-line window counts per position (``method="test"``).
 
         Returns
         -------
@@ -592,7 +700,10 @@ class SecondPhaseFlagger:
         self._shape = tuple(int(v) for v in scan_shape)
         self._signals = signals or {}
         assessments = self.assess(memberships, scan_shape, cbed_features, eds_features, scanned_mask,
-                                  block_distances=block_distances, matrix_clusters=matrix_clusters)
+                                  block_distances=block_distances, matrix_clusters=matrix_clusters,
+                                  line_counts=line_counts)
+        if self.method == "test":
+            assessments = self._decide(assessments, memberships, scan_shape, scanned_mask)
         self.assessments_ = assessments
         events: list[FlagEvent] = []
         claimed: set[int] = set()
@@ -644,7 +755,8 @@ class SecondPhaseFlagger:
                 continue
             prev = self._pending.get(a.cluster)
             count = prev[1] + 1 if prev is not None and _overlap(prev[0], a.positions) >= self.match_overlap else 1
-            if count >= self.raise_after:
+            # method="test": the alpha spending is the sequential rule, a passing test raises at once
+            if count >= (1 if self.method == "test" else self.raise_after):
                 flag = _Flag(self._next_id, a)
                 self._next_id += 1
                 self._flags[flag.flag_id] = flag
@@ -656,6 +768,41 @@ class SecondPhaseFlagger:
         self._pending = pending
         events.sort(key=lambda ev: ev.flag_id)
         return events
+
+    def _decide(self, assessments: list, memberships, scan_shape, scanned_mask) -> list:
+        """method="test": spend this look's share of ``alpha``, split it among the tested candidates
+        (Bonferroni) and pass those whose two tests reject at their share, with the composition
+        differing by at least ``min_effect``. An active flag is kept while its candidate passes
+        the geometric criteria relaxed and still differs by ``min_effect`` (keeping is not a new
+        claim: the claim was tested when the flag was raised)."""
+        ny, nx = (int(v) for v in scan_shape)
+        if self._spending is None or self._spending.n_positions != ny * nx:
+            self._spending = AlphaSpending(self.alpha, ny * nx)
+        u = np.asarray(memberships)
+        seen = np.isfinite(u).all(axis=1)
+        if scanned_mask is not None:
+            seen &= np.asarray(scanned_mask, bool).reshape(-1)
+        budget = self._spending.spend(int(seen.sum()))
+        tested = [a for a in assessments if a.tested]
+        level = budget / len(tested) if tested else 0.0
+        out = []
+        for a in assessments:
+            if not a.tested:
+                if a.passes or a.passes_relaxed:  # geometric pass without a test: not a candidate
+                    a = replace(a, passes=False, passes_relaxed=False, reason=a.reason or "not_tested")
+                out.append(a)
+                continue
+            distinct = a.effect_eds >= self.min_effect
+            significant = a.p_value_eds <= level and a.p_value_cbed <= level
+            reason = a.reason
+            if not distinct:
+                reason = reason or "composition_effect_too_small"
+            elif not significant:
+                reason = reason or "not_significant"
+            out.append(replace(a, level=level, passes=a.passes and distinct and significant,
+                               passes_relaxed=a.passes_relaxed and a.effect_eds >= self.min_effect * self.hysteresis,
+                               reason=reason))
+        return out
 
     def retract_all(self, reason: str = "scan_ended") -> list[FlagEvent]:
         """Retract every active flag (e.g. when the scan is aborted or restarted)."""
@@ -673,6 +820,9 @@ class SecondPhaseFlagger:
             n_positions=int(a.positions.size), fraction=a.fraction, bbox=a.bbox, components=a.components,
             positions=a.positions, scan_shape=getattr(self, "_shape", ()), update=self.n_updates_,
             signals=dict(sig), reason=reason,
+            **({"p_value_eds": a.p_value_eds, "p_value_cbed": a.p_value_cbed, "effect_eds": a.effect_eds,
+                "effect_cbed": a.effect_cbed, "level": a.level, "composition": dict(a.composition)}
+               if a.tested else {}),
         )
 
 

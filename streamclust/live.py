@@ -20,6 +20,7 @@ from threadpoolctl import threadpool_limits
 from streamclust.centres import ThresholdedCentres, centre_signals
 from streamclust.engine import StreamingEngine
 from streamclust.features import FrameReducer
+from streamclust.flag_stats import line_windows, window_counts
 from streamclust.flags import SecondPhaseFlagger
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,15 @@ class LiveAnalysis:
         self.liveview = liveview
         self.assess_every = int(assess_every)
         self._window = slice(*np.searchsorted(axis, (0.2, 10.0)))
+        # element-line window counts of every position, for the flagger's composition test
+        # ([flags] method = "test"; 6 bytes a position with Fe, Co, Si)
+        try:
+            self._line_windows = line_windows(axis)
+        except ValueError as exc:  # an energy axis without those lines: no composition test
+            logger.info("no element-line windows on this energy axis (%s)", exc)
+            self._line_windows = None
+        n_lines = 0 if self._line_windows is None else self._line_windows.shape[0]
+        self._lines = np.zeros((self.n_positions, n_lines), np.uint16)
         self._seen = np.zeros(self.n_positions, bool)
         self._last_assess = 0
         self._analysed = 0  # positions handed to the engine (where large batches are cut)
@@ -125,6 +135,10 @@ class LiveAnalysis:
         if both.any():
             binned = self._centre_reducer.transform(batch.frames[both]).reshape(-1, *self._centre_shape)
             self.centres.add(batch.positions[both], binned, batch.spectra[both])
+        if self._line_windows is not None and batch.has_spectrum.any():
+            hs = batch.has_spectrum
+            counts = window_counts(batch.spectra[hs], self._line_windows)
+            self._lines[batch.positions[hs]] = np.minimum(counts, np.iinfo(np.uint16).max)
         self._seen[batch.positions[batch.has_frame | batch.has_spectrum]] = True
         refreshes = self.engine.stats_["refreshes"]
         if refreshes != self._last_refreshes or self.n_seen - self._last_assess >= self.assess_every:
@@ -153,8 +167,14 @@ class LiveAnalysis:
         signals = centre_signals(self.centre_set, self.energy_axis_kev)
         cbed, eds = self.centres.features(eds_rebin=8, eds_channels=self._window)
         # the host's sub-clusters are the matrix an inclusion is embedded in (flags docs)
+        lines = None
+        if getattr(self.flagger, "method", "rules") == "test":
+            if self._line_windows is None:
+                logger.warning("[flags] method = test needs Fe, Co and Si line windows on the energy axis")
+                return []
+            lines = self._lines
         events = self.flagger.update(u, self.scan_shape, cbed, eds, signals=signals,
-                                     matrix_clusters=self.engine.host_columns_)
+                                     matrix_clusters=self.engine.host_columns_, line_counts=lines)
         fraction = self.n_seen / self.n_positions
         for ev in events:
             rec = {k: v for k, v in asdict(ev).items() if k != "positions"}
@@ -190,4 +210,8 @@ class LiveAnalysis:
             out[fid].update(cluster=rec["cluster"], score=rec["score"], bbox=list(rec["bbox"]),
                             n_positions=rec["n_positions"], last_kind=rec["kind"],
                             fe_co_ratio=rec.get("signals", {}).get("fe_co_ratio"))
+            if rec["kind"] == "raised" and rec.get("p_value_eds") is not None:
+                # the statistics at the moment the flag was raised ([flags] method = "test")
+                out[fid].update({k: rec[k] for k in ("p_value_eds", "p_value_cbed", "effect_eds",
+                                                     "effect_cbed", "level")})
         return list(out.values())
