@@ -63,6 +63,10 @@ def test_file_values_are_read_and_marked_explicit(tmp_path):
     ({"engine": {"warmup_positions": 600}, "scan": {"shape": [16, 16]}},
      "[engine] warmup_positions = 600: must be at most the scan's 256 positions"),
     ({"engine": 3}, "[engine] must be a table of keys"),
+    ({"scan": {"step_nm": 0}}, '[scan] step_nm = 0: must be a number > 0 or "auto"'),
+    ({"scan": {"step_nm": "fine"}}, '[scan] step_nm = "fine": must be a number > 0 or "auto"'),
+    ({"instrument": {"beam_energy_kev": -200}}, "[instrument] beam_energy_kev = -200: must be a number > 0.0"),
+    ({"instrument": {"mrad_per_px": "0.15"}}, '[instrument] mrad_per_px = "0.15": must be a number > 0 or "auto"'),
 ])
 def test_errors_name_key_value_and_what_is_allowed(data, message):
     with pytest.raises(ConfigError) as info:
