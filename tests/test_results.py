@@ -171,9 +171,19 @@ def test_hyperspy_layout(scanned, phantom):
             assert g["metadata/General"].attrs["title"]
             assert g["metadata/Signal"].attrs["record_by"] in ("spectrum", "image")
             assert "original_metadata" in g
-        # hard links: HyperSpy's view is the canonical data, not a copy
+        # hard links: HyperSpy's view of the maps is the canonical data, not a copy
         assert exps["memberships/data"] == f["clustering/memberships"]
-        assert exps["centre_spectra/data"] == f["centres/eds"]
+        assert exps["labels/data"] == f["clustering/labels"]
+        # the centres: zero where empty (count 0 beside them), patterns in rosettasciio's orientation
+        count = f["centres/count"][()]
+        spectra, eds = exps["centre_spectra/data"][()], f["centres/eds"][()]
+        assert not np.isnan(spectra).any()
+        np.testing.assert_array_equal(spectra[count > 0], eds[count > 0])
+        assert (spectra[count == 0] == 0).all()
+        patterns, cbed = exps["centre_patterns/data"][()], f["centres/cbed"][()]
+        np.testing.assert_array_equal(patterns[count > 0], np.flip(cbed, axis=-2)[count > 0])
+        # every dataset HyperSpy reads is chunked (lazy loading needs it)
+        assert all(g["data"].chunks is not None for g in exps.values())
         mem = exps["memberships"]
         assert [bool(mem[f"axis-{i}"].attrs["navigate"]) for i in range(3)] == [True, True, False]
         spec = exps["centre_spectra"]
