@@ -604,10 +604,11 @@ class ResultsWriter:
         h, w = cs.cbed.shape[2:]
         fy, fx = self.frame_shape[0] / h, self.frame_shape[1] / w
         if "mrad_per_px" in cal:
+            # 0 mrad at the detector's centre: half-way between the two middle binned pixels
             ky = _axis("ky", h, navigate=False, units="mrad", scale=cal["mrad_per_px"] * fy,
-                       offset=-cal["mrad_per_px"] * fy * h / 2)
+                       offset=-cal["mrad_per_px"] * fy * (h - 1) / 2)
             kx = _axis("kx", w, navigate=False, units="mrad", scale=cal["mrad_per_px"] * fx,
-                       offset=-cal["mrad_per_px"] * fx * w / 2)
+                       offset=-cal["mrad_per_px"] * fx * (w - 1) / 2)
         else:  # uncalibrated: the axes count detector pixels, so the binning is on them
             ky = _axis("ky", h, navigate=False, units="px", scale=fy)
             kx = _axis("kx", w, navigate=False, units="px", scale=fx)
@@ -649,7 +650,7 @@ class ResultsWriter:
     def _metadata(self, title: str, *, record_by: str, quantity: str, tem: dict, extra: dict,
                   signal_type: str = "") -> dict:
         general: dict[str, Any] = {"title": title}
-        if self.source:
+        if self.source and "://" not in self.source:  # a file, not a live detector's address
             general["original_filename"] = Path(self.source).name
         return {"General": general, "Signal": {"signal_type": signal_type, "record_by": record_by,
                                                "quantity": quantity},

@@ -137,6 +137,7 @@ def test_centre_patterns_match_rosettasciio_loading_the_same_mib(scan):
     by, bx = fh // h, fw // w
     for ax, factor in zip(pat.axes_manager.signal_axes, (bx, by)):  # HyperSpy lists kx first
         assert ax.units == "mrad" and ax.scale == pytest.approx(MRAD_PER_PX * factor, rel=1e-12)
+        assert ax.axis[ax.size // 2 - 1] == pytest.approx(-ax.axis[ax.size // 2])  # 0 at the centre
     diff = pat.metadata.Acquisition_instrument.TEM.Detector.Diffraction
     assert diff.detector_name == "Merlin (simulated)" and diff.mrad_per_px == MRAD_PER_PX
     # the centres from first principles: rosettasciio's frames, binned, weighted by the file's memberships
