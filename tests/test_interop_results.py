@@ -200,3 +200,16 @@ def test_our_readers_still_read_the_file(scan):
     assert read_results(scan["path"].with_name("results.h5"))["attrs"]["scan_id"] == "interop-scan"
     assert res["instrument"]["attrs"]["beam_energy_kev"] == 200.0
     np.testing.assert_array_equal(res["scan"]["attrs"]["step_nm"], [STEP_NM, STEP_NM])
+
+
+def test_a_file_before_the_first_position_loads_as_two_signals(scan, tmp_path):
+    ph = scan["phantom"]
+    live = LiveAnalysis(ph.scan_shape, ph.frame_shape, ph.energy_axis_kev, n_clusters=4, thresholds=THRESHOLDS)
+    path = tmp_path / RESULTS_NAME
+    ResultsWriter(path, scan_shape=ph.scan_shape, frame_shape=ph.frame_shape, energy_axis_kev=ph.energy_axis_kev,
+                  n_clusters=4, thresholds=THRESHOLDS, config={}, scan_id="interop-scan").checkpoint(live, {})
+    sigs = _load(path)
+    assert set(sigs) == {"memberships", "labels"}
+    assert np.isnan(sigs["memberships"].data).all() and (sigs["labels"].data == -1).all()
+    assert sigs["memberships"].axes_manager.navigation_axes[0].units == "position"  # no step known
+    assert "beam_energy" not in sigs["memberships"].metadata.Acquisition_instrument.TEM
