@@ -129,3 +129,15 @@ def test_example_file_is_valid_and_documents_every_key():
         for key in values:
             assert f"{key} =" in text, f"{section}.{key}"
     assert cfg.detector.host == "127.0.0.1"
+
+
+def test_calibration_values_round_trip_and_reach_the_results_writer():
+    cfg = load_config({"scan": {"step_nm": 2}, "instrument": {"camera_length_mm": 110, "beam_energy_kev": 300}})
+    assert cfg.scan.step_nm == 2.0 and cfg.instrument.camera_length_mm == 110.0
+    assert cfg.instrument.mrad_per_px == "auto" and cfg.instrument.dwell_s == "auto"
+    assert load_config(tomllib.loads(cfg.to_toml())) == cfg
+    from streamclust.results import _calibration
+
+    cal = _calibration(cfg.as_dict(), None, None)  # what ResultsWriter states from config.as_dict()
+    assert cal["step_nm"] == (2.0, 2.0) and cal["beam_energy_kev"] == 300.0
+    assert cal["mrad_per_px"] == pytest.approx(55.0 / 110.0) and "dwell_s" not in cal
