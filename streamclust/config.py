@@ -50,6 +50,7 @@ __all__ = [
     "DetectorSection",
     "EDSSection",
     "ScanSection",
+    "InstrumentSection",
     "EngineSection",
     "CentresSection",
     "FlagsSection",
@@ -160,6 +161,15 @@ def _thresholds(v):
     return out
 
 
+def _positive_or_auto(v):
+    if v == AUTO:
+        return v
+    try:
+        return _float(0.0, lo_open=True)(v)
+    except ValueError:
+        raise ValueError('must be a number > 0 or "auto"') from None
+
+
 def _host_clusters(v):
     if not _is_int(v) or v < 0 or v == 1:
         raise ValueError("must be 0 (off) or an integer >= 2")
@@ -210,6 +220,30 @@ class ScanSection:
                                  "seconds an unpaired frame or spectrum waits for its partner")
     on_missing: str = _opt("emit", _choice("emit", "drop"),
                            "a half whose partner never comes: analyse it alone, or drop it (counted)")
+    step_nm: float | str = _opt(AUTO, _positive_or_auto,
+                                'scan step (nm) of the results\' scan axes; "auto": from the acquisition '
+                                "header when it states one, else the axes count positions")
+
+
+@dataclass(frozen=True)
+class InstrumentSection:
+    """``[instrument]``: the microscope settings written into the results file's metadata (docs/results.md)."""
+
+    beam_energy_kev: float = _opt(200.0, _float(0.0, lo_open=True),
+                                  "accelerating voltage (kV); the simulator's 200 kV: set your microscope's")
+    dwell_s: float | str = _opt(AUTO, _positive_or_auto,
+                                'seconds a scan position; "auto": what the run knows (demo --dwell, the '
+                                "acquisition), else not written")
+    camera_length_mm: float | str = _opt(AUTO, _positive_or_auto,
+                                         'camera length (mm); "auto": not written unless the run knows it')
+    mrad_per_px: float | str = _opt(AUTO, _positive_or_auto,
+                                    'detector pixel in mrad; "auto": pixel_size_um / camera_length_mm when '
+                                    "the camera length is known, else the pattern axes count pixels")
+    pixel_size_um: float = _opt(55.0, _float(0.0, lo_open=True), "detector pixel pitch (Medipix3: 55 um)")
+    detector: str = _opt("Merlin (Medipix3)", _text, "diffraction detector name")
+    eds_detector: str = _opt("EDS", _text, "EDS detector name")
+    eds_resolution_mnka_ev: float = _opt(130.0, _float(0.0, lo_open=True),
+                                         "EDS energy resolution at Mn K-alpha (eV), for exspy's line widths")
 
 
 @dataclass(frozen=True)
@@ -374,6 +408,7 @@ _SECTIONS: dict[str, type] = {
     "detector": DetectorSection,
     "eds": EDSSection,
     "scan": ScanSection,
+    "instrument": InstrumentSection,
     "engine": EngineSection,
     "centres": CentresSection,
     "flags": FlagsSection,
@@ -396,6 +431,7 @@ class Config:
     detector: DetectorSection = field(default_factory=DetectorSection)
     eds: EDSSection = field(default_factory=EDSSection)
     scan: ScanSection = field(default_factory=ScanSection)
+    instrument: InstrumentSection = field(default_factory=InstrumentSection)
     engine: EngineSection = field(default_factory=EngineSection)
     centres: CentresSection = field(default_factory=CentresSection)
     flags: FlagsSection = field(default_factory=FlagsSection)

@@ -277,7 +277,8 @@ def write_pictures(results_path, out_dir, *, dpi: int = 110) -> list[Path]:
 
     ``membership_map.png`` (with the flags' boxes), ``membership_per_cluster.png`` and, when the
     file holds centres, ``centres_cluster_<k>.png`` for each cluster with positions above a
-    threshold.
+    threshold (patterns in rosettasciio's orientation, as HyperSpy shows the file's).
+    ``results_path``: a file or an output folder (:func:`streamclust.results.find_results`).
     """
     from streamclust.results import read_results
 
@@ -307,8 +308,10 @@ def write_pictures(results_path, out_dir, *, dpi: int = 110) -> list[Path]:
     written.append(_save(membership_grid_figure(u, (ny, nx)), out / "membership_per_cluster.png", dpi))
     cg = res.get("centres", {})
     if cg.get("attrs", {}).get("available") and "eds" in cg:
+        # the patterns as HyperSpy shows the file's centre_patterns (rosettasciio's orientation,
+        # streamclust.results.PATTERN_ORIENTATION): the picture and pyxem agree
         cs = CentreSet(thresholds=tuple(float(t) for t in np.asarray(cg["thresholds_used"]).tolist()),
-                       cbed=np.asarray(cg["cbed"]), eds=np.asarray(cg["eds"]),
+                       cbed=np.flip(np.asarray(cg["cbed"]), axis=-2), eds=np.asarray(cg["eds"]),
                        weight=np.asarray(cg["weight"]), count=np.asarray(cg["count"]))
         pal = cluster_palette(max(u.shape[2], cs.eds.shape[1]))
         for c, fig in centre_figures(cs, res["scan"]["energy_axis_kev"], palette=pal).items():

@@ -1,4 +1,4 @@
-"""The results file of one scan: HDF5, written incrementally, crash-safe, readable by HyperSpy.
+"""The results file of one scan: HDF5, written incrementally, crash-safe, a calibrated HyperSpy file.
 
 :class:`ResultsWriter` turns the state of a :class:`~streamclust.live.LiveAnalysis` and the ingest
 counters into one HDF5 file per scan (layout in docs/results.md):
@@ -17,9 +17,16 @@ counters into one HDF5 file per scan (layout in docs/results.md):
                       (``merlin.frames_received``, ``join.frames_without_spectrum``, ``engine.refreshes``)
 ``/config``           attrs: the configuration flattened, and ``json`` (the whole of it)
 ``/versions``         attrs: streamclust, numpy, numba, h5py, hdf5, python
-``/Experiments``      HyperSpy's layout (hspy format 3.1): ``memberships``, ``labels``, ``centre_spectra``,
-                      ``centre_patterns``; each ``data`` is a *hard link* to the dataset above, so
-                      the HyperSpy view costs no bytes
+``/instrument``       attrs: the calibration written into the HyperSpy metadata (beam energy, dwell,
+                      camera length, mrad per pixel, detectors, scan step; only what is known)
+``/Experiments``      HyperSpy's layout (hspy format 3.1): ``memberships``, ``labels`` (their ``data`` a
+                      *hard link* to the datasets above), ``centre_spectra`` (EDS_TEM, zero where a
+                      centre is empty) and ``centre_patterns`` (electron_diffraction, in
+                      rosettasciio's orientation); scan axes in nm, ``Acquisition_instrument.TEM``
+
+The file is named ``results.hspy`` (:data:`RESULTS_NAME`): HyperSpy picks its reader by the
+extension, and four readers claim ``.h5``, so only ``.hspy`` opens with a plain ``hs.load(path)``.
+Every dataset HyperSpy reads is chunked, so ``hs.load(path, lazy=True)`` works too.
 
 Crash safety: h5py writes in place, and a process killed in the middle of an HDF5 write leaves a
 file that may not open. Every checkpoint is therefore written whole to a temporary file next to the
@@ -52,16 +59,28 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RESULTS_FORMAT_VERSION", "STATUSES", "ResultsWriter", "read_results", "validate_results",
-           "flatten_counters"]
+__all__ = ["RESULTS_FORMAT_VERSION", "RESULTS_NAME", "LEGACY_RESULTS_NAME", "STATUSES", "ResultsWriter",
+           "find_results", "read_results", "validate_results", "flatten_counters"]
 
 #: version of the layout described in the module docstring (bumped on incompatible changes)
-RESULTS_FORMAT_VERSION = 1
+RESULTS_FORMAT_VERSION = 2
+#: the results file in an output folder; ``.hspy`` because HyperSpy chooses its reader by the
+#: extension and ``.h5`` is claimed by four readers (Tofwerk, Delmic, Arina, USID)
+RESULTS_NAME = "results.hspy"
+#: the name used before format version 2; :func:`find_results` still finds files of that name
+LEGACY_RESULTS_NAME = "results.h5"
+#: the Merlin pixel pitch (Medipix3), the default of ``[instrument] pixel_size_um``
+MEDIPIX_PIXEL_UM = 55.0
+#: where the centre patterns' row 0 is: rosettasciio's MIB reader (and so pyxem) flips the Merlin
+#: file's rows (np.flip(data, axis=-2)); our reader keeps the file order (adapters/mib.py)
+PATTERN_ORIENTATION = ("rosettasciio/pyxem: row 0 is the last row of the Merlin frame as stored in the "
+                       ".mib file (np.flip(frame, axis=-2) of streamclust's read_mib)")
 #: HyperSpy's hspy format version whose attribute names the ``/Experiments`` group follows
 HSPY_FORMAT_VERSION = "3.1"
 STATUSES = ("partial", "complete", "aborted")
 #: top-level names the writer owns; ``extra`` may not write into them
-_RESERVED = ("scan", "clustering", "centres", "flags", "counters", "config", "versions", "Experiments")
+_RESERVED = ("scan", "clustering", "centres", "flags", "counters", "config", "versions", "instrument",
+             "Experiments")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +187,55 @@ def _seen_mask(live, n_positions: int) -> np.ndarray:
     return np.asarray(seen, dtype=bool).reshape(-1).copy()
 
 
+_INSTRUMENT_NUMBERS = ("beam_energy_kev", "dwell_s", "camera_length_mm", "mrad_per_px", "pixel_size_um",
+                       "eds_resolution_mnka_ev")
+_INSTRUMENT_TEXT = ("detector", "eds_detector")
+
+
+def _calibration(config: Mapping, scan_step_nm, instrument: Mapping | None) -> dict[str, Any]:
+    """The calibration the file states: ``config``'s ``[scan] step_nm`` and ``[instrument]``,
+    overridden by what the caller passes; "auto" and None mean unknown (nothing is written).
+
+    ``mrad_per_px`` unknown but the camera length known: ``pixel_size_um / camera_length_mm``
+    (a 55 um pixel at 1 m is 0.055 mrad). Raises ValueError for a non-positive number.
+    """
+    cfg_inst = config.get("instrument") if isinstance(config.get("instrument"), Mapping) else {}
+    merged = {k: v for k, v in dict(cfg_inst).items() if v is not None and v != "auto"}
+    merged.update({k: v for k, v in dict(instrument or {}).items() if v is not None and v != "auto"})
+    unknown = set(merged) - set(_INSTRUMENT_NUMBERS) - set(_INSTRUMENT_TEXT)
+    if unknown:
+        raise ValueError(f"unknown instrument keys {sorted(unknown)}; known: "
+                         f"{', '.join(_INSTRUMENT_NUMBERS + _INSTRUMENT_TEXT)}")
+    out: dict[str, Any] = {}
+    for key in _INSTRUMENT_NUMBERS:
+        if key in merged:
+            out[key] = _positive(merged[key], f"instrument {key}")
+    for key in _INSTRUMENT_TEXT:
+        if key in merged:
+            out[key] = str(merged[key])
+    out.setdefault("pixel_size_um", MEDIPIX_PIXEL_UM)
+    if "mrad_per_px" not in out and "camera_length_mm" in out:
+        out["mrad_per_px"] = out["pixel_size_um"] / out["camera_length_mm"]
+    step = scan_step_nm
+    if step is None:
+        cfg_scan = config.get("scan") if isinstance(config.get("scan"), Mapping) else {}
+        step = cfg_scan.get("step_nm")
+    if step is not None and step != "auto":
+        pair = tuple(np.broadcast_to(np.asarray(step, dtype=object), (2,)).tolist())
+        out["step_nm"] = tuple(_positive(v, "scan step_nm") for v in pair)
+    return out
+
+
+def _positive(value, what: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number > 0, got {value!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{what} must be a number > 0, got {value!r}")
+    return v
+
+
 # ---------------------------------------------------------------------------------------------
 # the writer
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +245,7 @@ class ResultsWriter:
     Parameters
     ----------
     path : str or Path
-        The results file (conventionally ``*.h5``; HyperSpy reads it with ``reader="hspy"``).
+        The results file; name it ``*.hspy`` (:data:`RESULTS_NAME`) for a plain ``hs.load(path)``.
     scan_shape : (ny, nx)
     frame_shape : (h, w)
         Detector frame shape (recorded; the centre patterns are stored binned).
@@ -193,6 +261,17 @@ class ResultsWriter:
     scan_id : str
     checkpoint_every_s : float
         Least time between two checkpoints unless forced.
+    source : str, optional
+        What was analysed: the recording's path, or the detector's address for a live scan
+        (HyperSpy's ``General.original_filename`` gets its file name).
+    scan_step_nm : float or (float, float), optional
+        Scan step (y, x) in nm; default ``config["scan"]["step_nm"]`` when that is a number,
+        else the scan axes count positions.
+    instrument : dict, optional
+        Calibration known to the caller, overriding ``config["instrument"]`` key by key (None
+        values are ignored): ``beam_energy_kev``, ``dwell_s``, ``camera_length_mm``,
+        ``mrad_per_px``, ``pixel_size_um``, ``detector``, ``eds_detector``,
+        ``eds_resolution_mnka_ev`` (see ``[instrument]`` in docs/configuration.md).
 
     Attributes
     ----------
@@ -208,7 +287,8 @@ class ResultsWriter:
     """
 
     def __init__(self, path, *, scan_shape, frame_shape, energy_axis_kev, n_clusters: int, thresholds,
-                 config: dict, scan_id: str, checkpoint_every_s: float = 10.0) -> None:
+                 config: dict, scan_id: str, checkpoint_every_s: float = 10.0, source: str | None = None,
+                 scan_step_nm=None, instrument: Mapping | None = None) -> None:
         self.path = Path(path)
         self.scan_shape = tuple(int(v) for v in scan_shape)
         self.frame_shape = tuple(int(v) for v in frame_shape)
@@ -232,6 +312,11 @@ class ResultsWriter:
             raise ValueError(f"config is not JSON-serialisable: {exc}") from exc
         if not self.path.parent.is_dir():
             raise FileNotFoundError(f"results directory {self.path.parent} does not exist")
+        self.source = None if source is None else str(source)
+        self.calibration = _calibration(self.config, scan_step_nm, instrument)
+        if self.path.suffix.lower() != ".hspy":
+            logger.info("%s: HyperSpy's plain hs.load reads the .hspy extension only; this file needs "
+                        "hs.load(path, file_format='hspy')", self.path)
         self.n_checkpoints_ = 0
         self.last_write_: dict[str, Any] = {}
         self._last_time: float | None = None
@@ -364,6 +449,7 @@ class ResultsWriter:
             a["positions_clustered"] = snap["positions_clustered"]
             a["checkpoint"] = self.n_checkpoints_ + 1
             a["written_utc"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+            a["source"] = "" if self.source is None else self.source
 
             g = f.create_group("scan")
             g.attrs["scan_shape"] = np.array(self.scan_shape)
@@ -372,11 +458,18 @@ class ResultsWriter:
             g.attrs["thresholds"] = np.array(self.thresholds)
             g.create_dataset("energy_axis_kev", data=self.energy_axis_kev)
             g.create_dataset("seen", data=snap["seen"])
+            if "step_nm" in self.calibration:
+                g.attrs["step_nm"] = np.array(self.calibration["step_nm"])
+
+            g = f.create_group("instrument")
+            for k, v in self.calibration.items():
+                g.attrs[k] = np.array(v) if isinstance(v, tuple) else v
 
             g = f.create_group("clustering")
-            mem = g.create_dataset("memberships", data=snap["memberships"])
+            # chunked: HyperSpy's lazy loading (hs.load(..., lazy=True)) needs chunks on the data it reads
+            mem = g.create_dataset("memberships", data=snap["memberships"], chunks=True)
             mem.attrs["description"] = "fuzzy memberships (ny, nx, k); NaN = not yet clustered"
-            lab = g.create_dataset("labels", data=snap["labels"])
+            lab = g.create_dataset("labels", data=snap["labels"], chunks=True)
             lab.attrs["description"] = "arg-max membership; -1 = not yet clustered"
             g.attrs["n_output_clusters"] = snap["memberships"].shape[2]
             g.attrs["n_components"] = snap["n_components"]
@@ -426,7 +519,7 @@ class ResultsWriter:
             for k, v in self._versions.items():
                 g.attrs[k] = v
 
-            self._write_hyperspy(f, cs is not None)
+            self._write_hyperspy(f, cs, status)
 
             for key, value in (extra or {}).items():
                 name = str(key).strip("/")
@@ -465,40 +558,103 @@ class ResultsWriter:
         d.attrs["description"] = "(y0, x0, y1, x1), half-open, scan-position units"
         g.create_dataset("active", data=np.array([s.get("last_kind") != "retracted" for s in summary], bool))
 
-    def _write_hyperspy(self, f, have_centres: bool) -> None:
-        """HyperSpy's hspy layout; every ``data`` is a hard link to the dataset written above."""
+    def _write_hyperspy(self, f, cs, status: str) -> None:
+        """HyperSpy's hspy layout, calibrated (docs/results.md, "HyperSpy")."""
         ny, nx = self.scan_shape
+        cal = self.calibration
         k = f["clustering/memberships"].shape[2]
         exps = f.create_group("Experiments")
-        nav_y = _axis("y", ny, navigate=True, units="position")
-        nav_x = _axis("x", nx, navigate=True, units="position")
+        if "step_nm" in cal:
+            (sy, sx), units = cal["step_nm"], "nm"
+        else:  # no step known: the axes count positions (HyperSpy's default scale 1)
+            (sy, sx), units = (1.0, 1.0), "position"
+        scan_axes = [_axis("y", ny, navigate=True, units=units, scale=sy),
+                     _axis("x", nx, navigate=True, units=units, scale=sx)]
+        common = {"Streamclust": {"scan_id": self.scan_id, "status": status, "source": self.source or "",
+                                  "results_format_version": RESULTS_FORMAT_VERSION}}
+        tem = self._tem_metadata(diffraction=False, eds=False)
         _hspy_signal(exps, "memberships", f["clustering/memberships"],
-                     [nav_y, nav_x, _axis("cluster", k, navigate=False)],
-                     title="Fuzzy memberships (s.T.plot() shows one map per cluster)",
-                     record_by="spectrum")
+                     scan_axes + [_axis("cluster", k, navigate=False)],
+                     self._metadata(f"{self.scan_id}: fuzzy memberships (s.T.plot(): one map per cluster)",
+                                    record_by="spectrum", quantity="Membership", tem=tem, extra=common))
         _hspy_signal(exps, "labels", f["clustering/labels"],
-                     [_axis("y", ny, navigate=False, units="position"),
-                      _axis("x", nx, navigate=False, units="position")],
-                     title="Arg-max cluster (-1 = not yet clustered)", record_by="image")
-        if not have_centres:
+                     [dict(ax, navigate=False) for ax in scan_axes],
+                     self._metadata(f"{self.scan_id}: arg-max cluster (-1 = not yet clustered)", record_by="image",
+                                    quantity="Cluster", tem=tem, extra=common))
+        if cs is None:
             return
-        thr = _axis_values("threshold", np.array(self.thresholds), navigate=True)
+        count = np.asarray(cs.count, np.int64)
+        centre_md = {"Streamclust": dict(common["Streamclust"], thresholds=np.array(cs.thresholds),
+                                         positions_above_threshold=count, empty=count == 0,
+                                         note="membership-weighted mean per position over the positions whose "
+                                              "membership exceeds the threshold; an empty centre "
+                                              "(positions_above_threshold 0) is all zeros")}
+        thr = _axis_values("threshold", np.array(cs.thresholds), navigate=True)
+        n_clu = cs.eds.shape[1]
         e = self.energy_axis_kev
-        n_clu = f["centres/eds"].shape[1]
         energy = _axis("Energy", e.size, navigate=False, units="keV", offset=float(e[0]),
                        scale=float(e[1] - e[0]), is_binned=True)
-        _hspy_signal(exps, "centre_spectra", f["centres/eds"],
+        # an empty centre is zero with its count 0 beside it; NaN rows break sums and fits in exspy
+        spectra = np.nan_to_num(np.asarray(cs.eds, np.float32), nan=0.0)
+        _hspy_signal(exps, "centre_spectra", spectra,
                      [thr, _axis("cluster", n_clu, navigate=True), energy],
-                     title="Thresholded cluster-centre EDS spectra", record_by="spectrum",
-                     signal_type="EDS_TEM", quantity="Counts (mean per position)")
-        h, w = f["centres/cbed"].shape[2:]
-        _hspy_signal(exps, "centre_patterns", f["centres/cbed"],
-                     [_axis_values("threshold", np.array(self.thresholds), navigate=True),
-                      _axis("cluster", n_clu, navigate=True),
-                      _axis("ky", h, navigate=False, units="binned pixel"),
-                      _axis("kx", w, navigate=False, units="binned pixel")],
-                     title="Thresholded cluster-centre CBED patterns (binned)", record_by="image",
-                     quantity="Counts (mean per position)")
+                     self._metadata(f"{self.scan_id}: thresholded cluster-centre EDS spectra", record_by="spectrum",
+                                    signal_type="EDS_TEM", quantity="X-rays (Counts)",
+                                    tem=self._tem_metadata(diffraction=False, eds=True), extra=centre_md))
+        h, w = cs.cbed.shape[2:]
+        fy, fx = self.frame_shape[0] / h, self.frame_shape[1] / w
+        if "mrad_per_px" in cal:
+            # 0 mrad at the detector's centre: half-way between the two middle binned pixels
+            ky = _axis("ky", h, navigate=False, units="mrad", scale=cal["mrad_per_px"] * fy,
+                       offset=-cal["mrad_per_px"] * fy * (h - 1) / 2)
+            kx = _axis("kx", w, navigate=False, units="mrad", scale=cal["mrad_per_px"] * fx,
+                       offset=-cal["mrad_per_px"] * fx * (w - 1) / 2)
+        else:  # uncalibrated: the axes count detector pixels, so the binning is on them
+            ky = _axis("ky", h, navigate=False, units="px", scale=fy)
+            kx = _axis("kx", w, navigate=False, units="px", scale=fx)
+        patterns = np.flip(np.nan_to_num(np.asarray(cs.cbed, np.float32), nan=0.0), axis=-2)
+        pat_md = {"Streamclust": dict(centre_md["Streamclust"], orientation=PATTERN_ORIENTATION,
+                                      binning=np.array([fy, fx]))}
+        _hspy_signal(exps, "centre_patterns", np.ascontiguousarray(patterns),
+                     [thr, _axis("cluster", n_clu, navigate=True), ky, kx],
+                     self._metadata(f"{self.scan_id}: thresholded cluster-centre CBED patterns (binned)",
+                                    record_by="image", signal_type="electron_diffraction",
+                                    quantity="Electrons (Counts)",
+                                    tem=self._tem_metadata(diffraction=True, eds=False), extra=pat_md))
+
+    def _tem_metadata(self, *, diffraction: bool, eds: bool) -> dict:
+        """HyperSpy's ``Acquisition_instrument.TEM`` from what is known (unknown keys left out)."""
+        cal = self.calibration
+        tem: dict[str, Any] = {"acquisition_mode": "STEM"}
+        if "beam_energy_kev" in cal:
+            tem["beam_energy"] = cal["beam_energy_kev"]
+        if "dwell_s" in cal:
+            tem["dwell_time"] = cal["dwell_s"]
+        if "camera_length_mm" in cal:
+            tem["camera_length"] = cal["camera_length_mm"]
+        det: dict[str, Any] = {}
+        if diffraction:
+            d = {"detector_name": cal.get("detector"), "pixel_size_um": cal["pixel_size_um"],
+                 "mrad_per_px": cal.get("mrad_per_px"), "camera_length": cal.get("camera_length_mm"),
+                 "exposure_time": cal.get("dwell_s"), "frame_shape": np.array(self.frame_shape)}
+            det["Diffraction"] = {key: v for key, v in d.items() if v is not None}
+        if eds:
+            # a centre spectrum is a mean per position: its live time is one position's dwell
+            d = {"detector_name": cal.get("eds_detector"), "live_time": cal.get("dwell_s"),
+                 "real_time": cal.get("dwell_s"), "energy_resolution_MnKa": cal.get("eds_resolution_mnka_ev")}
+            det["EDS"] = {key: v for key, v in d.items() if v is not None}
+        if det:
+            tem["Detector"] = det
+        return {"TEM": tem}
+
+    def _metadata(self, title: str, *, record_by: str, quantity: str, tem: dict, extra: dict,
+                  signal_type: str = "") -> dict:
+        general: dict[str, Any] = {"title": title}
+        if self.source and "://" not in self.source:  # a file, not a live detector's address
+            general["original_filename"] = Path(self.source).name
+        return {"General": general, "Signal": {"signal_type": signal_type, "record_by": record_by,
+                                               "quantity": quantity},
+                "Acquisition_instrument": tem, **extra}
 
 
 def _num(v) -> float:
@@ -541,35 +697,56 @@ def _axis_values(name: str, values: np.ndarray, *, navigate: bool, units: str = 
             "is_binned": False, "size": int(v.size), "axis": v}
 
 
-def _hspy_signal(exps, name: str, dataset, axes: list[dict], *, title: str, record_by: str,
-                 signal_type: str = "", quantity: str = "") -> None:
-    if len(axes) != dataset.ndim:
-        raise ValueError(f"{name}: {len(axes)} axes for a {dataset.ndim}-D dataset")
+def _hspy_signal(exps, name: str, data, axes: list[dict], metadata: dict) -> None:
+    """One ``/Experiments/<name>`` group: ``data`` a dataset (hard-linked) or an array (written chunked)."""
+    if len(axes) != data.ndim:
+        raise ValueError(f"{name}: {len(axes)} axes for a {data.ndim}-D dataset")
     g = exps.create_group(name)
     g.attrs["package"] = ""
     g.attrs["package_version"] = ""
-    g["data"] = dataset  # a hard link: the same bytes as the canonical dataset
+    if isinstance(data, np.ndarray):
+        g.create_dataset("data", data=data, chunks=True)
+    else:
+        g["data"] = data  # a hard link: the same bytes as the canonical dataset
     for i, ax in enumerate(axes):
         ag = g.create_group(f"axis-{i}")
         for key, value in ax.items():
             ag.attrs[key] = value
-    md = g.create_group("metadata")
-    gen = md.create_group("General")
-    gen.attrs["title"] = title
-    sig = md.create_group("Signal")
-    sig.attrs["signal_type"] = signal_type
-    sig.attrs["record_by"] = record_by
-    if quantity:
-        sig.attrs["quantity"] = quantity
+    _write_tree(g.create_group("metadata"), metadata)
     g.create_group("original_metadata")
     g.create_group("learning_results")
+
+
+def _write_tree(group, tree: Mapping) -> None:
+    """Nested dicts -> HDF5 groups, leaves -> attributes (how hspy stores metadata)."""
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            _write_tree(group.create_group(str(key)), value)
+        elif value is not None:
+            group.attrs[str(key)] = value
 
 
 # ---------------------------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------------------------
+def find_results(path) -> Path:
+    """The results file ``path`` names: a file, or an output folder's ``results.hspy`` (or, written
+    before format version 2, ``results.h5``); a missing ``results.h5`` whose folder holds
+    ``results.hspy`` gives the latter, so callers that still use the old name keep working."""
+    p = Path(path)
+    if p.is_dir():
+        for name in (RESULTS_NAME, LEGACY_RESULTS_NAME):
+            if (p / name).is_file():
+                return p / name
+        raise FileNotFoundError(f"no {RESULTS_NAME} (or {LEGACY_RESULTS_NAME}) in {p}")
+    if not p.exists() and p.name == LEGACY_RESULTS_NAME and p.with_name(RESULTS_NAME).is_file():
+        logger.debug("%s does not exist; reading %s (the name since format 2)", p, RESULTS_NAME)
+        return p.with_name(RESULTS_NAME)
+    return p
+
+
 def read_results(path) -> dict:
-    """The whole results file as a nested dict.
+    """The whole results file (a path, or an output folder: :func:`find_results`) as a nested dict.
 
     Groups become dicts, datasets numpy arrays (string datasets: lists of str), and each
     group's attributes sit under the key ``"attrs"``. For convenience the JSON documents are
@@ -603,7 +780,7 @@ def read_results(path) -> dict:
                 out[name] = item[()]
         return out
 
-    with h5py.File(path, "r") as f:
+    with h5py.File(find_results(path), "r") as f:
         res = walk(f)
     if "flags" in res:
         res["flags"]["summary_parsed"] = [json.loads(s) for s in res["flags"].get("summary", [])]

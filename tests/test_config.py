@@ -63,6 +63,10 @@ def test_file_values_are_read_and_marked_explicit(tmp_path):
     ({"engine": {"warmup_positions": 600}, "scan": {"shape": [16, 16]}},
      "[engine] warmup_positions = 600: must be at most the scan's 256 positions"),
     ({"engine": 3}, "[engine] must be a table of keys"),
+    ({"scan": {"step_nm": 0}}, '[scan] step_nm = 0: must be a number > 0 or "auto"'),
+    ({"scan": {"step_nm": "fine"}}, '[scan] step_nm = "fine": must be a number > 0 or "auto"'),
+    ({"instrument": {"beam_energy_kev": -200}}, "[instrument] beam_energy_kev = -200: must be a number > 0.0"),
+    ({"instrument": {"mrad_per_px": "0.15"}}, '[instrument] mrad_per_px = "0.15": must be a number > 0 or "auto"'),
 ])
 def test_errors_name_key_value_and_what_is_allowed(data, message):
     with pytest.raises(ConfigError) as info:
@@ -125,3 +129,15 @@ def test_example_file_is_valid_and_documents_every_key():
         for key in values:
             assert f"{key} =" in text, f"{section}.{key}"
     assert cfg.detector.host == "127.0.0.1"
+
+
+def test_calibration_values_round_trip_and_reach_the_results_writer():
+    cfg = load_config({"scan": {"step_nm": 2}, "instrument": {"camera_length_mm": 110, "beam_energy_kev": 300}})
+    assert cfg.scan.step_nm == 2.0 and cfg.instrument.camera_length_mm == 110.0
+    assert cfg.instrument.mrad_per_px == "auto" and cfg.instrument.dwell_s == "auto"
+    assert load_config(tomllib.loads(cfg.to_toml())) == cfg
+    from streamclust.results import _calibration
+
+    cal = _calibration(cfg.as_dict(), None, None)  # what ResultsWriter states from config.as_dict()
+    assert cal["step_nm"] == (2.0, 2.0) and cal["beam_energy_kev"] == 300.0
+    assert cal["mrad_per_px"] == pytest.approx(55.0 / 110.0) and "dwell_s" not in cal

@@ -10,7 +10,15 @@ import pytest
 
 from streamclust.adapters.join import Batch
 from streamclust.live import LiveAnalysis
-from streamclust.results import ResultsWriter, flatten_counters, read_results, validate_results
+from streamclust.results import (
+    LEGACY_RESULTS_NAME,
+    RESULTS_NAME,
+    ResultsWriter,
+    find_results,
+    flatten_counters,
+    read_results,
+    validate_results,
+)
 from streamclust.simulators.phantom import LamellaPhantom
 
 SCAN = (16, 16)
@@ -171,9 +179,19 @@ def test_hyperspy_layout(scanned, phantom):
             assert g["metadata/General"].attrs["title"]
             assert g["metadata/Signal"].attrs["record_by"] in ("spectrum", "image")
             assert "original_metadata" in g
-        # hard links: HyperSpy's view is the canonical data, not a copy
+        # hard links: HyperSpy's view of the maps is the canonical data, not a copy
         assert exps["memberships/data"] == f["clustering/memberships"]
-        assert exps["centre_spectra/data"] == f["centres/eds"]
+        assert exps["labels/data"] == f["clustering/labels"]
+        # the centres: zero where empty (count 0 beside them), patterns in rosettasciio's orientation
+        count = f["centres/count"][()]
+        spectra, eds = exps["centre_spectra/data"][()], f["centres/eds"][()]
+        assert not np.isnan(spectra).any()
+        np.testing.assert_array_equal(spectra[count > 0], eds[count > 0])
+        assert (spectra[count == 0] == 0).all()
+        patterns, cbed = exps["centre_patterns/data"][()], f["centres/cbed"][()]
+        np.testing.assert_array_equal(patterns[count > 0], np.flip(cbed, axis=-2)[count > 0])
+        # every dataset HyperSpy reads is chunked (lazy loading needs it)
+        assert all(g["data"].chunks is not None for g in exps.values())
         mem = exps["memberships"]
         assert [bool(mem[f"axis-{i}"].attrs["navigate"]) for i in range(3)] == [True, True, False]
         spec = exps["centre_spectra"]
@@ -276,3 +294,62 @@ def test_validate_results_finds_broken_files(scanned, tmp_path):
     assert any("never seen" in p for p in problems)
     assert any("seen map holds" in p for p in problems)
     assert any("labels" in p for p in problems)
+
+
+def _tem(path, name: str) -> dict:
+    """``/Experiments/<name>/metadata/Acquisition_instrument/TEM`` as a flat dict (h5py only)."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        f[f"Experiments/{name}/metadata/Acquisition_instrument/TEM"].visititems(
+            lambda key, obj: out.update({f"{key.replace('/', '.')}.{a}": v for a, v in obj.attrs.items()}))
+        out.update(f[f"Experiments/{name}/metadata/Acquisition_instrument/TEM"].attrs)
+    return out
+
+
+def test_calibration_from_config_and_caller(tmp_path, phantom):
+    live = make_live(phantom)
+    feed(live, phantom, range(64))
+    # nothing known: scan axes count positions, no beam energy (exspy would ask), pattern axes in pixels
+    writer(tmp_path / "bare.hspy", phantom, config={}).finalize(live, {})
+    with h5py.File(tmp_path / "bare.hspy", "r") as f:
+        assert f["Experiments/memberships/axis-0"].attrs["units"] == "position"
+        ky = f["Experiments/centre_patterns/axis-2"].attrs
+        assert ky["units"] == "px" and ky["scale"] == phantom.frame_shape[0] / f["centres/cbed"].shape[2]
+        assert dict(f["instrument"].attrs) == {"pixel_size_um": 55.0}
+    assert "beam_energy" not in _tem(tmp_path / "bare.hspy", "centre_spectra")
+    # the configuration's [scan] and [instrument]; the caller's values win key by key; the camera
+    # length gives mrad per pixel through the 55 um pixel
+    cfg = {"scan": {"step_nm": 4.0}, "instrument": {"beam_energy_kev": 300.0, "dwell_s": "auto",
+                                                    "camera_length_mm": 110.0, "mrad_per_px": "auto"}}
+    writer(tmp_path / "cal.hspy", phantom, config=cfg, instrument={"dwell_s": 0.002, "beam_energy_kev": None},
+           scan_step_nm=(2.0, 3.0)).finalize(live, {})
+    tem = _tem(tmp_path / "cal.hspy", "centre_patterns")
+    assert tem["beam_energy"] == 300.0 and tem["dwell_time"] == 0.002 and tem["camera_length"] == 110.0
+    assert tem["Detector.Diffraction.mrad_per_px"] == pytest.approx(55.0 / 110.0)
+    with h5py.File(tmp_path / "cal.hspy", "r") as f:
+        assert [f[f"Experiments/labels/axis-{i}"].attrs["scale"] for i in (0, 1)] == [2.0, 3.0]
+        assert f["Experiments/labels/axis-0"].attrs["units"] == "nm"
+        bin_y = phantom.frame_shape[0] / f["centres/cbed"].shape[2]
+        assert f["Experiments/centre_patterns/axis-2"].attrs["scale"] == pytest.approx(0.5 * bin_y)
+    assert _tem(tmp_path / "cal.hspy", "centre_spectra")["Detector.EDS.live_time"] == 0.002
+    for bad in ({"beam_energy_kev": 0}, {"dwell_s": "fast"}, {"beam_energy": 200.0}):
+        with pytest.raises(ValueError, match="instrument|beam_energy"):
+            writer(tmp_path / "x.hspy", phantom, instrument=bad)
+    with pytest.raises(ValueError, match="step_nm"):
+        writer(tmp_path / "x.hspy", phantom, scan_step_nm=-1.0)
+
+
+def test_the_old_name_and_a_folder_still_read(tmp_path, phantom):
+    live = make_live(phantom)
+    feed(live, phantom, range(64))
+    writer(tmp_path / RESULTS_NAME, phantom).finalize(live, {})
+    assert find_results(tmp_path) == tmp_path / RESULTS_NAME
+    # a caller still naming results.h5 reads results.hspy
+    assert read_results(tmp_path / LEGACY_RESULTS_NAME)["attrs"]["scan_id"] == "test-scan"
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / LEGACY_RESULTS_NAME).write_bytes((tmp_path / RESULTS_NAME).read_bytes())
+    assert find_results(old) == old / LEGACY_RESULTS_NAME
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="results.hspy"):
+        find_results(tmp_path / "empty")
