@@ -286,6 +286,8 @@ class EngineSection:
                                                       "(this fraction of each touches the other) join it; 0: off")
     host_pooling: bool = _opt(True, _bool, "live level-2 clustering on 3 x 3 neighbourhood means (the final "
                                            "one per position); needs the scan shape")
+    spill: str = _opt("auto", _text, "where the position store lives: auto (a temporary file when larger than "
+                                     "256 MiB), off (RAM), or a folder")
     random_state: int = _opt(0, _int(0), "seed of every random choice (same seed, same result)")
 
     def resolved(self, n_positions: int) -> dict:

@@ -56,6 +56,8 @@ True
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -87,6 +89,9 @@ def final_seed(random_state: int | None) -> int:
     """The seed of the engine's final refresh (PCA sample, k-means++ restarts, level 2): the first
     draw of ``RandomState(random_state)``, whatever happened during the scan."""
     return int(np.random.RandomState(random_state).randint(np.iinfo(np.int32).max))
+
+#: a position store larger than this spills to disk with ``spill="auto"`` (256 MiB)
+SPILL_MIN_BYTES = 256 * 2**20
 
 _STAGES = ("reduce_frames", "reduce_spectra", "balance", "pca", "basis", "store", "cluster", "refresh", "host")
 
@@ -220,6 +225,12 @@ class StreamingEngine:
         first crosses it, too few and too noisy for a cluster of its own per position (measured
         on the phantom: best-cluster F1 0.24-0.45 with 49-63 of its positions seen; pooled,
         0.88-0.89). Needs ``scan_shape``.
+    spill : str, default="auto"
+        Where the position store's rows live (:mod:`streamclust.spill`): ``"auto"`` in an unlinked
+        file in the system's temporary folder when they would take more than 256 MiB of RAM (a
+        256 x 256 scan: 300 MB; 512 x 512: 1.2 GB), else in RAM; ``"off"``: always RAM; any other
+        value: a folder to spill to, whatever the size. Spilled rows are read back in chunks and
+        released after each, so what the store keeps resident does not grow with the scan.
     blas_threads : int or None, default=1
         BLAS threads while processing (None: leave BLAS alone). One thread avoids BLAS spinning
         against Numba's threads (docs/streaming-statistics.md).
@@ -284,6 +295,7 @@ class StreamingEngine:
         host_overlap: float = 0.1,
         host_mixing: float | None = 0.5,
         host_pooling: bool = True,
+        spill: str = "auto",
         blas_threads: int | None = 1,
         random_state: int | None = None,
     ) -> None:
@@ -328,6 +340,7 @@ class StreamingEngine:
         self.host_overlap = host_overlap
         self.host_mixing = host_mixing
         self.host_pooling = host_pooling
+        self.spill = spill
         self.blas_threads = blas_threads
         self.random_state = random_state
         self._init_state()
@@ -372,7 +385,8 @@ class StreamingEngine:
         mode = self.store
         if mode == "auto":
             mode = "counts" if n * (self.n_features_ + 9) <= int(self.full_store_max_bytes) else "basis"
-        self.store_ = PositionStore(n, self.n_features_, rank=rank, mode=mode)
+        self.store_ = PositionStore(n, self.n_features_, rank=rank, mode=mode,
+                                    spill_dir=self._spill_dir(n, rank, mode))
         # the basis store reads ``rank`` directions out of the PCA; the full store only needs the
         # components the 1 % rule can keep (an exact read-out of 128 vectors takes seconds)
         n_read = rank if mode == "basis" else min(int(self.max_components) + 1, rank)
@@ -428,6 +442,18 @@ class StreamingEngine:
                             host_space_fits=0, one_signal_positions=0, sample_pca=0, drift_refreshes=0)
         self._times = {s: 0.0 for s in _STAGES}
         self._busy = 0.0
+
+    def _spill_dir(self, n: int, rank: int, mode: str) -> str | None:
+        """The folder the position store spills to (the ``spill`` parameter), or None for RAM."""
+        spill = "auto" if self.spill is None else str(self.spill)
+        if spill == "off":
+            return None
+        if spill != "auto":
+            if not os.path.isdir(spill):
+                raise ValueError(f"spill must be 'auto', 'off' or an existing folder, got {self.spill!r}")
+            return spill
+        width = rank * 4 if mode == "basis" else self.n_features_ * (1 if mode == "counts" else 4)
+        return tempfile.gettempdir() if n * width > SPILL_MIN_BYTES else None
 
     def _blas(self):
         if self.blas_threads is None:
@@ -1101,6 +1127,7 @@ class StreamingEngine:
     def __setstate__(self, state: dict) -> None:
         # an engine pickled before a parameter existed gets the parameter's default
         state.setdefault("host_mixing", None)
+        state.setdefault("spill", "off")
         self.__dict__.update(state)
         # wall-clock refresh timing restarts in the new process
         self._last_refresh_time = time.monotonic()

@@ -69,6 +69,8 @@ import logging
 
 import numpy as np
 
+from streamclust.spill import release, spill_array
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["PositionStore"]
@@ -106,7 +108,7 @@ class PositionStore:
     """
 
     def __init__(self, n_positions: int, n_features: int, rank: int = 128, mode: str = "basis",
-                 code_dtype: str = "uint8") -> None:
+                 code_dtype: str = "uint8", spill_dir: str | None = None) -> None:
         if mode not in ("basis", "full", "counts"):
             raise ValueError(f"mode must be 'basis', 'full' or 'counts', got {mode!r}")
         if code_dtype not in ("uint8", "uint16"):
@@ -120,7 +122,13 @@ class PositionStore:
         self.code_dtype = code_dtype
         width = self.rank if mode == "basis" else self.n_features
         dtype = np.dtype(code_dtype) if mode == "counts" else np.dtype(np.float32)
-        self.data = np.zeros((self.n_positions, width), dtype=dtype)
+        # spill_dir: the per-position rows live in an (unlinked) file there, not in RAM, and
+        # every pass releases the rows it touched (streamclust.spill; issue 16)
+        self.spill_dir = spill_dir
+        if spill_dir is not None:
+            self.data = spill_array((self.n_positions, width), dtype, spill_dir, f"positions-{id(self):x}", unlink=True)
+        else:
+            self.data = np.zeros((self.n_positions, width), dtype=dtype)
         self.scale_ = np.ones(self.n_features, dtype=np.float32)
         # escapes (counts mode): chunks of (position, feature, exact float32 value) as added, and
         # the per-position count so a re-sent position's old escapes can be dropped
@@ -262,6 +270,7 @@ class PositionStore:
                 new += t32
                 self.data[sel, :r] = new
                 self.data[sel, r:] = 0.0
+                self._release(sel)
             self.n_rebases_ += 1
         self.basis_ = B
         self.center_ = mu
@@ -318,14 +327,21 @@ class PositionStore:
                 self._drop_escapes(p)
             codes, (rows, feats, vals) = self._encode_counts(X)
             self.data[p] = codes
+            self._release(p)
             if rows.size:
                 self._esc_chunks.append((p[rows].astype(np.int32), feats.astype(np.int32), vals))
             self._esc_count[p] = np.bincount(rows, minlength=p.size).astype(np.int32)
             self._esc_csr = None
         else:
             self.data[p] = self.encode(X)
+            self._release(p)
         self.seen[p] = True
         return dup
+
+    def _release(self, rows: np.ndarray) -> None:
+        """Spilled store: drop the touched rows' pages from the resident set (the data stays)."""
+        if self.spill_dir is not None and rows.size:
+            release(self.data, int(rows.min()), int(rows.max()) + 1)
 
     def projection(self, D: np.ndarray, V: np.ndarray, mean_now: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The (P, p0) with ``scores = data @ P + p0`` for read-out map ``D``, components ``V`` (F, k)
@@ -357,6 +373,7 @@ class PositionStore:
             if chunk.dtype != np.float32:
                 chunk = chunk.astype(np.float32)
             np.matmul(chunk, P, out=out[s:s + sel.size])
+            self._release(sel)
         if self.mode == "counts" and self.n_escapes_:
             DV = (np.asarray(D, dtype=np.float64)[:, np.newaxis] * np.asarray(V, dtype=np.float64))
             out += (self._escape_matrix()[idx] @ DV).astype(np.float32)
@@ -367,13 +384,15 @@ class PositionStore:
         """Warm-space vectors (n, F) float32 of stored ``positions``: exact in the full and counts
         stores (bit-identical), the basis reconstruction ``mu + B a`` in the basis store."""
         idx = self._check_positions(positions)
+        rows = self.data[idx]
+        self._release(idx)
         if self.mode == "full":
-            return self.data[idx]
+            return rows
         if self.mode == "basis":
             B = self.basis_
-            return (self.data[idx][:, : B.shape[1]] @ B.T.astype(np.float32)
+            return (rows[:, : B.shape[1]] @ B.T.astype(np.float32)
                     + self.center_.astype(np.float32))
-        out = self.data[idx].astype(np.float32)
+        out = rows.astype(np.float32)
         out *= self.scale_
         if self.n_escapes_:
             sub = self._escape_matrix()[idx].tocoo()
