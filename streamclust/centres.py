@@ -51,6 +51,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streamclust.spill import release, spill_array
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -244,13 +246,16 @@ class ThresholdedCentres:
 
     def __init__(self, n_clusters: int, thresholds: tuple = (0.5, 0.75), *, n_positions: int,
                  cbed_shape: tuple = (32, 32), channels: slice | None = None,
-                 full_resolution: bool = False) -> None:
+                 full_resolution: bool = False, spill_dir: str | None = None) -> None:
         self.n_clusters = n_clusters
         self.thresholds = thresholds
         self.n_positions = n_positions
         self.cbed_shape = cbed_shape
         self.channels = channels
         self.full_resolution = full_resolution
+        # spill_dir: the raw per-position store and the flagger's feature cache live in unlinked
+        # files there (streamclust.spill; issue 16), released after every pass
+        self.spill_dir = spill_dir
         if int(n_clusters) < 1 or int(n_positions) < 1:
             raise ValueError("n_clusters and n_positions must be >= 1")
         if not thresholds or any(not 0.0 <= float(t) < 1.0 for t in thresholds):
@@ -275,8 +280,8 @@ class ThresholdedCentres:
     def _allocate(self, n_channels: int, frame_shape) -> None:
         n = int(self.n_positions)
         t, c = self._thr.size, int(self.n_clusters)
-        self._cbed = np.zeros((n, int(np.prod(self.cbed_shape))), np.float32)
-        self._eds = np.zeros((n, n_channels), np.uint16)
+        self._cbed = self._array((n, int(np.prod(self.cbed_shape))), np.float32, "centres-cbed")
+        self._eds = self._array((n, n_channels), np.uint16, "centres-eds")
         self._stored = np.zeros(n, bool)
         self._w = np.zeros((n, t * c))
         self._sum_cbed = np.zeros((t * c, self._cbed.shape[1]))
@@ -287,6 +292,27 @@ class ThresholdedCentres:
             self._frame_shape = tuple(frame_shape)
             self._full = np.zeros((t * c, int(np.prod(frame_shape))))
             self._full_w = np.zeros(t * c)
+
+    def _array(self, shape: tuple, dtype, name: str, fill=0) -> np.ndarray:
+        if self.spill_dir is None:
+            return np.full(shape, fill, dtype) if fill else np.zeros(shape, dtype)
+        a = spill_array(shape, dtype, self.spill_dir, f"{name}-{id(self):x}", unlink=True)
+        if fill:
+            for s in range(0, shape[0], 8192):
+                a[s:s + 8192] = fill
+                release(a, s, s + 8192)
+        return a
+
+    def release(self) -> None:
+        """Drop the spilled arrays' pages from the resident set (after a pass; no-op in RAM)."""
+        if self.spill_dir is None or self._cbed is None:
+            return
+        release(self._cbed)
+        release(self._eds)
+        cache = getattr(self, "_feature_cache", None)
+        if cache is not None:
+            release(cache[1])
+            release(cache[2])
 
     # ------------------------------------------------------------------ data in
     def add(self, positions, cbed, spectra, memberships=None) -> None:
@@ -334,6 +360,9 @@ class ThresholdedCentres:
         self._cbed[p] = binned.reshape(p.size, -1)
         self._eds[p] = spec[keep]
         self._stored[p] = True
+        if self.spill_dir is not None and p.size:
+            release(self._cbed, int(p.min()), int(p.max()) + 1)
+            release(self._eds, int(p.min()), int(p.max()) + 1)
         self.stats["added"] += int(p.size)
         if self._full is not None and memberships is not None:
             u = np.asarray(memberships, dtype=np.float64)[keep]
@@ -369,8 +398,8 @@ class ThresholdedCentres:
         if cache is None or cache[0] != key:
             width = self._eds[:1, window].shape[1] if window is not None else self._eds.shape[1]
             m = width // eds_rebin * eds_rebin
-            cache = (key, np.full(self._cbed.shape, np.nan, np.float32),
-                     np.full((self._eds.shape[0], m // eds_rebin), np.nan, np.float32),
+            cache = (key, self._array(self._cbed.shape, np.float32, "features-cbed", fill=np.nan),
+                     self._array((self._eds.shape[0], m // eds_rebin), np.float32, "features-eds", fill=np.nan),
                      np.zeros(self._stored.shape, bool))
             self._feature_cache = cache
         _, cbed, eds, done = cache
@@ -381,6 +410,10 @@ class ThresholdedCentres:
             m = eds.shape[1] * eds_rebin
             eds[idx] = spec[:, :m].reshape(idx.size, -1, eds_rebin).sum(axis=2, dtype=np.float32)
             done[idx] = True
+            if self.spill_dir is not None:
+                lo, hi = int(idx.min()), int(idx.max()) + 1
+                for a in (self._cbed, self._eds, cbed, eds):
+                    release(a, lo, hi)
         # read-only views of the cache: the flagger only reads them
         cbed_view, eds_view = cbed.view(), eds.view()
         cbed_view.flags.writeable = eds_view.flags.writeable = False
@@ -415,6 +448,9 @@ class ThresholdedCentres:
             self._sum_cbed += d.T @ self._cbed[rows].astype(np.float64)
             self._sum_eds += d.T @ self._eds[rows].astype(np.float64)
             self._sum_w += d.sum(axis=0)
+            if self.spill_dir is not None:
+                release(self._cbed, int(rows.min()), int(rows.max()) + 1)
+                release(self._eds, int(rows.min()), int(rows.max()) + 1)
         self._w[changed] = w[changed]
         return self.centres()
 
@@ -422,8 +458,16 @@ class ThresholdedCentres:
         """Redo the sums from scratch with the current weights (removes accumulated rounding)."""
         if self._cbed is None:
             raise RuntimeError("no position stored yet: call add() first")
-        self._sum_cbed = self._w.T @ self._cbed.astype(np.float64)
-        self._sum_eds = self._w.T @ self._eds.astype(np.float64)
+        n, tc = self._w.shape
+        self._sum_cbed = np.zeros((tc, self._cbed.shape[1]))
+        self._sum_eds = np.zeros((tc, self._eds.shape[1]))
+        for s in range(0, n, 8192):  # in chunks: bounded temporaries, and a spilled store stays so
+            w = self._w[s:s + 8192].T
+            self._sum_cbed += w @ self._cbed[s:s + 8192].astype(np.float64)
+            self._sum_eds += w @ self._eds[s:s + 8192].astype(np.float64)
+            if self.spill_dir is not None:
+                release(self._cbed, s, s + 8192)
+                release(self._eds, s, s + 8192)
         self._sum_w = self._w.sum(axis=0)
         return self.centres()
 

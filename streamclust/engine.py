@@ -445,6 +445,12 @@ class StreamingEngine:
 
     def _spill_dir(self, n: int, rank: int, mode: str) -> str | None:
         """The folder the position store spills to (the ``spill`` parameter), or None for RAM."""
+        width = rank * 4 if mode == "basis" else self.n_features_ * (1 if mode == "counts" else 4)
+        return self.spill_dir_for(n * width)
+
+    def spill_dir_for(self, nbytes: int) -> str | None:
+        """Where a per-position array of ``nbytes`` lives under this engine's ``spill`` setting: a
+        folder (spilled) or None (RAM). The live analysis puts its centre store there too."""
         spill = "auto" if self.spill is None else str(self.spill)
         if spill == "off":
             return None
@@ -452,8 +458,7 @@ class StreamingEngine:
             if not os.path.isdir(spill):
                 raise ValueError(f"spill must be 'auto', 'off' or an existing folder, got {self.spill!r}")
             return spill
-        width = rank * 4 if mode == "basis" else self.n_features_ * (1 if mode == "counts" else 4)
-        return tempfile.gettempdir() if n * width > SPILL_MIN_BYTES else None
+        return tempfile.gettempdir() if int(nbytes) > SPILL_MIN_BYTES else None
 
     def _blas(self):
         if self.blas_threads is None:

@@ -66,8 +66,13 @@ class LiveAnalysis:
         self._centre_shape = (h // self._centre_bin, w // self._centre_bin)
         # with host refinement the engine reports n_clusters + host sub-clusters (engine docs)
         self.n_output_clusters = int(self.engine.n_output_clusters_)
+        # the raw per-position store of the centres (8 kB a position, and the flagger's features)
+        # spills to disk as the engine's position store does ([engine] spill)
+        centre_bytes = ThresholdedCentres.state_bytes(self.n_positions, self.n_output_clusters, len(thresholds),
+                                                      self._centre_shape, axis.size)["total"]
         self.centres = ThresholdedCentres(self.n_output_clusters, tuple(thresholds), n_positions=self.n_positions,
-                                          cbed_shape=self._centre_shape)
+                                          cbed_shape=self._centre_shape,
+                                          spill_dir=self.engine.spill_dir_for(centre_bytes))
         self.flagger = SecondPhaseFlagger()
         self.events = events
         self.liveview = liveview
@@ -182,6 +187,8 @@ class LiveAnalysis:
             self.flag_log.append(rec)
             logger.info("flag %s #%d (cluster %d, score %.2f) at %.0f %% of the scan", ev.kind, ev.flag_id,
                         ev.cluster, ev.score, 100 * fraction)
+        # a spilled store's pages touched by this pass leave the resident set
+        self.centres.release()
         if self.events is not None and events:
             self.events.publish_all(events)
         if self.liveview is not None:

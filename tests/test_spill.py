@@ -83,3 +83,25 @@ def test_the_engine_spills_a_large_store_only(tmp_path):
     with pytest.raises(ValueError, match="spill"):
         StreamingEngine(1024, frame_shape=(32, 32), n_channels=64, bin_factor=4, host_clusters=0,
                         spill=str(tmp_path / "missing"))
+
+
+def test_a_spilled_centre_store_equals_the_in_memory_one(tmp_path):
+    from streamclust.centres import ThresholdedCentres
+
+    rng = np.random.default_rng(4)
+    n = 900
+    frames = rng.poisson(2.0, (n, 16, 16)).astype(np.uint16)
+    spectra = rng.poisson(1.0, (n, 64)).astype(np.uint16)
+    u = rng.dirichlet(np.ones(3), n)
+    out = []
+    for spill in (None, str(tmp_path)):
+        tc = ThresholdedCentres(3, (0.5, 0.75), n_positions=n, cbed_shape=(8, 8), spill_dir=spill)
+        for s in range(0, n, 300):
+            tc.add(np.arange(s, s + 300), frames[s:s + 300], spectra[s:s + 300])
+        c = tc.update(u)
+        cbed, eds = tc.features(eds_rebin=4)
+        tc.release()
+        out.append((c.cbed.copy(), c.eds.copy(), np.array(cbed), np.array(eds), tc.recompute().eds.copy()))
+    for a, b in zip(*out):
+        assert np.array_equal(a, b, equal_nan=True)
+    assert os.listdir(tmp_path) == []
