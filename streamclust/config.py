@@ -115,6 +115,17 @@ def _choice(*choices: str) -> Callable:
     return check
 
 
+def _elements(v):
+    from streamclust.flag_stats import LINES_KEV
+
+    if isinstance(v, str) or not isinstance(v, (list, tuple)) or len(v) < 2:
+        raise ValueError("must be a list of at least two element symbols, e.g. [\"Fe\", \"Co\"]")
+    unknown = [e for e in v if e not in LINES_KEV]
+    if unknown:
+        raise ValueError(f"unknown element(s) {unknown}; known: {sorted(LINES_KEV)}")
+    return tuple(v)
+
+
 def _bool(v):
     if not isinstance(v, bool):
         raise ValueError("must be true or false")
@@ -366,6 +377,8 @@ class FlagsSection:
                                                      "of the line counts")
     matrix_radius: int = _opt(3, _int(1), "method = test: the matrix a candidate is tested against lies "
                                           "within this many positions")
+    elements: tuple = _opt(("Fe", "Co"), _elements, "method = test: elements whose K-alpha line proportions "
+                                                  "are tested (dilution by another layer leaves them unchanged)")
 
 
 @dataclass(frozen=True)

@@ -79,14 +79,10 @@ class LiveAnalysis:
         self.assess_every = int(assess_every)
         self._window = slice(*np.searchsorted(axis, (0.2, 10.0)))
         # element-line window counts of every position, for the flagger's composition test
-        # ([flags] method = "test"; 6 bytes a position with Fe, Co, Si)
-        try:
-            self._line_windows = line_windows(axis)
-        except ValueError as exc:  # an energy axis without those lines: no composition test
-            logger.info("no element-line windows on this energy axis (%s)", exc)
-            self._line_windows = None
-        n_lines = 0 if self._line_windows is None else self._line_windows.shape[0]
-        self._lines = np.zeros((self.n_positions, n_lines), np.uint16)
+        # ([flags] method = "test"; 2 bytes a position and element), made at the first batch for
+        # the flagger's elements then (the configured flagger replaces the default before it)
+        self._line_windows = None
+        self._lines = None
         self._seen = np.zeros(self.n_positions, bool)
         self._last_assess = 0
         self._analysed = 0  # positions handed to the engine (where large batches are cut)
@@ -140,6 +136,8 @@ class LiveAnalysis:
         if both.any():
             binned = self._centre_reducer.transform(batch.frames[both]).reshape(-1, *self._centre_shape)
             self.centres.add(batch.positions[both], binned, batch.spectra[both])
+        if self._lines is None:
+            self._make_line_windows()
         if self._line_windows is not None and batch.has_spectrum.any():
             hs = batch.has_spectrum
             counts = window_counts(batch.spectra[hs], self._line_windows)
@@ -149,6 +147,16 @@ class LiveAnalysis:
         if refreshes != self._last_refreshes or self.n_seen - self._last_assess >= self.assess_every:
             self._last_refreshes = refreshes
             self.assess()
+
+    def _make_line_windows(self) -> None:
+        elements = getattr(self.flagger, "elements", ("Fe", "Co"))
+        try:
+            self._line_windows = line_windows(self.energy_axis_kev, elements)
+        except ValueError as exc:  # an energy axis without those lines: no composition test
+            logger.info("no element-line windows for %s on this energy axis (%s)", elements, exc)
+            self._line_windows = None
+        n_lines = 0 if self._line_windows is None else self._line_windows.shape[0]
+        self._lines = np.zeros((self.n_positions, n_lines), np.uint16)
 
     def assess(self) -> list:
         """Re-assess clusters from the current memberships; publish and record flag events."""
@@ -175,7 +183,8 @@ class LiveAnalysis:
         lines = None
         if getattr(self.flagger, "method", "rules") == "test":
             if self._line_windows is None:
-                logger.warning("[flags] method = test needs Fe, Co and Si line windows on the energy axis")
+                logger.warning("[flags] method = test needs the line windows of %s on the energy axis",
+                               getattr(self.flagger, "elements", ()))
                 return []
             lines = self._lines
         events = self.flagger.update(u, self.scan_shape, cbed, eds, signals=signals,
