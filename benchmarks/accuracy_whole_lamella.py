@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -37,6 +39,9 @@ from streamclust.fcm import FuzzyCMeans
 from streamclust.live import LiveAnalysis
 from streamclust.reference import best_f1, bin_frames, eds_window, run_reference
 from streamclust.simulators.phantom import LamellaPhantom
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flag_calibration import record_raised_positions  # noqa: E402
 
 SCAN = (64, 64)
 BATCH = 128
@@ -52,17 +57,7 @@ def run_seed(seed: int, inclusions: bool = True, flag_params: dict | None = None
         if not hasattr(live.flagger, key):
             raise ValueError(f"SecondPhaseFlagger has no parameter {key!r}")
         setattr(live.flagger, key, type(getattr(live.flagger, key))(value))
-    raised_positions: dict[int, np.ndarray] = {}
-    update = live.flagger.update
-
-    def keep_positions(*args, **kwargs):  # the flag log keeps no positions: precision needs them
-        events = update(*args, **kwargs)
-        for ev in events:
-            if ev.kind == "raised" and ev.flag_id not in raised_positions:
-                raised_positions[ev.flag_id] = np.asarray(ev.positions)
-        return events
-
-    live.flagger.update = keep_positions
+    raised_positions = record_raised_positions(live.flagger)
     cbed, spectra = [], []
     t0 = time.perf_counter()
     for s in range(0, n, BATCH):

@@ -92,17 +92,7 @@ def run_phantom(size: int, seed: int, setting: dict, inclusions: bool, batch: in
                         n_clusters=config.engine.n_clusters, thresholds=config.centres.thresholds,
                         assess_every=config.centres.resolved_assess_every(n), engine_params=engine_params)
     live.flagger = SecondPhaseFlagger(**dataclasses.asdict(config.flags))
-    raised_positions: dict[int, np.ndarray] = {}
-    update = live.flagger.update
-
-    def keep_positions(*args, **kwargs):  # the flag log keeps no positions: precision needs them
-        events = update(*args, **kwargs)
-        for ev in events:
-            if ev.kind == "raised" and ev.flag_id not in raised_positions:
-                raised_positions[ev.flag_id] = np.asarray(ev.positions)
-        return events
-
-    live.flagger.update = keep_positions
+    raised_positions = record_raised_positions(live.flagger)
     t0 = time.perf_counter()
     for s in range(0, n, batch):
         pos = np.arange(s, min(s + batch, n))
@@ -135,6 +125,23 @@ def run_phantom(size: int, seed: int, setting: dict, inclusions: bool, batch: in
                 if np.count_nonzero(comp == i) >= 20]
         out["first_inclusion_crossed_row"] = min(ends) if ends else None
     return out
+
+
+def record_raised_positions(flagger) -> dict:
+    """``{flag_id: positions}`` of each flag when it was raised, filled as ``flagger`` updates (the
+    flag log keeps no positions, and precision needs them)."""
+    raised: dict[int, np.ndarray] = {}
+    update = flagger.update
+
+    def keep_positions(*args, **kwargs):
+        events = update(*args, **kwargs)
+        for ev in events:
+            if ev.kind == "raised" and ev.flag_id not in raised:
+                raised[ev.flag_id] = np.asarray(ev.positions)
+        return events
+
+    flagger.update = keep_positions
+    return raised
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
