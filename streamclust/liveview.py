@@ -67,7 +67,7 @@ from .liveview_render import (DEFAULT_LINES_KEV, bright_field_mask, cluster_pale
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LiveView", "Snapshot"]
+__all__ = ["LiveView", "Snapshot", "store_position_provider"]
 
 # flag statistics ([flags] method = "test") kept per flag over the scan, for the page's history plot
 _HISTORY_KEYS = ("score", "p_value_eds", "p_value_cbed", "effect_eds", "effect_cbed", "level")
@@ -751,6 +751,26 @@ class LiveView:
         return hmac.compare_digest(token.encode(), self.action_token.encode())
 
     # ------------------------------------------------------------------ feeding from the analysis
+    @staticmethod
+    def flag_from_event(f: Any) -> dict:
+        """A :class:`~streamclust.flags.FlagEvent` as a flag for :meth:`update`: geometry, score,
+        matrix (neighbour), statistics, and the region (positions, components) for follow-ups."""
+        return {"flag_id": int(f.flag_id), "cluster": int(f.cluster), "bbox": tuple(f.bbox),
+                "score": float(f.score), "n_positions": int(f.n_positions), "label": f"flag {f.flag_id}",
+                "neighbour": int(f.neighbour),
+                "fe_co_ratio": f.signals.get("fe_co_ratio") if f.signals else None,
+                "p_value_eds": f.p_value_eds, "p_value_cbed": f.p_value_cbed, "effect_eds": f.effect_eds,
+                "effect_cbed": f.effect_cbed, "level": f.level, "composition": f.composition or None,
+                "positions": f.positions, "components": list(f.components)}
+
+    @staticmethod
+    def centres_from_set(cs: Any) -> dict:
+        """The ``centres`` argument of :meth:`update` from a :class:`~streamclust.centres.CentreSet`:
+        the highest threshold's centres (the purest; docs/events.md section 5)."""
+        i = int(np.argmax(cs.thresholds))
+        return {"eds": np.nan_to_num(cs.eds[i]), "cbed": np.nan_to_num(cs.cbed[i]),
+                "count": cs.count[i], "threshold": cs.thresholds[i]}
+
     def update_from_analysis(self, analysis: Any) -> int:
         """Publish everything a :class:`streamclust.live.LiveAnalysis` knows: memberships, active
         flags with their statistics and regions, the centres at the highest threshold, the
@@ -758,34 +778,23 @@ class LiveView:
         provider on its centre store. Costs O(new positions) plus the copies of :meth:`update`."""
         if self.energy_axis_kev is None:
             self.energy_axis_kev = np.asarray(analysis.energy_axis_kev, float)
-        flags = []
-        for f in analysis.flagger.active_flags:
-            flags.append({"flag_id": int(f.flag_id), "cluster": int(f.cluster), "bbox": tuple(f.bbox),
-                          "score": float(f.score), "n_positions": int(f.n_positions),
-                          "label": f"flag {f.flag_id}", "neighbour": int(f.neighbour),
-                          "fe_co_ratio": f.signals.get("fe_co_ratio") if f.signals else None,
-                          "p_value_eds": f.p_value_eds, "p_value_cbed": f.p_value_cbed,
-                          "effect_eds": f.effect_eds, "effect_cbed": f.effect_cbed, "level": f.level,
-                          "composition": f.composition or None,
-                          "positions": f.positions, "components": list(f.components)})
-        centres = None
+        flags = [self.flag_from_event(f) for f in analysis.flagger.active_flags]
         cs = analysis.centre_set
-        if cs is not None:
-            i = int(np.argmax(cs.thresholds))
-            centres = {"eds": np.nan_to_num(cs.eds[i]), "cbed": np.nan_to_num(cs.cbed[i]),
-                       "count": cs.count[i], "threshold": cs.thresholds[i]}
+        centres = None if cs is None else self.centres_from_set(cs)
         store = analysis.centres
         if self.position_provider is None:
-            self.position_provider = lambda p: _store_position(store, p)
-        bf = self._bright_field_from_store(store)
+            self.position_provider = store_position_provider(store)
+        bf = self.bright_field_from_store(store)
         return self.update(memberships=analysis.engine.memberships_, flags=flags,
                            progress=(analysis.n_seen, analysis.n_positions),
                            counters={"positions": analysis.n_seen,
                                      "refreshes": analysis.engine.stats_["refreshes"]},
                            centres=centres, bright_field=bf, copy=True)
 
-    def _bright_field_from_store(self, store: Any) -> np.ndarray | None:
-        """Virtual bright field of the positions stored so far; only new positions are summed."""
+    def bright_field_from_store(self, store: Any) -> np.ndarray | None:
+        """Virtual bright field (n,) of the positions a :class:`~streamclust.centres.ThresholdedCentres`
+        stored so far (NaN elsewhere); only positions new since the last call are summed. The
+        detector is the direct beam's disc in the mean of the first positions' patterns."""
         # the store's per-position arrays are private to streamclust.centres; read, never written
         cbed, stored = getattr(store, "_cbed", None), getattr(store, "_stored", None)
         if cbed is None or stored is None:
@@ -803,12 +812,18 @@ class LiveView:
         return st["bf"]
 
 
-def _store_position(store: Any, p: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """One position's spectrum and binned pattern from a ThresholdedCentres store, or None."""
-    stored = getattr(store, "_stored", None)
-    if stored is None or not stored[p]:
-        return None
-    return np.asarray(store._eds[p], np.float64), np.asarray(store._cbed[p], np.float64).reshape(store.cbed_shape)
+def store_position_provider(store: Any) -> Callable[[int], tuple[np.ndarray, np.ndarray] | None]:
+    """A ``position_provider`` reading one position's spectrum and binned pattern from a
+    :class:`~streamclust.centres.ThresholdedCentres` store (None where nothing is stored yet)."""
+
+    def provide(p: int) -> tuple[np.ndarray, np.ndarray] | None:
+        # the store's per-position arrays are private to streamclust.centres; read, never written
+        stored = getattr(store, "_stored", None)
+        if stored is None or not stored[p]:
+            return None
+        return np.asarray(store._eds[p], np.float64), np.asarray(store._cbed[p], np.float64).reshape(store.cbed_shape)
+
+    return provide
 
 
 class _Server(ThreadingHTTPServer):

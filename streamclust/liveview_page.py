@@ -57,6 +57,7 @@ PAGE_TEMPLATE = """<!DOCTYPE html>
             border: 1px solid #000; margin-right: 6px; }
   .note { font-size: 12px; color: #9aa0a6; }
   #map, #bf { cursor: crosshair; }
+  .mapcol { max-width: 512px; }
   #bfbox { position: relative; width: 256px; line-height: 0; margin-top: 10px; outline: 1px solid #444;
            background: repeating-linear-gradient(45deg, #2a2d33 0 6px, #202227 6px 12px); }
   #bf { width: 100%; height: 100%; display: block; image-rendering: pixelated; }
@@ -84,7 +85,7 @@ PAGE_TEMPLATE = """<!DOCTYPE html>
 <h1 id="title">__TITLE__</h1>
 <div id="status">connecting&hellip;</div>
 <div class="layout">
-  <div>
+  <div class="mapcol">
     <div id="mapbox" style="aspect-ratio: 1 / 1;">
       <img id="map" alt="membership map" src="">
       <div id="flagboxes"></div>
@@ -271,7 +272,8 @@ PAGE_TEMPLATE = """<!DOCTYPE html>
     series.forEach((s, i) => {
       const pts = s.y.map((v, j) => sx(e[j]).toFixed(1) + "," + sy(v).toFixed(1)).join(" ");
       out.push(svg("polyline", {id: s.id, points: pts, fill: "none", stroke: s.colour, "stroke-width": 1.2}));
-      out.push(svg("text", {x: W - R - 200, y: T + 14 + 14 * i, style: "fill:" + s.colour}, s.name));
+      // the legend sits over 2-5 keV, where these spectra have no line
+      out.push(svg("text", {x: sx(Math.min(2.3, e1)), y: T + 30 + 14 * i, style: "fill:" + s.colour}, s.name));
     });
     host.innerHTML = out.join("");
     host.dataset.series = series.map((s) => s.id).join(" ");
