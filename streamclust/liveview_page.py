@@ -114,7 +114,7 @@ PAGE_TEMPLATE = """<!DOCTYPE html>
   <h2 id="ev-title">Evidence</h2>
   <div class="evrow">
     <div>
-      <svg id="spectrum" width="620" height="240" role="img" aria-label="EDS spectra"></svg>
+      <svg id="spectrum" width="640" height="240" role="img" aria-label="EDS spectra"></svg>
       <div id="fe-co" class="note"></div>
     </div>
     <div class="patterns">
@@ -329,13 +329,17 @@ PAGE_TEMPLATE = """<!DOCTYPE html>
     const f = useP ? (v) => (v == null ? null : -Math.log10(Math.max(v, 1e-300))) : (v) => v;
     const keys = useP ? [["p_value_eds", "#ff2d55", "composition"], ["p_value_cbed", "#56b4e9", "pattern"], ["level", "#ffd166", "level"]]
                       : [["score", "#ff2d55", "score"]];
-    let ymax = useP ? 1 : 1;
+    let ymax = useP ? 10 : 1;
     h.forEach((r) => keys.forEach((k) => { const v = f(r[k[0]]); if (v != null && v > ymax) ymax = v; }));
-    const sx = (x) => L + (W - L - R) * x, sy = (v) => T + (H - T - B) * (1 - v / ymax);
+    // -log10 p on a log axis from 1 (p = 0.1): a composition p of 1e-120 and a level of 1e-3 both show
+    const sx = (x) => L + (W - L - R) * x;
+    const sy = useP ? (v) => T + (H - T - B) * (1 - Math.log10(Math.max(v, 1)) / Math.log10(ymax))
+                    : (v) => T + (H - T - B) * (1 - v / ymax);
+    if (useP) for (let d = 1; d <= ymax; d *= 10) out.push(svg("text", {x: L - 24, y: sy(d) + 4}, String(d)));
     out.push(svg("rect", {x: L, y: T, width: W - L - R, height: H - T - B, fill: "none", stroke: "#444"}));
     [0, 0.5, 1].forEach((x) => out.push(svg("text", {x: sx(x) - 8, y: H - B + 14}, (100 * x) + "%")));
-    out.push(svg("text", {x: W - 110, y: H - 2}, "of the scan acquired"));
-    out.push(svg("text", {x: 2, y: T + 10}, useP ? "\u2212log\u2081\u2080 p" : "score"));
+    out.push(svg("text", {x: W - 150, y: H - 2}, "of the scan acquired"));
+    out.push(svg("text", {x: 2, y: H - 4}, useP ? "\u2212log\u2081\u2080 p" : "score"));
     keys.forEach((k, i) => {
       const pts = h.filter((r) => r[k[0]] != null).map((r) => sx(r.fraction).toFixed(1) + "," + sy(f(r[k[0]])).toFixed(1));
       if (!pts.length) return;
