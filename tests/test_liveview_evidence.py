@@ -243,9 +243,29 @@ def test_browser_shows_the_evidence_and_sends_a_followup(server):
         b.wait_for("document.getElementById('btn-followup') && !document.getElementById('btn-followup').disabled")
         b.evaluate("document.getElementById('btn-followup').click()")
         b.wait_for("document.getElementById('action-state').dataset.state === 'done'")
-        assert server.stats["ok"] >= 1 and server.stats["errors"] == 0
+        # the microscope re-acquired exactly the flag's component boxes, at the page's dwell
+        boxes = view._regions[fid].get("components") or [view._regions[fid]["bbox"]]
+        assert [a["bbox"] for a in server.acquisitions] == boxes
+        assert {a["dwell_s"] for a in server.acquisitions} == {0.1} and server.stats["errors"] == 0
         assert len(view.followup_reports) == 1 and view.followup_reports[0].flag_id == fid
         assert "follow-up done: Fe/Co" in b.evaluate("document.getElementById('action-state').textContent")
         b.evaluate("document.getElementById('btn-dismiss').click()")
         b.wait_for("document.getElementById('btn-dismiss').disabled")
         assert [j["flag_id"] for j in view.judgements] == [fid]
+
+
+def test_a_refused_followup_shows_failed_with_the_microscopes_reason():
+    scene = Scene()
+    # the microscope accepts at most one position a request: every component box is too large
+    with FollowUpServer(scene.phantom, max_region_positions=1) as strict:
+        view = scene.view(followup_endpoint=strict.endpoint)
+        for rows in ROWS[:2]:
+            scene.feed(view, rows)
+        fid = view.snapshot.flags[0]["flag_id"]
+        assert view.request_followup(fid, 0.1)["state"] == "sent"
+        _wait(lambda: view.actions()[str(fid)]["followup"]["state"] in ("done", "failed"))
+    fu = view.actions()[str(fid)]["followup"]
+    assert fu["state"] == "failed" and "too_large" in fu["error"]
+    assert strict.stats["errors_by_kind"]["too_large"] == 1 and view.followup_reports == []
+    with pytest.raises(ValueError, match="dwell_s"):
+        view.request_followup(fid, 99.0)
