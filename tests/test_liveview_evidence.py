@@ -21,6 +21,7 @@ from liveview_scene import ROWS, Scene
 from streamclust.centres import fe_co_lines
 from streamclust.liveview import LiveView
 from streamclust.simulators.followup import FollowUpServer
+from streamclust.simulators.phantom import LamellaPhantom
 
 
 @pytest.fixture(scope="module")
@@ -269,3 +270,33 @@ def test_a_refused_followup_shows_failed_with_the_microscopes_reason():
     assert strict.stats["errors_by_kind"]["too_large"] == 1 and view.followup_reports == []
     with pytest.raises(ValueError, match="dwell_s"):
         view.request_followup(fid, 99.0)
+
+
+def test_update_from_a_live_analysis():
+    """The feed the live analysis will use (LiveAnalysis._assess -> update_from_analysis): the
+    engine's memberships, its centres, the bright field and per-position data reach the view."""
+    from streamclust.adapters.join import Batch
+    from streamclust.live import LiveAnalysis
+
+    ph = LamellaPhantom((32, 32), seed=0, frame_shape=(64, 64))
+    live = LiveAnalysis(ph.scan_shape, ph.frame_shape, ph.energy_axis_kev, random_state=0, assess_every=256,
+                        engine_params={"warmup_positions": 256, "refresh_every": 256})
+    view = LiveView(scan_shape=ph.scan_shape, n_clusters=live.n_output_clusters)
+    for start in range(0, 512, 128):
+        pos = np.arange(start, start + 128)
+        ones = np.ones(pos.size, bool)
+        live.process(Batch(pos, ph.frames(pos), ph.spectra(pos), ones, ones))
+    assert live.centre_set is not None, "no assessment in 512 positions"
+    view.update_from_analysis(live)
+    snap = view.snapshot
+    assert snap.progress == (512, 1024)
+    assert np.isfinite(snap.bright_field[:512]).all() and np.isnan(snap.bright_field[512:]).all()
+    k = int(np.argmax(snap.centres["count"]))
+    ev = view.evidence(cluster=k)
+    assert ev["available"] and ev["region"]["n_positions"] == snap.centres["count"][k] > 0
+    pos = view.position(100)
+    # patterns travel with 3 significant figures: relative rounding error at most half a unit, 5e-3
+    np.testing.assert_allclose(pos["pattern"], np.sqrt(live.centres._cbed[100].reshape(live.centres.cbed_shape)),
+                               rtol=5e-3)
+    with pytest.raises(KeyError, match="not acquired"):
+        view.position(900)
