@@ -49,7 +49,7 @@ import json
 import logging
 import math
 import threading
-from collections import Counter
+from collections import Counter, deque
 
 import numpy as np
 import zmq
@@ -98,6 +98,9 @@ class FollowUpServer(BackgroundSocketThread):
         self._context = context
         self.endpoint: str | None = None
         self.stats = {"requests": 0, "ok": 0, "errors": 0, "errors_by_kind": Counter()}
+        #: the last 256 accepted acquisitions (``request``, ``bbox``, ``dwell_s``, ``per_position``):
+        #: what the microscope was asked to do, for a test or an operator to check
+        self.acquisitions: deque = deque(maxlen=256)
         self._stop = threading.Event()
         self._listening = threading.Event()
         self._thread: threading.Thread | None = None
@@ -210,5 +213,7 @@ class FollowUpServer(BackgroundSocketThread):
                 "energy_offset_kev": float(ph.energy_axis_kev[0]),
                 "channel_width_kev": float(ph.channel_width_kev), "per_position": per_position}
         logger.info("follow-up %d: bbox %s at %.3g s dwell", n, bbox, dwell)
+        self.acquisitions.append({"request": n, "bbox": [y0, x0, y1, x1], "dwell_s": float(dwell),
+                                  "per_position": per_position})
         arr = spectra if per_position else spectra.sum(axis=0, dtype=np.uint64)
         return head, arr

@@ -34,7 +34,8 @@ from streamclust.events import EventSubscriber
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FollowUpError", "FollowUpResult", "FollowUpReport", "FollowUpClient", "FollowUpConsumer"]
+__all__ = ["FollowUpError", "FollowUpResult", "FollowUpReport", "FollowUpClient", "FollowUpConsumer",
+           "follow_up_flag"]
 
 
 class FollowUpError(StreamclustError):
@@ -180,6 +181,48 @@ class FollowUpClient:
         self.close()
 
 
+def follow_up_flag(client: FollowUpClient, event: dict, dwell_s: float, *,
+                   region: str = "components", on_reply=None) -> FollowUpReport:
+    """Re-acquire one flag's regions at ``dwell_s`` and measure them: the follow-up path shared by
+    the example control script (:class:`FollowUpConsumer`) and the live view's "follow up" button.
+
+    ``event`` needs ``flag_id`` and ``bbox``, optionally ``components`` (boxes) and ``positions``
+    (flat indices of the flag's own positions), as in a flag event (``docs/events.md``).
+    ``on_reply(i, n)``, optional, is called after region ``i`` of ``n`` came back (the live view
+    shows "acknowledged" after the first). Raises :class:`FollowUpError` when the endpoint refuses
+    or does not answer.
+    """
+    if region not in ("components", "bbox"):
+        raise ValueError(f"region must be 'components' or 'bbox', got {region!r}")
+    boxes = event.get("components") if region == "components" else None
+    boxes = boxes or [event["bbox"]]
+    results = []
+    for i, b in enumerate(boxes):
+        results.append(client.acquire_region(b, dwell_s, per_position=True))
+        if on_reply is not None:
+            on_reply(i, len(boxes))
+    results = tuple(results)
+    flag_pos = event.get("positions")
+    spectrum = np.zeros(results[0].summed.shape, np.int64)
+    taken: set[int] = set()
+    for res in results:
+        # the flag's own positions (box corners hold matrix), each counted once
+        want = res.positions if flag_pos is None else np.intersect1d(res.positions, flag_pos)
+        want = np.array([p for p in want.tolist() if p not in taken], np.int64)
+        taken.update(want.tolist())
+        if want.size:
+            spectrum += res.sum_over(want)
+    lines = fe_co_lines(spectrum, results[0].energy_axis_kev)
+    report = FollowUpReport(
+        flag_id=int(event["flag_id"]), bbox=tuple(event["bbox"]), n_flag_positions=len(taken),
+        n_acquired=int(sum(r.positions.size for r in results)), fe_co_ratio=float(lines.ratio),
+        snr_fe=float(lines.snr_fe), spectrum=spectrum, results=results, event=event,
+    )
+    logger.info("flag %d followed up (%d regions, %d positions at %.3g s): Fe/Co %.2f, Fe Ka SNR %.1f",
+                report.flag_id, len(results), report.n_acquired, dwell_s, report.fe_co_ratio, report.snr_fe)
+    return report
+
+
 class FollowUpConsumer:
     """Example control script: follow up every raised flag of the event stream.
 
@@ -229,35 +272,14 @@ class FollowUpConsumer:
         if (event.get("score") or 0.0) < self.min_score:
             self.stats["skipped"] += 1
             return None
-        boxes = event.get("components") if self.region == "components" else None
-        boxes = boxes or [event["bbox"]]
         try:
-            results = tuple(self.client.acquire_region(b, self.dwell_s, per_position=True) for b in boxes)
+            report = follow_up_flag(self.client, event, self.dwell_s, region=self.region)
         except FollowUpError as exc:
             self.stats["failed"] += 1
             logger.warning("follow-up of flag %s failed: %s", event.get("flag_id"), exc)
             return None
-        flag_pos = event.get("positions")
-        spectrum = np.zeros(results[0].summed.shape, np.int64)
-        taken: set[int] = set()
-        for res in results:
-            # the flag's own positions (box corners hold matrix), each counted once
-            want = res.positions if flag_pos is None else np.intersect1d(res.positions, flag_pos)
-            want = np.array([p for p in want.tolist() if p not in taken], np.int64)
-            taken.update(want.tolist())
-            if want.size:
-                spectrum += res.sum_over(want)
-        lines = fe_co_lines(spectrum, results[0].energy_axis_kev)
-        report = FollowUpReport(
-            flag_id=int(event["flag_id"]), bbox=tuple(event["bbox"]), n_flag_positions=len(taken),
-            n_acquired=int(sum(r.positions.size for r in results)), fe_co_ratio=float(lines.ratio),
-            snr_fe=float(lines.snr_fe), spectrum=spectrum, results=results, event=event,
-        )
         self.stats["followed_up"] += 1
         self.reports.append(report)
-        logger.info("flag %d followed up (%d regions, %d positions at %.3g s): Fe/Co %.2f, Fe Ka SNR %.1f",
-                    report.flag_id, len(results), report.n_acquired, self.dwell_s, report.fe_co_ratio,
-                    report.snr_fe)
         return report
 
     def run(self, *, max_reports: int | None = None, idle_timeout_s: float = 5.0) -> list[FollowUpReport]:

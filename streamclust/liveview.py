@@ -39,7 +39,9 @@ b'\\x89PNG'
 
 from __future__ import annotations
 
+import hmac
 import html
+import ipaddress
 import json
 import logging
 import math
@@ -47,22 +49,39 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
 from .adapters.security import warn_if_exposed
 from .liveview_page import PAGE_TEMPLATE
-from .liveview_render import cluster_palette, encode_png, labels_and_confidence, render_rgba
+from .liveview_render import (DEFAULT_LINES_KEV, bright_field_mask, cluster_palette, encode_png,
+                              fe_co_with_uncertainty, labels_and_confidence, render_gray_rgba, render_rgba,
+                              spectrum_for_plot)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LiveView", "Snapshot"]
+__all__ = ["LiveView", "Snapshot", "store_position_provider"]
+
+# flag statistics ([flags] method = "test") kept per flag over the scan, for the page's history plot
+_HISTORY_KEYS = ("score", "p_value_eds", "p_value_cbed", "effect_eds", "effect_cbed", "level")
+# a POST body larger than this is refused before it is read (an action is a few dozen bytes)
+_MAX_ACTION_BYTES = 4096
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 # A client that vanished mid-response is normal for a page that reloads or a laptop that sleeps:
 # counted, never a traceback in the log.
@@ -84,6 +103,11 @@ class Snapshot:
     flags: tuple[dict, ...] = ()
     progress: tuple[int, int] | None = None
     counters: dict = field(default_factory=dict)
+    # evidence (optional): centre spectra/patterns of every cluster at one threshold, and the
+    # virtual bright-field image (n,) with NaN where not yet scanned
+    centres: dict | None = None
+    bright_field: np.ndarray | None = None
+    bf_version: int = 0
 
 
 @dataclass
@@ -110,6 +134,27 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
+def _clean(obj: Any) -> Any:
+    """A JSON-ready copy of nested dicts/lists/arrays with NaN and infinities as None."""
+    if isinstance(obj, Mapping):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_clean(v) for v in (obj.tolist() if isinstance(obj, np.ndarray) else obj)]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    return _finite_or_none(obj)
+
+
+def _rounded(a: np.ndarray, digits: int = 4) -> list:
+    """Array as a nested list with ``digits`` significant figures and NaN as None: the page needs
+    no more, and the JSON is a third of full precision's."""
+    a = np.asarray(a, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mag = np.where(np.isfinite(a) & (a != 0), 10 ** (digits - 1 - np.floor(np.log10(np.abs(a)))), 1.0)
+        r = np.round(a * mag) / mag
+    return _clean(r)
+
+
 class LiveView:
     """Serve a live membership map, flags, progress and counters to web browsers.
 
@@ -130,6 +175,25 @@ class LiveView:
     client_timeout : float, default=10.0
         Seconds a socket read or write may block before that client is dropped (and counted):
         a browser that connects and never reads holds one server thread for at most this long.
+    energy_axis_kev : array-like, optional
+        Channel centres of the spectra passed in ``centres`` (needed for the evidence panel).
+    lines_kev : sequence of (name, keV), default Si, Fe, Co K-alpha
+        Element lines marked on the spectra.
+    followup_endpoint : str, optional
+        The microscope's follow-up control endpoint (:mod:`streamclust.followup`); without it the
+        page's "follow up" button is disabled.
+    followup_dwell_s : float, default=0.1
+        Dwell of a follow-up requested from the page (the page may ask for another within
+        ``(0, max_followup_dwell_s]``).
+    action_token : str, optional
+        Required (header ``X-Streamclust-Token``) to act on a flag when the view is bound to a
+        non-loopback address; without one, acting is refused there (docs/liveview.md).
+    position_provider : callable, optional
+        ``position_provider(p) -> (spectrum, pattern) or None`` for one flat scan position, called
+        in a server thread when a viewer clicks a position (kept out of the periodic update).
+        :meth:`update_from_analysis` installs one reading the live analysis's centre store.
+    history_len : int, default=256
+        Statistics kept per flag for the history plot (the oldest are dropped).
 
     Attributes
     ----------
@@ -141,7 +205,12 @@ class LiveView:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, scan_shape: tuple[int, int] = (64, 64),
                  n_clusters: int = 6, title: str = "streamclust live view", poll_ms: int = 300,
-                 client_timeout: float = 10.0) -> None:
+                 client_timeout: float = 10.0, *, energy_axis_kev: Any = None,
+                 lines_kev: Sequence[tuple[str, float]] = DEFAULT_LINES_KEV,
+                 followup_endpoint: str | None = None, followup_dwell_s: float = 0.1,
+                 max_followup_dwell_s: float = 10.0, followup_timeout_s: float = 60.0,
+                 action_token: str | None = None,
+                 position_provider: Callable[[int], Any] | None = None, history_len: int = 256) -> None:
         ny, nx = (int(v) for v in scan_shape)
         if ny < 1 or nx < 1:
             raise ValueError(f"scan_shape must be positive, got {scan_shape}")
@@ -162,11 +231,36 @@ class LiveView:
         self._snapshot = Snapshot(version=0, time=time.time())
         self._rendered: _Rendered | None = None
         self._stats: dict[str, int] = {"requests": 0, "renders": 0, "client_errors": 0,
-                                       "not_found": 0, "server_errors": 0, "responses_in_flight": 0}
+                                       "not_found": 0, "server_errors": 0, "responses_in_flight": 0,
+                                       "actions_refused": 0, "bf_renders": 0}
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._page = PAGE_TEMPLATE.replace("__TITLE__", html.escape(title)).replace(
             "__POLL_MS__", str(self.poll_ms)).encode("utf-8")
+        self.energy_axis_kev = None if energy_axis_kev is None else np.asarray(energy_axis_kev, float)
+        self.lines_kev = tuple((str(n), float(e)) for n, e in lines_kev)
+        self.followup_endpoint = followup_endpoint
+        self.followup_dwell_s = float(followup_dwell_s)
+        self.max_followup_dwell_s = float(max_followup_dwell_s)
+        self.followup_timeout_s = float(followup_timeout_s)
+        self.action_token = action_token
+        self.position_provider = position_provider
+        self.history_len = int(history_len)
+        # per flag id: statistics over the scan, the flag's region (positions and component boxes,
+        # kept here and never sent in state.json: thousands of integers per poll), operator actions
+        self._hist_lock = threading.Lock()
+        self._history: dict[int, deque] = {}
+        self._regions: dict[int, dict] = {}
+        self._actions_lock = threading.Lock()
+        self._actions: dict[int, dict] = {}
+        #: operator judgements in order (``flag_id``, ``judgement``, ``time_unix``, ``scan_fraction``,
+        #: ``note``, and the flag's statistics then): what the results writer stores
+        self.judgements: list[dict] = []
+        #: :class:`~streamclust.followup.FollowUpReport` of every follow-up done from the page
+        self.followup_reports: list = []
+        self._evidence_cache: dict[tuple, bytes] = {}
+        self._bf_png: tuple[int, bytes] | None = None
+        self._bf_store: dict = {}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> LiveView:
@@ -245,7 +339,8 @@ class LiveView:
     def update(self, labels: Any = None, memberships: Any = None,
                flags: Sequence[Mapping[str, Any]] | None = None,
                progress: tuple[int, int] | float | None = None,
-               counters: Mapping[str, Any] | None = None, *, copy: bool = True) -> int:
+               counters: Mapping[str, Any] | None = None, *, centres: Mapping[str, Any] | None = None,
+               bright_field: Any = None, copy: bool = True) -> int:
         """Publish a new state; cheap, and never waits on a viewer.
 
         Arguments left at None keep their previous value, so a caller may send counters alone.
@@ -265,6 +360,15 @@ class LiveView:
             Positions done.
         counters : dict, optional
             Shown as a table (frames received, processed, dropped...).
+        centres : dict, optional
+            The evidence behind flags: ``eds`` (n_clusters, channels) centre spectra, ``cbed``
+            (n_clusters, h, w) centre patterns, ``count`` (n_clusters,) positions behind each, and
+            optionally ``threshold``. Flags may then carry ``flag_id``, ``neighbour`` (the matrix
+            cluster), the statistics ``p_value_eds``, ``p_value_cbed``, ``effect_eds``,
+            ``effect_cbed``, ``level``, ``composition``, and ``positions`` / ``components`` (kept
+            for follow-ups, not sent to viewers).
+        bright_field : array-like (ny * nx,) float, optional
+            Virtual bright-field intensity per position, NaN = not yet scanned.
         copy : bool, default=True
             Copy the arrays. Pass False only to hand over arrays the caller will never write again.
 
@@ -293,6 +397,13 @@ class LiveView:
             progress = self._check_progress(progress, n)
         if counters is not None:
             counters = dict(counters)
+        if centres is not None:
+            centres = self._check_centres(centres, copy)
+        if bright_field is not None:
+            bright_field = np.array(bright_field, dtype=np.float32, copy=copy).reshape(-1)
+            if bright_field.size != n:
+                raise ValueError(f"bright_field must have {n} values, got {bright_field.size}")
+            bright_field.flags.writeable = False
         with self._lock:
             old = self._snapshot
             new = Snapshot(
@@ -301,9 +412,45 @@ class LiveView:
                 memberships=old.memberships if memberships is None else memberships,
                 flags=old.flags if flags is None else flags,
                 progress=old.progress if progress is None else progress,
-                counters=old.counters if counters is None else counters)
+                counters=old.counters if counters is None else counters,
+                centres=old.centres if centres is None else centres,
+                bright_field=old.bright_field if bright_field is None else bright_field,
+                bf_version=old.bf_version if bright_field is None else old.version + 1)
             self._snapshot = new
+        if flags is not None:
+            self._record_history(new)
         return new.version
+
+    def _check_centres(self, centres: Mapping[str, Any], copy: bool) -> dict:
+        try:
+            eds = np.array(centres["eds"], dtype=np.float64, copy=copy)
+            cbed = np.array(centres["cbed"], dtype=np.float64, copy=copy)
+            count = np.array(centres["count"], dtype=np.int64, copy=copy)
+        except KeyError as exc:
+            raise ValueError(f"centres needs 'eds', 'cbed' and 'count': missing {exc}") from None
+        c = self.n_clusters
+        if eds.ndim != 2 or eds.shape[0] != c or cbed.ndim != 3 or cbed.shape[0] != c or count.shape != (c,):
+            raise ValueError(f"centres: eds must be ({c}, channels), cbed ({c}, h, w), count ({c},); got "
+                             f"{eds.shape}, {cbed.shape}, {count.shape}")
+        if self.energy_axis_kev is not None and self.energy_axis_kev.size != eds.shape[1]:
+            raise ValueError(f"centres: {eds.shape[1]} channels, the energy axis has {self.energy_axis_kev.size}")
+        for a in (eds, cbed, count):
+            a.flags.writeable = False
+        return {"eds": eds, "cbed": cbed, "count": count, "threshold": centres.get("threshold")}
+
+    def _record_history(self, snap: Snapshot) -> None:
+        """Append each flag's statistics to its history when they changed (O(flags) per update)."""
+        done, total = snap.progress if snap.progress is not None else (0, 1)
+        with self._hist_lock:
+            for f in snap.flags:
+                fid = f.get("flag_id")
+                if fid is None:
+                    continue
+                rec = {k: f.get(k) for k in _HISTORY_KEYS}
+                hist = self._history.setdefault(int(fid), deque(maxlen=self.history_len))
+                if hist and all(hist[-1][k] == rec[k] for k in _HISTORY_KEYS):
+                    continue
+                hist.append({"fraction": done / total, "version": snap.version, **rec})
 
     def _check_flag(self, i: int, flag: Mapping[str, Any]) -> dict:
         try:
@@ -316,13 +463,25 @@ class LiveView:
             raise ValueError(f"flag {i}: bbox {(y0, x0, y1, x1)} outside the scan {self.scan_shape}")
         if not 0 <= cluster < self.n_clusters:
             raise ValueError(f"flag {i}: cluster {cluster} not in 0 .. {self.n_clusters - 1}")
-        out = {str(k): _finite_or_none(v) for k, v in flag.items()}
-        score = out.get("score")
-        if score is not None:
-            try:
-                out["score"] = _finite_or_none(float(score))
-            except (TypeError, ValueError):
-                raise ValueError(f"flag {i}: score {score!r} is not a number") from None
+        flag = dict(flag)
+        positions, components = flag.pop("positions", None), flag.pop("components", None)
+        if flag.get("flag_id") is not None:
+            fid = int(flag["flag_id"])
+            region = {"bbox": [y0, x0, y1, x1]}
+            if positions is not None:
+                region["positions"] = [int(p) for p in np.asarray(positions).reshape(-1)]
+            if components:
+                region["components"] = [[int(v) for v in b] for b in components]
+            self._regions[fid] = region
+        out = {str(k): (v if isinstance(v, (dict, list, tuple)) else _finite_or_none(v)) for k, v in flag.items()}
+        if isinstance(out.get("composition"), dict):
+            out["composition"] = _clean(out["composition"])
+        for k in _HISTORY_KEYS:
+            if out.get(k) is not None:
+                try:
+                    out[k] = _finite_or_none(float(out[k]))
+                except (TypeError, ValueError):
+                    raise ValueError(f"flag {i}: {k} {out[k]!r} is not a number") from None
         out["cluster"], out["bbox"] = cluster, (y0, x0, y1, x1)
         return out
 
@@ -386,11 +545,285 @@ class LiveView:
             "cluster_counts": rendered.cluster_counts,
             "invalid_labels": rendered.invalid_labels,
             "server": self.stats,
+            "evidence": snap.centres is not None and self.energy_axis_kev is not None,
+            "bf_version": snap.bf_version if snap.bright_field is not None else None,
+            "positions_available": self.position_provider is not None,
+            "followup_enabled": self.followup_endpoint is not None,
+            "actions": self.actions(),
         }
 
     def map_png(self) -> bytes:
         """What ``/map.png`` returns: the newest state's map (cached per version)."""
         return self._render(self._snapshot).png
+
+    # ------------------------------------------------------------------ evidence (viewer side)
+    def bf_png(self) -> bytes | None:
+        """What ``/bf.png`` returns: the virtual bright-field image (grey, transparent where not
+        scanned), rendered once per bright-field version; None when none was given."""
+        snap = self._snapshot
+        if snap.bright_field is None:
+            return None
+        cached = self._bf_png
+        if cached is not None and cached[0] == snap.bf_version:
+            return cached[1]
+        with self._render_lock:
+            png = encode_png(render_gray_rgba(snap.bright_field, self.scan_shape))
+            self._bf_png = (snap.bf_version, png)
+            self._count("bf_renders")
+        return png
+
+    def flag_history(self, flag_id: int) -> list[dict]:
+        """The statistics of flag ``flag_id`` each time they changed: ``fraction`` (of the scan),
+        ``version``, ``score``, ``p_value_eds``, ``p_value_cbed``, ``effect_eds``, ``effect_cbed``,
+        ``level``."""
+        with self._hist_lock:
+            return [dict(r) for r in self._history.get(int(flag_id), ())]
+
+    def _matrix_of(self, snap: Snapshot, cluster: int, flag: Mapping | None) -> int | None:
+        """The flag's neighbour (its matrix); for a plain cluster, the largest other cluster."""
+        if flag is not None and flag.get("neighbour") is not None and 0 <= int(flag["neighbour"]) < self.n_clusters:
+            return int(flag["neighbour"])
+        count = snap.centres["count"].copy()
+        count[cluster] = -1
+        k = int(np.argmax(count))
+        return k if count[k] > 0 else None
+
+    def _series(self, spectrum: np.ndarray, pattern: np.ndarray, n: int) -> dict:
+        e, counts = spectrum_for_plot(spectrum, self.energy_axis_kev)
+        try:
+            fe_co = fe_co_with_uncertainty(spectrum, n, self.energy_axis_kev)
+        except ValueError:  # an axis without the Fe/Co windows
+            fe_co = None
+        # patterns shown on a square-root scale: the direct beam would otherwise hide the reflections
+        return {"n_positions": int(n), "counts": _rounded(counts), "fe_co": _clean(fe_co),
+                "pattern": _rounded(np.sqrt(np.clip(pattern, 0, None)), 3), "_energy": e}
+
+    def evidence(self, flag_id: int | None = None, cluster: int | None = None) -> dict:
+        """What ``/evidence.json`` returns for a flag (by id) or a cluster: the centre spectrum and
+        pattern of the region and of its matrix, the Fe/Co K-alpha ratio with its uncertainty,
+        the flag's statistics and their history. ``available`` is False without centres."""
+        snap = self._snapshot
+        flag = None
+        if flag_id is not None:
+            flag = next((f for f in snap.flags if f.get("flag_id") == int(flag_id)), None)
+            if flag is None:
+                raise KeyError(f"no active flag {flag_id}")
+            cluster = int(flag["cluster"])
+        if cluster is None or not 0 <= int(cluster) < self.n_clusters:
+            raise KeyError(f"no cluster {cluster}")
+        cluster = int(cluster)
+        out: dict[str, Any] = {"version": snap.version, "flag_id": flag_id, "cluster": cluster,
+                               "lines": [{"name": n, "kev": e} for n, e in self.lines_kev]}
+        if flag is not None:
+            out["statistics"] = {k: flag.get(k) for k in (*_HISTORY_KEYS, "composition")}
+            out["history"] = self.flag_history(int(flag_id))
+        if snap.centres is None or self.energy_axis_kev is None:
+            out["available"] = False
+            return out
+        c = snap.centres
+        matrix = self._matrix_of(snap, cluster, flag)
+        region = self._series(c["eds"][cluster], c["cbed"][cluster], int(c["count"][cluster]))
+        out.update(available=True, threshold=c.get("threshold"), matrix_cluster=matrix, region=region)
+        out["energy_kev"] = _rounded(region.pop("_energy"), 5)
+        if matrix is not None:
+            mat = self._series(c["eds"][matrix], c["cbed"][matrix], int(c["count"][matrix]))
+            mat.pop("_energy")
+            out["matrix"] = mat
+            diff = np.sqrt(np.clip(c["cbed"][cluster], 0, None)) - np.sqrt(np.clip(c["cbed"][matrix], 0, None))
+            out["pattern_difference"] = _rounded(diff, 3)
+        return out
+
+    def evidence_json(self, flag_id: int | None = None, cluster: int | None = None) -> bytes:
+        """:meth:`evidence` encoded, cached per (version, selection): several viewers of one flag
+        cost one computation per version."""
+        key = (self._snapshot.version, flag_id, cluster)
+        body = self._evidence_cache.get(key)
+        if body is None:
+            body = json.dumps(self.evidence(flag_id, cluster), default=_jsonable, allow_nan=False).encode()
+            # only the newest version's entries are worth keeping
+            self._evidence_cache = {k: v for k, v in list(self._evidence_cache.items()) if k[0] == key[0]}
+            self._evidence_cache[key] = body
+        return body
+
+    def position(self, p: int) -> dict:
+        """What ``/position.json?p=`` returns: one position's own spectrum and pattern (from the
+        ``position_provider``), fetched on demand. Raises KeyError when there is none."""
+        n = self.scan_shape[0] * self.scan_shape[1]
+        if not 0 <= p < n:
+            raise KeyError(f"position {p} outside the scan (0 .. {n - 1})")
+        if self.position_provider is None or self.energy_axis_kev is None:
+            raise KeyError("no per-position data in this live view")
+        got = self.position_provider(p)
+        if got is None:
+            raise KeyError(f"position {p} not acquired yet")
+        spectrum, pattern = got
+        series = self._series(np.asarray(spectrum, np.float64), np.asarray(pattern, np.float64), 1)
+        energy = series.pop("_energy")
+        return {"position": p, "y": p // self.scan_shape[1], "x": p % self.scan_shape[1],
+                "energy_kev": _rounded(energy, 5), "lines": [{"name": a, "kev": e} for a, e in self.lines_kev],
+                **series}
+
+    # ------------------------------------------------------------------ acting on a flag
+    def actions(self) -> dict[str, dict]:
+        """Per flag id (as a string, JSON's keys): ``followup`` (``state`` sent / acknowledged /
+        done / failed, ``dwell_s``, and when done ``fe_co_ratio``, ``snr_fe``, ``n_acquired``)
+        and ``judgement`` (the operator's, e.g. ``dismissed``)."""
+        with self._actions_lock:
+            return {str(k): json.loads(json.dumps(v, default=_jsonable)) for k, v in self._actions.items()}
+
+    def request_followup(self, flag_id: int, dwell_s: float | None = None) -> dict:
+        """Ask the microscope to re-acquire flag ``flag_id``'s regions at ``dwell_s`` (a worker
+        thread does it through :func:`streamclust.followup.follow_up_flag`); returns its state.
+        A follow-up already under way for that flag is not sent twice."""
+        if self.followup_endpoint is None:
+            raise PermissionError("no follow-up endpoint configured for this live view")
+        dwell = self.followup_dwell_s if dwell_s is None else float(dwell_s)
+        if not (math.isfinite(dwell) and 0 < dwell <= self.max_followup_dwell_s):
+            raise ValueError(f"dwell_s must be in (0, {self.max_followup_dwell_s}], got {dwell_s!r}")
+        fid = int(flag_id)
+        region = self._regions.get(fid)
+        if region is None:
+            raise KeyError(f"no flag {fid} with a region in this live view")
+        with self._actions_lock:
+            act = self._actions.setdefault(fid, {})
+            current = act.get("followup")
+            if current is not None and current["state"] in ("sent", "acknowledged"):
+                return dict(current)
+            act["followup"] = {"state": "sent", "dwell_s": dwell, "time_unix": time.time()}
+            state = dict(act["followup"])
+        event = {"flag_id": fid, **region}
+        threading.Thread(target=self._run_followup, args=(fid, event, dwell), daemon=True,
+                         name=f"liveview-followup-{fid}").start()
+        logger.info("live view: follow-up of flag %d requested (dwell %.3g s)", fid, dwell)
+        return state
+
+    def _set_followup(self, fid: int, **fields: Any) -> None:
+        with self._actions_lock:
+            self._actions[fid]["followup"].update(fields)
+
+    def _run_followup(self, fid: int, event: dict, dwell: float) -> None:
+        from .followup import FollowUpClient, FollowUpError, follow_up_flag
+
+        try:
+            with FollowUpClient(self.followup_endpoint, timeout_s=self.followup_timeout_s) as client:
+                report = follow_up_flag(client, event, dwell,
+                                        on_reply=lambda i, n: self._set_followup(
+                                            fid, state="acknowledged", regions_done=i + 1, regions=n))
+        except (FollowUpError, ValueError, KeyError) as exc:
+            logger.warning("live view: follow-up of flag %d failed: %s", fid, exc)
+            self._set_followup(fid, state="failed", error=str(exc))
+            return
+        except Exception as exc:  # a worker thread must not die silently
+            logger.exception("live view: follow-up of flag %d failed", fid)
+            self._set_followup(fid, state="failed", error=repr(exc))
+            return
+        self.followup_reports.append(report)
+        self._set_followup(fid, state="done", fe_co_ratio=_finite_or_none(report.fe_co_ratio),
+                           snr_fe=_finite_or_none(report.snr_fe), n_acquired=report.n_acquired,
+                           n_flag_positions=report.n_flag_positions)
+
+    def dismiss(self, flag_id: int, note: str = "") -> dict:
+        """Record the operator's judgement that flag ``flag_id`` is not worth following up
+        (appended to :attr:`judgements`, with the flag's statistics at that moment)."""
+        fid = int(flag_id)
+        snap = self._snapshot
+        flag = next((f for f in snap.flags if f.get("flag_id") == fid), None)
+        if flag is None and fid not in self._regions:
+            raise KeyError(f"no flag {fid} in this live view")
+        done, total = snap.progress if snap.progress is not None else (0, 1)
+        rec = {"flag_id": fid, "judgement": "dismissed", "time_unix": time.time(),
+               "scan_fraction": done / total, "note": str(note)[:500]}
+        if flag is not None:
+            rec.update({k: flag.get(k) for k in ("cluster", "score", *_HISTORY_KEYS[1:])})
+        with self._actions_lock:
+            self.judgements.append(rec)
+            self._actions.setdefault(fid, {})["judgement"] = "dismissed"
+        logger.info("live view: flag %d dismissed by the operator", fid)
+        return rec
+
+    def authorised(self, token: str | None) -> bool:
+        """May a viewer act on flags? On loopback, yes; bound elsewhere, only with the
+        configured ``action_token`` (compared in constant time), and never without one."""
+        if _is_loopback(self.host):
+            return True
+        if self.action_token is None or token is None:
+            return False
+        return hmac.compare_digest(token.encode(), self.action_token.encode())
+
+    # ------------------------------------------------------------------ feeding from the analysis
+    @staticmethod
+    def flag_from_event(f: Any) -> dict:
+        """A :class:`~streamclust.flags.FlagEvent` as a flag for :meth:`update`: geometry, score,
+        matrix (neighbour), statistics, and the region (positions, components) for follow-ups."""
+        return {"flag_id": int(f.flag_id), "cluster": int(f.cluster), "bbox": tuple(f.bbox),
+                "score": float(f.score), "n_positions": int(f.n_positions), "label": f"flag {f.flag_id}",
+                "neighbour": int(f.neighbour),
+                "fe_co_ratio": f.signals.get("fe_co_ratio") if f.signals else None,
+                "p_value_eds": f.p_value_eds, "p_value_cbed": f.p_value_cbed, "effect_eds": f.effect_eds,
+                "effect_cbed": f.effect_cbed, "level": f.level, "composition": f.composition or None,
+                "positions": f.positions, "components": list(f.components)}
+
+    @staticmethod
+    def centres_from_set(cs: Any) -> dict:
+        """The ``centres`` argument of :meth:`update` from a :class:`~streamclust.centres.CentreSet`:
+        the highest threshold's centres (the purest; docs/events.md section 5)."""
+        i = int(np.argmax(cs.thresholds))
+        return {"eds": np.nan_to_num(cs.eds[i]), "cbed": np.nan_to_num(cs.cbed[i]),
+                "count": cs.count[i], "threshold": cs.thresholds[i]}
+
+    def update_from_analysis(self, analysis: Any) -> int:
+        """Publish everything a :class:`streamclust.live.LiveAnalysis` knows: memberships, active
+        flags with their statistics and regions, the centres at the highest threshold, the
+        virtual bright-field image (computed incrementally, only for new positions) and a position
+        provider on its centre store. Costs O(new positions) plus the copies of :meth:`update`."""
+        if self.energy_axis_kev is None:
+            self.energy_axis_kev = np.asarray(analysis.energy_axis_kev, float)
+        flags = [self.flag_from_event(f) for f in analysis.flagger.active_flags]
+        cs = analysis.centre_set
+        centres = None if cs is None else self.centres_from_set(cs)
+        store = analysis.centres
+        if self.position_provider is None:
+            self.position_provider = store_position_provider(store)
+        bf = self.bright_field_from_store(store)
+        return self.update(memberships=analysis.engine.memberships_, flags=flags,
+                           progress=(analysis.n_seen, analysis.n_positions),
+                           counters={"positions": analysis.n_seen,
+                                     "refreshes": analysis.engine.stats_["refreshes"]},
+                           centres=centres, bright_field=bf, copy=True)
+
+    def bright_field_from_store(self, store: Any) -> np.ndarray | None:
+        """Virtual bright field (n,) of the positions a :class:`~streamclust.centres.ThresholdedCentres`
+        stored so far (NaN elsewhere); only positions new since the last call are summed. The
+        detector is the direct beam's disc in the mean of the first positions' patterns."""
+        # the store's per-position arrays are private to streamclust.centres; read, never written
+        cbed, stored = getattr(store, "_cbed", None), getattr(store, "_stored", None)
+        if cbed is None or stored is None:
+            return None
+        st = self._bf_store
+        if "bf" not in st:
+            st["bf"] = np.full(stored.size, np.nan, np.float32)
+            st["done"] = np.zeros(stored.size, bool)
+        new = np.flatnonzero(stored & ~st["done"])
+        if new.size:
+            if "mask" not in st:
+                st["mask"] = bright_field_mask(cbed[new].mean(axis=0).reshape(store.cbed_shape)).reshape(-1)
+            st["bf"][new] = cbed[new][:, st["mask"]].sum(axis=1)
+            st["done"][new] = True
+        return st["bf"]
+
+
+def store_position_provider(store: Any) -> Callable[[int], tuple[np.ndarray, np.ndarray] | None]:
+    """A ``position_provider`` reading one position's spectrum and binned pattern from a
+    :class:`~streamclust.centres.ThresholdedCentres` store (None where nothing is stored yet)."""
+
+    def provide(p: int) -> tuple[np.ndarray, np.ndarray] | None:
+        # the store's per-position arrays are private to streamclust.centres; read, never written
+        stored = getattr(store, "_stored", None)
+        if stored is None or not stored[p]:
+            return None
+        return np.asarray(store._eds[p], np.float64), np.asarray(store._cbed[p], np.float64).reshape(store.cbed_shape)
+
+    return provide
 
 
 class _Server(ThreadingHTTPServer):
@@ -468,9 +901,26 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(body, "application/json")
             elif path == "/map.png":
                 self._send(view.map_png(), "image/png")
+            elif path == "/bf.png":
+                png = view.bf_png()
+                if png is None:
+                    self._not_found("no bright-field image yet")
+                else:
+                    self._send(png, "image/png")
+            elif path in ("/evidence.json", "/position.json"):
+                query = parse_qs(urlsplit(self.path).query)
+                try:
+                    if path == "/position.json":
+                        body = view.position(int(query["p"][0]))
+                        self._send(json.dumps(body, default=_jsonable, allow_nan=False).encode(), "application/json")
+                    else:
+                        fid = int(query["flag"][0]) if "flag" in query else None
+                        cluster = int(query["cluster"][0]) if "cluster" in query else None
+                        self._send(view.evidence_json(fid, cluster), "application/json")
+                except (KeyError, ValueError, IndexError) as exc:
+                    self._not_found(str(exc))
             else:
-                view._count("not_found")
-                self.send_error(HTTPStatus.NOT_FOUND, "no such page")
+                self._not_found("no such page")
         except _CLIENT_GONE as exc:
             # counted here: the stdlib would swallow a write timeout as "request timed out"
             view._count("client_errors")
@@ -481,10 +931,76 @@ class _Handler(BaseHTTPRequestHandler):
             logger.exception("live view: error answering %s", self.path)
             self.send_error(HTTPStatus.INTERNAL_SERVER_ERROR)
 
-    def _send(self, body: bytes, content_type: str) -> None:
+    def _not_found(self, message: str) -> None:
+        self.live_view._count("not_found")
+        self.send_error(HTTPStatus.NOT_FOUND, message.encode("ascii", "replace").decode("ascii")[:200])
+
+    def do_POST(self) -> None:  # noqa: N802 (stdlib name)
+        """``/action``: a JSON object ``{"action": "followup", "flag_id": 3, "dwell_s": 0.2}`` or
+        ``{"action": "dismiss", "flag_id": 3, "note": "..."}``; answers the flag's action state."""
+        view = self.live_view
+        view._count("requests")
+        try:
+            status, body = self._action()
+        except _CLIENT_GONE as exc:
+            view._count("client_errors")
+            logger.debug("live view client %s went away: %r", self.client_address, exc)
+            self.close_connection = True
+            return
+        except Exception:
+            view._count("server_errors")
+            logger.exception("live view: error answering POST %s", self.path)
+            status, body = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}
+        if status != HTTPStatus.OK:
+            view._count("actions_refused")
+            # the body was not read: a client that sent one must not have it taken as a request
+            self.close_connection = True
+        self._send(json.dumps(body, default=_jsonable).encode(), "application/json", status)
+
+    def _action(self) -> tuple[HTTPStatus, dict]:
+        view = self.live_view
+        if urlsplit(self.path).path != "/action":
+            return HTTPStatus.NOT_FOUND, {"error": "no such action endpoint"}
+        if not view.authorised(self.headers.get("X-Streamclust-Token")):
+            return HTTPStatus.FORBIDDEN, {"error": "acting on flags needs the action token here (docs/liveview.md)"}
+        # a JSON content type makes a browser preflight a cross-site request, which this server
+        # never approves: another web page open in the operator's browser cannot act on flags
+        if self.headers.get_content_type() != "application/json":
+            return HTTPStatus.UNSUPPORTED_MEDIA_TYPE, {"error": "Content-Type must be application/json"}
+        origin = self.headers.get("Origin")
+        if origin is not None and urlsplit(origin).netloc != self.headers.get("Host"):
+            return HTTPStatus.FORBIDDEN, {"error": f"cross-origin request from {origin!r} refused"}
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            return HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length required"}
+        if not 0 < length <= _MAX_ACTION_BYTES:
+            return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"body of {length} bytes; 1 .. {_MAX_ACTION_BYTES}"}
+        raw = self.rfile.read(length)
+        try:
+            req = json.loads(raw.decode("utf-8"))
+            action, fid = req["action"], int(req["flag_id"])
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            return HTTPStatus.BAD_REQUEST, {"error": f"expected {{'action', 'flag_id'}} JSON: {exc}"}
+        try:
+            if action == "followup":
+                dwell = req.get("dwell_s")
+                state = view.request_followup(fid, None if dwell is None else float(dwell))
+                return HTTPStatus.OK, {"flag_id": fid, "followup": state}
+            if action == "dismiss":
+                return HTTPStatus.OK, {"flag_id": fid, "judgement": view.dismiss(fid, str(req.get("note", "")))}
+        except PermissionError as exc:
+            return HTTPStatus.CONFLICT, {"error": str(exc)}
+        except KeyError as exc:
+            return HTTPStatus.NOT_FOUND, {"error": str(exc)}
+        except (TypeError, ValueError) as exc:
+            return HTTPStatus.BAD_REQUEST, {"error": str(exc)}
+        return HTTPStatus.BAD_REQUEST, {"error": f"unknown action {action!r} (followup, dismiss)"}
+
+    def _send(self, body: bytes, content_type: str, status: HTTPStatus = HTTPStatus.OK) -> None:
         self.live_view._count("responses_in_flight")
         try:  # headers too: they are the first write to block when a client stopped reading
-            self.send_response(HTTPStatus.OK)
+            self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")

@@ -179,3 +179,78 @@ def encode_png(rgba: np.ndarray, level: int = 1) -> bytes:
     header = struct.pack(">IIBBBBB", w, h, 8, 6, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header)
             + _chunk(b"IDAT", zlib.compress(raw.tobytes(), level)) + _chunk(b"IEND", b""))
+
+
+# ---------------------------------------------------------------------- evidence behind a flag
+# Element lines marked on the page's spectra (keV; K-alpha, as the flag test's windows).
+DEFAULT_LINES_KEV = (("Si Ka", 1.740), ("Fe Ka", 6.404), ("Co Ka", 6.930))
+
+
+def fe_co_with_uncertainty(mean_spectrum: np.ndarray, n_positions: int, energy_axis_kev: np.ndarray) -> dict:
+    """Fe/Co K-alpha ratio of a centre spectrum with its Poisson standard deviation.
+
+    The centre spectrum is a (weighted) mean; the counts behind it are about ``mean * n`` (as
+    :func:`streamclust.centres.centre_signals` does for the SNR), so the uncertainty is that of the
+    summed spectrum. ``sigma`` propagates the two net counts' variances to first order and treats them
+    as independent (the Fe K-beta strip couples them a little: ``co`` carries ~0.1 of ``fe``'s
+    variance), which is what the operator needs to tell 0.5 from 2.
+
+    Returns ``{"ratio", "sigma", "fe_net", "co_net", "fe_snr"}`` (None where undefined).
+    """
+    from streamclust.centres import fe_co_lines  # centres imports nothing of the live view
+
+    n = max(int(n_positions), 1)
+    li = fe_co_lines(np.asarray(mean_spectrum, dtype=np.float64) * n, energy_axis_kev)
+    fe, co = float(li.fe_net), float(li.co_net)
+    sf, sc = float(li.fe_sigma), float(li.co_sigma)
+    if co <= 0 or fe <= 0:
+        ratio = sigma = None
+    else:
+        ratio = fe / co
+        sigma = ratio * float(np.hypot(sf / fe, sc / co))
+    return {"ratio": ratio, "sigma": sigma, "fe_net": fe / n, "co_net": co / n,
+            "fe_snr": fe / sf if sf > 0 else None}
+
+
+def spectrum_for_plot(spectrum: np.ndarray, energy_axis_kev: np.ndarray, lo_kev: float = 0.2,
+                      hi_kev: float = 10.0, max_points: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """``(energy, counts)`` of ``spectrum`` between ``lo_kev`` and ``hi_kev``, summed in bins so that
+    at most ``max_points`` remain (a 512-px wide plot shows no more; the JSON stays a few kB).
+    Counts are per original channel (the bin mean), so rebinned spectra compare with unbinned ones."""
+    e = np.asarray(energy_axis_kev, dtype=np.float64)
+    s = np.asarray(spectrum, dtype=np.float64)
+    i0, i1 = (int(v) for v in np.searchsorted(e, (lo_kev, hi_kev)))
+    i1 = max(i1, i0 + 1)
+    f = max(1, -(-(i1 - i0) // max_points))
+    m = (i1 - i0) // f * f
+    if m == 0:
+        return e[i0:i1], s[i0:i1]
+    return e[i0:i0 + m].reshape(-1, f).mean(axis=1), s[i0:i0 + m].reshape(-1, f).mean(axis=1)
+
+
+def bright_field_mask(mean_pattern: np.ndarray) -> np.ndarray:
+    """The virtual bright-field detector for patterns like ``mean_pattern`` (h, w): the pixels
+    above half the maximum of the mean pattern (the direct beam's disc; in a diffraction pattern
+    nothing else is that bright on average), or the central quarter when the mean is flat/empty."""
+    p = np.asarray(mean_pattern, dtype=np.float64)
+    top = float(np.nanmax(p)) if p.size and np.isfinite(p).any() else 0.0
+    if top <= 0:
+        h, w = p.shape
+        mask = np.zeros(p.shape, bool)
+        mask[h // 4: h - h // 4, w // 4: w - w // 4] = True
+        return mask
+    return np.nan_to_num(p) > 0.5 * top
+
+
+def render_gray_rgba(values: np.ndarray, scan_shape: tuple[int, int]) -> np.ndarray:
+    """A grey image (ny, nx, 4) uint8 of ``values`` (n,) scaled between its 1st and 99th
+    percentile; NaN (not scanned) is transparent."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    known = np.isfinite(v)
+    rgba = np.zeros((v.size, 4), np.uint8)
+    if known.any():
+        lo, hi = np.percentile(v[known], (1, 99))
+        g = np.clip((v[known] - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+        rgba[known, :3] = np.rint(40 + 215 * g).astype(np.uint8)[:, None]
+        rgba[known, 3] = 255
+    return rgba.reshape(*scan_shape, 4)
