@@ -136,6 +136,16 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
             progress(int(have_frame.sum()), n)
 
     config = MicroscopeConfig(data_port=0, control_port=0, eds_port=0, dwell_s=dwell_s)
+    view = session.live.liveview
+    followup = None
+    if view is not None and hasattr(view, "followup_endpoint") and view.followup_endpoint is None:
+        # the live view's follow-up button acts on the simulated microscope: a follow-up server
+        # re-acquires the flag's regions at a longer dwell (docs/events.md section 4)
+        from streamclust.simulators.followup import FollowUpServer
+
+        followup = FollowUpServer(phantom).start()
+        followup.wait_for_listen()
+        view.followup_endpoint = followup.endpoint
     t0 = time.perf_counter()
     with SimulatedMicroscope(phantom, config) as scope:
         host, port = scope.merlin.data_address
@@ -225,6 +235,19 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
         "ground_truth/second_phase": phantom.truth.second_phase,
         "ground_truth/label_names": json.dumps(list(phantom.truth.label_names)),
     })
+    if view is not None and hasattr(view, "judgements"):
+        # what the operator did at the live view: dismissed flags and follow-up acquisitions (with
+        # the re-acquired, higher-dose spectrum of the flag's positions)
+        extra["liveview/judgements"] = json.dumps(list(view.judgements), default=json_default)
+        reports = list(getattr(view, "followup_reports", []))
+        extra["liveview/followups"] = json.dumps(
+            [{"flag_id": r.flag_id, "bbox": list(r.bbox), "n_flag_positions": r.n_flag_positions,
+              "n_acquired": r.n_acquired, "fe_co_ratio": r.fe_co_ratio, "snr_fe": r.snr_fe} for r in reports],
+            default=json_default)
+        for r in reports:
+            extra[f"liveview/followup_spectra/flag_{r.flag_id}"] = np.asarray(r.spectrum)
+    if followup is not None:
+        followup.stop()
     session.finish(report, status="complete" if report.complete else "partial", extra=extra)
     _write_pictures(out, phantom, labels, vbf, eds, both)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default))

@@ -201,11 +201,16 @@ class LiveAnalysis:
         if self.events is not None and events:
             self.events.publish_all(events)
         if self.liveview is not None:
-            flags = [dict(cluster=f.cluster, bbox=tuple(f.bbox), score=float(f.score),
-                          n_positions=int(f.n_positions), label=f"flag {f.flag_id}")
-                     for f in self.flagger.active_flags]
-            self.liveview.update(memberships=u, flags=flags, progress=(self.n_seen, self.n_positions),
-                                 counters={"positions": self.n_seen, "refreshes": self.engine.stats_["refreshes"]})
+            if hasattr(self.liveview, "update_from_analysis"):
+                # flags with their statistics and regions, centres, bright field, per-position data
+                self.liveview.update_from_analysis(self)
+            else:  # a view with the plain update() only
+                flags = [dict(cluster=f.cluster, bbox=tuple(f.bbox), score=float(f.score),
+                              n_positions=int(f.n_positions), label=f"flag {f.flag_id}")
+                         for f in self.flagger.active_flags]
+                self.liveview.update(memberships=u, flags=flags, progress=(self.n_seen, self.n_positions),
+                                     counters={"positions": self.n_seen,
+                                               "refreshes": self.engine.stats_["refreshes"]})
         return events
 
     def finish(self) -> None:

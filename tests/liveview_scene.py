@@ -34,8 +34,8 @@ class Scene:
         self.memberships = u / u.sum(axis=1, keepdims=True)
         self.n_clusters = u.shape[1]
         self.store = ThresholdedCentres(self.n_clusters, n_positions=n, cbed_shape=(32, 32))
-        self.lines = window_counts(self.spectra, line_windows(ph.energy_axis_kev))
         self.flagger = SecondPhaseFlagger(method="test")
+        self.lines = window_counts(self.spectra, line_windows(ph.energy_axis_kev, self.flagger.elements))
         self._window = slice(*np.searchsorted(ph.energy_axis_kev, (0.2, 10.0)))
         self.done = 0
         self.events: list = []

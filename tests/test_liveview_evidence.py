@@ -90,7 +90,7 @@ def test_evidence_of_a_flag_is_its_centre_against_the_matrix(scene, fed):
     # the statistics behind the flag and their history over the three assessments
     st = ev["statistics"]
     assert st["p_value_eds"] <= st["level"] and st["p_value_cbed"] <= st["level"]
-    assert len(st["composition"]["region_share"]) == 3
+    assert len(st["composition"]["region_share"]) == len(scene.flagger.elements)
     hist = ev["history"]
     assert [h["fraction"] for h in hist] == [rows / 64 for rows in ROWS[:3]]
     assert all(h["p_value_eds"] is not None for h in hist)
