@@ -298,8 +298,9 @@ class FrameEncoder:
                                  f"chip, not {self.image_shape}")
             self.rows = rows
         else:
-            full_h = _CHIP if self.n_chips != 4 else 2 * _CHIP + gap
-            full_w = _CHIP * self.n_chips if self.n_chips != 4 else 2 * _CHIP + gap
+            quad = layout in ("2x2", "2x2G")
+            full_h = 2 * _CHIP + gap if quad else _CHIP
+            full_w = 2 * _CHIP + gap if quad else _CHIP * self.n_chips
             if layout == "2x2G" and self.image_shape == (2 * _CHIP, 2 * _CHIP):
                 allowed = [(2 * _CHIP, 2 * _CHIP), (full_h, full_w)]  # the gap is inserted
             elif 1 <= h <= full_h and 1 <= w <= full_w:

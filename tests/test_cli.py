@@ -134,8 +134,8 @@ def test_run_without_an_instrument_is_a_clear_error(tmp_path):
     cfg.write_text(SMALL + "[detector]\ntimeout = 1.0\n[scan]\nshape = [16, 16]\n")
     result = CliRunner().invoke(main, ["run", "--config", str(cfg), "--data-port", str(port), "--out",
                                        str(tmp_path / "out")])
-    assert result.exit_code == 1
-    assert f"cannot reach the instrument (127.0.0.1:{port}" in result.output
+    assert result.exit_code == 5  # EXIT_UNREACHABLE (docs/cli.md)
+    assert f"cannot reach the instrument (Merlin data port 127.0.0.1:{port}" in result.output
 
 
 def test_verbose_flags_raise_the_log_level(tmp_path):
@@ -223,7 +223,7 @@ def test_run_with_the_event_port_taken_is_a_clear_error(tmp_path):
         result = CliRunner().invoke(main, ["run", "--config", str(cfg), "--out", str(tmp_path / "out")])
     finally:
         taken.close()
-    assert result.exit_code == 1
+    assert result.exit_code == 5  # EXIT_UNREACHABLE (docs/cli.md)
     assert f"ZeroMQ socket error ([events] endpoint tcp://127.0.0.1:{port}" in result.output
 
 
