@@ -219,7 +219,7 @@ class ScanSession:
 def run_scan(config: Config, out_dir: str | Path | None = None, *, progress: ProgressDisplay | None = None,
              liveview=None, stop: threading.Event | None = None, scan_id: str | None = None,
              record: str | Path | None = None, beam_energy_kev: float | None = None,
-             record_dwell_s: float = 1e-3) -> dict:
+             record_dwell_s: float = 1e-3, session_factory=None) -> dict:
     """``streamclust run``: analyse one scan from the instrument; returns the summary.
 
     Scan shape, frame shape and energy axis come from ``config`` (``[scan]``, ``[detector]``,
@@ -233,7 +233,8 @@ def run_scan(config: Config, out_dir: str | Path | None = None, *, progress: Pro
     counters go into the summary under ``recording``. ``beam_energy_kev`` goes into the EDS
     file's metadata; ``record_dwell_s`` is the time-stamp step of the recorded frames (the live
     frames are re-encoded from their decoded pixels, which are exact; their time stamps are not
-    kept).
+    kept). ``session_factory`` (default :class:`ScanSession`) builds the session, as for
+    :func:`streamclust.replay.replay_scan`.
     """
     out = Path(out_dir if out_dir is not None else config.results.out_dir)
     ny, nx = config.scan.shape
@@ -241,7 +242,7 @@ def run_scan(config: Config, out_dir: str | Path | None = None, *, progress: Pro
     e = config.eds
     axis = e.energy_offset_kev + e.channel_width_kev * np.arange(e.channels)
     scan_id = scan_id or time.strftime("scan-%Y%m%dT%H%M%S")
-    session = ScanSession(config, scan_shape=(ny, nx), frame_shape=config.detector.frame_shape,
+    session = (session_factory or ScanSession)(config, scan_shape=(ny, nx), frame_shape=config.detector.frame_shape,
                           energy_axis_kev=axis, out_dir=out, scan_id=scan_id, progress=progress,
                           liveview=liveview)
     session.warm_up()
