@@ -45,7 +45,7 @@ class RecordingNotFound(StreamclustError, FileNotFoundError):
     """No recording where one was expected (what was looked for is in the message)."""
 
 
-def find_recording(source, eds=None) -> tuple[Path, Path]:
+def find_recording(source, eds=None, *, require_eds: bool = True) -> tuple[Path, Path | None]:
     """The ``.mib`` and EDS file of a recording.
 
     Parameters
@@ -54,6 +54,8 @@ def find_recording(source, eds=None) -> tuple[Path, Path]:
         A recording folder (one ``.mib`` in it) or a ``.mib`` file.
     eds : path-like, optional
         The EDS file; by default ``<stem>_eds.hspy`` or ``<stem>_eds.h5`` beside the ``.mib``.
+    require_eds : bool, default True
+        False: a ``.mib`` without an EDS file gives ``(mib, None)``.
 
     Raises
     ------
@@ -81,6 +83,10 @@ def find_recording(source, eds=None) -> tuple[Path, Path]:
         candidate = mib.with_name(mib.stem + suffix)
         if candidate.is_file():
             return mib, candidate
+    if not mib.is_file():
+        raise RecordingNotFound(f"no such file: {mib}; give a recording folder or a .mib file")
+    if not require_eds:
+        return mib, None
     raise RecordingNotFound(f"{mib}: no EDS recording beside it (looked for "
                             f"{', '.join(mib.stem + s for s in _EDS_SUFFIXES)}); give it as the second argument")
 

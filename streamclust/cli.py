@@ -372,45 +372,99 @@ def replay(ctx, source, eds_h5, out_dir, dask, live, quiet, cfg: Config, verbose
         sys.exit(EXIT_PARTIAL)
 
 
+def _parse_fault(ctx, param, values):
+    """``KIND:SEQ`` (``stall:SEQ:SECONDS``, ``garbage:SEQ:BYTES``) -> Fault."""
+    from streamclust.simulators.merlin import FAULT_KINDS, Fault
+
+    faults = []
+    for text in values:
+        parts = text.split(":")
+        try:
+            kind, at = parts[0], int(parts[1])
+            extra = {}
+            if len(parts) > 2:
+                extra = {"stall": {"seconds": float(parts[2])}, "garbage": {"n_bytes": int(parts[2])}}[kind]
+            faults.append(Fault(kind, at, **extra))
+        except (IndexError, KeyError, ValueError) as exc:
+            raise click.BadParameter(f"{text!r}: expected KIND:SEQ with KIND one of {', '.join(FAULT_KINDS)} "
+                                     f"(stall:SEQ:SECONDS, garbage:SEQ:BYTES) ({exc})", ctx=ctx,
+                                     param=param) from None
+    return tuple(faults)
+
+
 @main.command()
 @click.option("--seed", default=0, show_default=True)
 @click.option("--scan", default=128, show_default=True, help="scan positions a side")
+@click.option("--from", "from_", default=None, type=click.Path(),
+              help="serve this recording (a folder or a .mib, with or without its EDS file) instead of the phantom")
 @click.option("--host", default="127.0.0.1", show_default=True, help="interface to bind (loopback by default)")
 @click.option("--data-port", default=6342, show_default=True)
 @click.option("--control-port", default=6341, show_default=True)
 @click.option("--eds-port", default=6343, show_default=True)
-@click.option("--dwell", default=0.01, show_default=True, help="seconds a position (0 = as fast as possible)")
-@click.option("--counter-depth", default="12", show_default=True, type=click.Choice(["1", "6", "12", "24"]))
-@click.option("--raw", is_flag=True, help="raw R64 pixel format (FILEFORMAT 2)")
+@click.option("--dwell", default=None, type=click.FloatRange(0.0),
+              help="seconds a position, 0 = as fast as possible [default: 0.01; with --from the recording's]")
+@click.option("--counter-depth", default="12", show_default=True, type=click.Choice(["1", "6", "12", "24"]),
+              help="(phantom; a recording is served in its own)")
+@click.option("--raw", is_flag=True, help="raw R64 pixel format (FILEFORMAT 2; phantom only)")
 @click.option("--triggered", is_flag=True, help="wait for CMD,STARTACQUISITION instead of starting on connect")
+@click.option("--fault", "faults", multiple=True, callback=_parse_fault, metavar="KIND:SEQ",
+              help="damage frame SEQ: truncate, corrupt_header, drop, skip, stall:SEQ:S, garbage:SEQ:N (repeatable)")
+@click.option("--eds-drop", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="probability an EDS message is dropped")
 @click.option("--record", default=None, type=click.Path(file_okay=False),
               help="write the simulated scan to this folder (MIB + .hdr + EDS) and exit, serving nothing")
 @config_option
 @click.pass_context
-def simulate(ctx, seed, scan, host, data_port, control_port, eds_port, dwell, counter_depth, raw, triggered,
-             record, cfg: Config, verbose: int) -> None:
+def simulate(ctx, seed, scan, from_, host, data_port, control_port, eds_port, dwell, counter_depth, raw,
+             triggered, faults, eds_drop, record, cfg: Config, verbose: int) -> None:
     """The simulated microscope alone, for other software to connect to; prints its endpoints.
 
-    With --record DIR it writes the phantom's scan as a recording instead (what the Merlin and EDS
-    software would have saved), for ``streamclust replay DIR``.
+    With --from DIR it serves a recording over the same protocols. With --record DIR it writes
+    the phantom's scan as a recording instead (what the Merlin and EDS software would have saved),
+    for ``streamclust replay DIR``.
     """
     from streamclust.simulators.microscope import MicroscopeConfig, SimulatedMicroscope
     from streamclust.simulators.phantom import LamellaPhantom
 
     _setup_logging(ctx, cfg, verbose)
-    phantom = LamellaPhantom(scan_shape=(scan, scan), seed=seed, counter_depth=int(counter_depth))
-    if record is not None:
-        from streamclust.simulators.record_live import record_phantom
+    with ExitStack() as stack:
+        if from_ is not None:
+            from streamclust.adapters.errors import ProtocolError
+            from streamclust.adapters.recording import RecordingNotFound, find_recording
+            from streamclust.simulators.recorded import RecordedScan
 
+            try:
+                mib, eds = find_recording(from_, require_eds=False)
+                source = stack.enter_context(RecordedScan(mib, eds))
+            except RecordingNotFound as exc:
+                raise CliError(str(exc), EXIT_BAD_INPUT) from None
+            except (ProtocolError, OSError) as exc:
+                raise _friendly(str(from_), exc) from None
+            depth, raw = source.counter_depth, source.raw
+            dwell = source.dwell_s if dwell is None else dwell
+        else:
+            source = LamellaPhantom(scan_shape=(scan, scan), seed=seed, counter_depth=int(counter_depth))
+            depth = int(counter_depth)
+            dwell = 0.01 if dwell is None else dwell
+        if record is not None:
+            if from_ is not None:
+                raise click.UsageError("--record writes the phantom's scan; it does not combine with --from")
+            from streamclust.simulators.record_live import record_phantom
+
+            try:
+                stats = record_phantom(source, record)
+            except OSError as exc:
+                raise _friendly(str(record), exc) from None
+            click.echo(json.dumps(stats))
+            return
+        config = MicroscopeConfig(host=host, data_port=data_port, control_port=control_port, eds_port=eds_port,
+                                  dwell_s=dwell, counter_depth=depth, raw=raw, headless=not triggered,
+                                  merlin_faults=faults, eds_faults={"drop": eds_drop} if eds_drop else {})
         try:
-            stats = record_phantom(phantom, record, dwell_s=dwell)
+            scope = stack.enter_context(SimulatedMicroscope(source, config))
         except OSError as exc:
-            raise _friendly(str(record), exc) from None
-        click.echo(json.dumps(stats))
-        return
-    config = MicroscopeConfig(host=host, data_port=data_port, control_port=control_port, eds_port=eds_port,
-                              dwell_s=dwell, counter_depth=int(counter_depth), raw=raw, headless=not triggered)
-    with _stop_on_sigterm() as stop, SimulatedMicroscope(phantom, config) as scope:
+            raise _friendly(f"{host} ports {data_port}/{control_port}/{eds_port}", exc) from None
+        stop = stack.enter_context(_stop_on_sigterm())
         click.echo(json.dumps(scope.endpoints))
         sys.stdout.flush()
         try:
