@@ -186,6 +186,7 @@ class ScanRecorder:
         has_spectrum = np.asarray(has_spectrum, bool)
         nbytes = int(frames.nbytes + spectra.nbytes)
         with self._lock:
+            # an empty queue takes any batch: a bound below one batch would otherwise record nothing
             fits = self._queued_bytes + nbytes <= self.max_queue_bytes or self._queued_bytes == 0
             if fits or block:
                 self._queued_bytes += nbytes
