@@ -303,3 +303,42 @@ def test_run_stopped_by_sigterm_finalises_a_partial_scan(tmp_path):
     with h5py.File(out / "results.h5") as f:
         assert f.attrs["status"] == "partial"
     assert "scan status: partial" in stdout
+
+
+def test_demo_offers_inclusions_and_dose():
+    result = CliRunner().invoke(main, ["demo", "--help"])
+    assert result.exit_code == 0
+    assert "--inclusions" in result.output and "--dose" in result.output
+    bad = CliRunner().invoke(main, ["demo", "--inclusions", "-1"])
+    assert bad.exit_code == 2 and "--inclusions" in bad.output
+    bad = CliRunner().invoke(main, ["demo", "--dose", "0"])
+    assert bad.exit_code == 2 and "--dose" in bad.output
+
+
+def test_simulate_fault_option_is_validated():
+    bad = CliRunner().invoke(main, ["simulate", "--fault", "melt:3"])
+    assert bad.exit_code == 2 and "KIND:SEQ" in bad.output
+
+
+def test_run_with_record_writes_a_recording_that_replays(microscope, tmp_path):
+    (host, data_port), (_, control_port) = microscope.merlin.data_address, microscope.merlin.control_address
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(SMALL + f'[eds]\nendpoint = "{microscope.eds.endpoint}"\nchannels = 2048\n'
+                   f"energy_offset_kev = {float(microscope.phantom.energy_axis_kev[0])!r}\n"
+                   f"channel_width_kev = {float(microscope.phantom.channel_width_kev)!r}\n"
+                   "[results]\npictures = false\n")
+    rec = tmp_path / "rec"
+    result = CliRunner().invoke(main, ["run", "--config", str(cfg), "--host", host, "--data-port", str(data_port),
+                                       "--control-port", str(control_port), "--scan", "16", "16", "--start",
+                                       "--out", str(tmp_path / "run"), "--record", str(rec),
+                                       "--beam-energy", "300", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert f"recorded 256 frames and 256 spectra to {rec} (0 frames, 0 spectra NOT recorded)" in result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["recording"]["frames_recorded"] == 256 and summary["recording"]["error"] is None
+    with h5py.File(rec / "scan_eds.hspy") as f:
+        assert f["Experiments/scan_eds/metadata/Acquisition_instrument/TEM"].attrs["beam_energy"] == 300.0
+    replayed = CliRunner().invoke(main, ["replay", str(rec), "--config", str(cfg), "--out",
+                                         str(tmp_path / "replay"), "--quiet"])
+    assert replayed.exit_code == 0, replayed.output
+    assert "256 frames received, 256 processed, 0 dropped" in replayed.output
