@@ -280,10 +280,7 @@ class ScanRecorder:
         for j, pos in enumerate(positions.tolist()):
             if has_frame[j]:
                 ts, extra_ns = self._timestamp(pos)
-                enc = self._encoder
-                record = bytearray(enc.message_size)
-                record[:enc.header_size] = enc.header(pos + 1, ts, extra_ns=extra_ns)
-                enc.pixels(frames[j], out=memoryview(record)[enc.header_size:])
+                record = self._encoder.encode(pos + 1, frames[j], ts, extra_ns=extra_ns)
                 self._mib.write(record)
                 self.stats["frames_recorded"] += 1
                 self.stats["bytes_written"] += len(record)

@@ -447,10 +447,11 @@ class FrameEncoder:
         if target is not dst64:
             dst64[...] = target
 
-    def encode(self, sequence: int, image: np.ndarray, timestamp: datetime | None = None) -> bytes:
+    def encode(self, sequence: int, image: np.ndarray, timestamp: datetime | None = None, *,
+               extra_ns: int = 0) -> bytes:
         """Header + pixel data of one frame (no ``MPX`` prefix): one ``.mib`` record."""
         buf = bytearray(self.message_size)
-        buf[:self.header_size] = self.header(sequence, timestamp)
+        buf[:self.header_size] = self.header(sequence, timestamp, extra_ns=extra_ns)
         self.pixels(image, out=memoryview(buf)[self.header_size:])
         return bytes(buf)
 
@@ -489,10 +490,14 @@ class MibWriter:
     counter_depth, raw, layout, shutter_s
         As for :class:`FrameEncoder`; the image shape is taken from the first frame.
     scan_shape : (int, int), optional
-        Written to the acquisition header.
+        Written to the acquisition header; frames are then stamped with a line flyback.
     start_time : datetime, optional
         Time stamp of the first frame (default: now); frame ``i`` is stamped
-        ``start_time + i * shutter_s`` unless :meth:`write` is given a time.
+        ``start_time + i * shutter_s + row * flyback_s`` (to the nanosecond; ``row = i // ScanX``
+        with a ``scan_shape``, else 0) unless :meth:`write` is given a time. The flyback is
+        what real scans have and what readers use to find the scan rows (rosettasciio).
+    flyback_s : float, default 1e-3
+        Extra time at the start of each scan row.
     **header_extra
         Passed to :func:`encode_acquisition_header`.
 
@@ -509,8 +514,12 @@ class MibWriter:
 
     def __init__(self, stem_or_path, *, counter_depth: int = 12, raw: bool = False,
                  layout: str = "2x2", scan_shape: tuple[int, int] | None = None,
-                 shutter_s: float = 0.001, start_time: datetime | None = None, **header_extra):
+                 shutter_s: float = 0.001, start_time: datetime | None = None, flyback_s: float = 1e-3,
+                 **header_extra):
         self.mib_path, self.hdr_path = _paths(stem_or_path)
+        self._shutter_ns = int(round(float(shutter_s) * 1e9))
+        self._flyback_ns = int(round(float(flyback_s) * 1e9)) if scan_shape is not None else 0
+        self._row_len = int(scan_shape[1]) if scan_shape is not None else 1
         self.counter_depth = counter_depth
         self.raw = raw
         self.layout = layout
@@ -537,9 +546,12 @@ class MibWriter:
             self._encoder = FrameEncoder(image_shape=image.shape, counter_depth=self.counter_depth,
                                          raw=self.raw, layout=self.layout,
                                          shutter_s=self.shutter_s)
+        extra_ns = 0
         if timestamp is None:
-            timestamp = self.start_time + timedelta(seconds=self.n_written * self.shutter_s)
-        self._file.write(self._encoder.encode(self.n_written + 1, image, timestamp))
+            i = self.n_written
+            ns = i * self._shutter_ns + (i // self._row_len) * self._flyback_ns
+            timestamp, extra_ns = self.start_time + timedelta(microseconds=ns // 1000), ns % 1000
+        self._file.write(self._encoder.encode(self.n_written + 1, image, timestamp, extra_ns=extra_ns))
         self.n_written += 1
 
     def close(self) -> None:

@@ -105,3 +105,13 @@ def test_exspy_finds_fe_and_co_k_alpha_without_being_told_the_beam_energy(record
     windows = spectrum.estimate_background_windows(line_width=[5.0, 2.0])
     for intensity in spectrum.get_lines_intensity(background_windows=windows):
         assert float(np.asarray(intensity.data).ravel()[0]) > 0
+
+
+def test_record_scan_and_write_mib_files_load_with_their_scan_shape(tmp_path):
+    # the "(120|512,512) instead of (12,10|512,512)": MibWriter now stamps a line flyback
+    from streamclust.simulators.recording import record_scan
+
+    rec = record_scan(LamellaPhantom(scan_shape=(4, 5), seed=1), tmp_path / "s")
+    s = hs.load(rec.mib)
+    assert s.data.shape[:2] == (4, 5)
+    np.testing.assert_array_equal(np.asarray(s.data), np.flip(read_mib(rec.mib).reshape(4, 5, 512, 512), -2))
