@@ -151,6 +151,8 @@ def scan_options(f):
 @click.version_option(package_name="streamclust")
 def main(verbose: int) -> None:
     """streamclust: live correlated 4D-STEM + EDS clustering."""
+    global _verbose
+    _verbose = verbose  # per invocation (several may run in one process, e.g. under CliRunner)
 
 
 # -------------------------------------------------------------------------------------------------
