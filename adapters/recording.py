@@ -238,6 +238,7 @@ class ScanRecorder:
                 if item is _STOP:
                     return
                 positions, frames, spectra, has_frame, has_spectrum, nbytes = item
+                done = (self.stats["frames_recorded"], self.stats["spectra_recorded"])
                 if self.error is None:
                     try:
                         self._write(positions, frames, spectra, has_frame, has_spectrum)
@@ -246,9 +247,12 @@ class ScanRecorder:
                         self.stats["write_errors"] += 1
                         logger.error("recording to %s stopped: %s", self.folder, self.error)
                 if self.error is not None:
+                    # what of this batch did not reach the files (a batch may fail half way)
                     with self._lock:
-                        self.stats["frames_not_recorded"] += int(has_frame.sum())
-                        self.stats["spectra_not_recorded"] += int(has_spectrum.sum())
+                        self.stats["frames_not_recorded"] += int(has_frame.sum()) - (
+                            self.stats["frames_recorded"] - done[0])
+                        self.stats["spectra_not_recorded"] += int(has_spectrum.sum()) - (
+                            self.stats["spectra_recorded"] - done[1])
                 with self._lock:
                     self._queued_bytes -= nbytes
             finally:
@@ -292,6 +296,9 @@ class ScanRecorder:
 
         try:
             if self._mib is not None:
+                if self.error is not None:
+                    # a record cut by the failing write would make the whole file unreadable
+                    self._mib.truncate(self.stats["frames_recorded"] * self._encoder.message_size)
                 self._mib.close()
                 self.hdr_path.write_bytes(encode_acquisition_header(
                     n_frames=self.stats["frames_recorded"], counter_depth=self.counter_depth,
