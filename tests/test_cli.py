@@ -102,17 +102,23 @@ def microscope():
         yield scope
 
 
-def test_run_against_a_triggered_instrument(microscope, tmp_path):
+def _run_on(microscope, tmp_path, *extra):
+    """``streamclust run`` against the simulated microscope (its ports and EDS axis in the config)."""
     (host, data_port), (_, control_port) = microscope.merlin.data_address, microscope.merlin.control_address
     cfg = tmp_path / "run.toml"
     cfg.write_text(SMALL + f'[eds]\nendpoint = "{microscope.eds.endpoint}"\nchannels = 2048\n'
                    f"energy_offset_kev = {float(microscope.phantom.energy_axis_kev[0])!r}\n"
                    f"channel_width_kev = {float(microscope.phantom.channel_width_kev)!r}\n"
                    "[results]\ncheckpoint_every_s = 0.5\npictures = false\n")
-    out = tmp_path / "run"
     result = CliRunner().invoke(main, ["run", "--config", str(cfg), "--host", host, "--data-port", str(data_port),
                                        "--control-port", str(control_port), "--scan", "16", "16", "--start",
-                                       "--out", str(out)])
+                                       *[str(v) for v in extra]])
+    return result, cfg
+
+
+def test_run_against_a_triggered_instrument(microscope, tmp_path):
+    out = tmp_path / "run"
+    result, _ = _run_on(microscope, tmp_path, "--out", out)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "complete"
@@ -321,17 +327,9 @@ def test_simulate_fault_option_is_validated():
 
 
 def test_run_with_record_writes_a_recording_that_replays(microscope, tmp_path):
-    (host, data_port), (_, control_port) = microscope.merlin.data_address, microscope.merlin.control_address
-    cfg = tmp_path / "run.toml"
-    cfg.write_text(SMALL + f'[eds]\nendpoint = "{microscope.eds.endpoint}"\nchannels = 2048\n'
-                   f"energy_offset_kev = {float(microscope.phantom.energy_axis_kev[0])!r}\n"
-                   f"channel_width_kev = {float(microscope.phantom.channel_width_kev)!r}\n"
-                   "[results]\npictures = false\n")
     rec = tmp_path / "rec"
-    result = CliRunner().invoke(main, ["run", "--config", str(cfg), "--host", host, "--data-port", str(data_port),
-                                       "--control-port", str(control_port), "--scan", "16", "16", "--start",
-                                       "--out", str(tmp_path / "run"), "--record", str(rec),
-                                       "--beam-energy", "300", "--quiet"])
+    result, cfg = _run_on(microscope, tmp_path, "--out", tmp_path / "run", "--record", rec,
+                          "--beam-energy", "300", "--quiet")
     assert result.exit_code == 0, result.output
     assert f"recorded 256 frames and 256 spectra to {rec} (0 frames, 0 spectra NOT recorded)" in result.output
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
