@@ -307,7 +307,8 @@ class FrameHeader:
     pixel_bytes : int
         Size of the pixel data that follows the header.
     image_shape : tuple of int
-        Shape of the assembled image (raw quad 1024x256 -> 512x512; ``2x2G`` 514x514).
+        Shape of the assembled image (raw quad 1024x256 -> 512x512; ``2x2G`` 514x514; a raw
+        region-of-interest readout of ``r`` rows: ``(r, 256)`` single chip, ``(2r, 512)`` quad).
     image_dtype : numpy.dtype
         uint8 for 1/6-bit, uint16 for 12-bit, uint32 for 24-bit (raw included); uint64 for U64.
     """
@@ -397,31 +398,38 @@ def _layout_geometry(pixel_type: str, layout: str, n_chips: int, width: int, hei
     if n_chips != chips_for_layout:
         raise bad(f"layout {layout!r} needs {chips_for_layout} chips, header says {n_chips}")
     n_pixels = width * height
+    # a region-of-interest readout sends fewer rows (and, processed, possibly fewer columns)
+    # than the layout's full frame: the header's width and height are followed, bounded by
+    # the full frame of its chips (never more than the chips can hold)
     if pixel_type == "R64":
-        if layout == "1x1":
-            expect, shape = (_CHIP, _CHIP), (_CHIP, _CHIP)
-        elif layout in ("2x2", "2x2G"):
-            expect = (4 * _CHIP, _CHIP)
-            side = 2 * _CHIP + (_GAP if layout == "2x2G" else 0)
-            shape = (side, side)
-        else:
+        if layout not in _LAYOUTS:
             raise bad(f"raw (R64) frames with layout {layout!r} are not supported")
-        if (width, height) != expect:
-            raise bad(f"raw {layout} frame must be {expect[0]}x{expect[1]}, header says "
-                      f"{width}x{height}")
+        full_w = n_chips * _CHIP
+        if width != full_w or not 1 <= height <= _CHIP:
+            raise bad(f"raw {layout} frame must be {full_w} wide and 1..{_CHIP} rows, header "
+                      f"says {width}x{height}")
+        if layout == "1x1":
+            shape = (height, _CHIP)
+        else:
+            gap = _GAP if layout == "2x2G" else 0
+            shape = (2 * height + gap, 2 * _CHIP + gap)
         return n_pixels * RAW_BITS[depth] // 8, shape
     itemsize = np.dtype(PIXEL_TYPES[pixel_type]).itemsize
-    if layout == "1x1":
-        expect = (_CHIP, _CHIP)
-    elif layout == "2x2":
-        expect = (2 * _CHIP, 2 * _CHIP)
-    elif layout == "2x2G":
-        expect = (2 * _CHIP + _GAP, 2 * _CHIP + _GAP)
-    else:
-        expect = (n_chips * _CHIP, _CHIP)
-    if (width, height) != expect:
-        raise bad(f"{layout} frame must be {expect[0]}x{expect[1]}, header says {width}x{height}")
+    full_w, full_h = _full_frame(layout, n_chips)
+    if not (width <= full_w and height <= full_h):
+        raise bad(f"{layout} frame is at most {full_w}x{full_h}, header says {width}x{height}")
     return n_pixels * itemsize, (height, width)
+
+
+def _full_frame(layout: str, n_chips: int) -> tuple[int, int]:
+    """Width and height of a full (not region-of-interest) processed frame of ``layout``."""
+    if layout == "1x1":
+        return _CHIP, _CHIP
+    if layout == "2x2":
+        return 2 * _CHIP, 2 * _CHIP
+    if layout == "2x2G":
+        return 2 * _CHIP + _GAP, 2 * _CHIP + _GAP
+    return n_chips * _CHIP, _CHIP
 
 
 @lru_cache(maxsize=64)
@@ -597,13 +605,17 @@ def parse_frame_header(
 # pixel data
 # --------------------------------------------------------------------------------------------
 
-def raw_chip_placement(layout: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def raw_chip_placement(layout: str, rows: int = _CHIP) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Where each chip of a raw row goes in the assembled image (without any gap).
 
     A raw quad row is ``[Q4 | Q3 | Q2 | Q1]`` (256 pixels each): Q1 (raw position 3) is the top
     left chip, Q2 (position 2) the top right, Q3 (position 1) the bottom left and Q4 (position 0)
     the bottom right; the bottom chips are rotated by 180 degrees. Verified against the real
     recordings (raw vs processed 1-bit, ``tests/test_mib_real_files.py``).
+
+    A region-of-interest readout of ``rows`` rows a chip assembles to ``2 * rows`` rows: the top
+    chips fill rows ``0..rows-1`` and the rotated bottom chips the rows below them, so that the
+    full frame (``rows=256``) is the special case.
 
     Returns
     -------
@@ -620,20 +632,21 @@ def raw_chip_placement(layout: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     if layout == "1x1":
         return (np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.uint8))
     if layout in ("2x2", "2x2G"):
-        return (np.array([_CHIP, _CHIP, 0, 0], np.int64),
+        return (np.array([rows, rows, 0, 0], np.int64),
                 np.array([_CHIP, 0, _CHIP, 0], np.int64),
                 np.array([1, 1, 0, 0], np.uint8))
     raise ValueError(f"no raw chip placement for layout {layout!r}")
 
 
 def _insert_gap(src: np.ndarray, out: np.ndarray) -> None:
-    """Copy a 512x512 quad image into a 514x514 one with a 2-pixel zero gap between chips."""
-    out[_CHIP:_CHIP + _GAP, :] = 0
+    """Copy a gap-free quad image (2r x 512) into one with a 2-pixel zero gap between chips."""
+    r = src.shape[0] // 2
+    out[r:r + _GAP, :] = 0
     out[:, _CHIP:_CHIP + _GAP] = 0
-    out[:_CHIP, :_CHIP] = src[:_CHIP, :_CHIP]
-    out[:_CHIP, _CHIP + _GAP:] = src[:_CHIP, _CHIP:]
-    out[_CHIP + _GAP:, :_CHIP] = src[_CHIP:, :_CHIP]
-    out[_CHIP + _GAP:, _CHIP + _GAP:] = src[_CHIP:, _CHIP:]
+    out[:r, :_CHIP] = src[:r, :_CHIP]
+    out[:r, _CHIP + _GAP:] = src[:r, _CHIP:]
+    out[r + _GAP:, :_CHIP] = src[r:, :_CHIP]
+    out[r + _GAP:, _CHIP + _GAP:] = src[r:, _CHIP:]
 
 
 class FrameDecoder:
@@ -665,12 +678,13 @@ class FrameDecoder:
         self.pixel_bytes = header.pixel_bytes
         self._scratch = None
         if header.raw:
-            self._row0, self._col0, self._flip = raw_chip_placement(header.layout)
+            rows = header.height  # fewer than 256 in a region-of-interest readout
+            self._row0, self._col0, self._flip = raw_chip_placement(header.layout, rows)
             if header.layout == "2x2G" or header.counter_depth == 24:
                 # assemble gap-free (aligned 64-bit stores) then insert the gap / combine halves
                 dt = np.uint16 if header.counter_depth == 24 else header.image_dtype
                 n = 2 if header.counter_depth == 24 else 1
-                self._scratch = np.empty((n, 2 * _CHIP if header.n_chips == 4 else _CHIP,
+                self._scratch = np.empty((n, 2 * rows if header.n_chips == 4 else rows,
                                           2 * _CHIP if header.n_chips == 4 else _CHIP), dt)
             if use_numba:
                 self._lut_fwd, self._lut_rev = _k.bit_luts()

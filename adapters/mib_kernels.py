@@ -4,7 +4,7 @@ Raw pixel data is a stream of big-endian 64-bit words; pixels are packed least s
 first. The raw image is ``n_rows`` rows of ``n_chips`` chip rows of 256 pixels each. Every chip
 position ``k`` in a raw row is placed in the output by ``(row0[k], col0[k], flip[k])``: an
 unflipped chip puts raw row ``r`` at output row ``row0 + r``, left to right; a flipped chip puts
-it at ``row0 + 255 - r``, right to left (a 180 degree rotation, as the quad's lower chips are
+it at ``row0 + n_rows - 1 - r``, right to left (a 180 degree rotation, as the quad's lower chips are
 mounted). The placement tables come from :mod:`streamclust.adapters.mib`.
 
 Each kernel writes into a caller-owned output (no allocation in the hot loop) and has a NumPy
@@ -91,7 +91,7 @@ def unpack_raw_1bit(src, out64, row0, col0, flip, lut_fwd, lut_rev):  # pragma: 
             base = (r * n_chips + k) * 32
             c0 = col0[k] // 8
             if flip[k]:
-                orow = row0[k] + 255 - r
+                orow = row0[k] + n_rows - 1 - r
                 # pixel p of the chip row goes to column 255 - p: byte group g -> 31 - g
                 for w in range(4):
                     for j in range(8):
@@ -157,7 +157,7 @@ def unpack_raw_words(src64, out64, row0, col0, flip, pixel_bytes):  # pragma: no
             base = (r * n_chips + k) * wpr
             c0 = col0[k] // per_word
             if flip[k]:
-                orow = row0[k] + 255 - r
+                orow = row0[k] + n_rows - 1 - r
                 if pixel_bytes == 1:
                     for w in range(wpr):
                         out64[orow, c0 + wpr - 1 - w] = src64[base + w]
@@ -233,16 +233,19 @@ def bin_raw_1bit(src, out, row0, col0, flip, bin_factor):  # pragma: no cover - 
     for k in range(n_chips):
         # 8 chip rows starting at a multiple of 8 land in one bin row (row0 and bin_factor are
         # multiples of 8): sum them in a register, one store a bin instead of eight
-        for r8 in range(0, n_rows - n_rows % 8, 8):
-            orow = (row0[k] + 255 - r8 if flip[k] else row0[k] + r8) // bin_factor
+        # (a region-of-interest readout whose row count is not a multiple of 8 puts the groups
+        # across bin rows: every row then takes the per-row loop below)
+        n_fast = n_rows if n_rows % 8 == 0 else 0
+        for r8 in range(0, n_fast, 8):
+            orow = (row0[k] + n_rows - 1 - r8 if flip[k] else row0[k] + r8) // bin_factor
             base = r8 * stride + k * 32
             for t in range(32):
                 acc = 0
                 for i in range(8):
                     acc += popcount[src[base + i * stride + t]]
                 out[orow, colbin[k, t]] += acc
-        for r in range(n_rows - n_rows % 8, n_rows):  # a partial chip (not from a real detector)
-            orow = (row0[k] + 255 - r if flip[k] else row0[k] + r) // bin_factor
+        for r in range(n_fast, n_rows):
+            orow = (row0[k] + n_rows - 1 - r if flip[k] else row0[k] + r) // bin_factor
             for t in range(32):
                 out[orow, colbin[k, t]] += popcount[src[r * stride + k * 32 + t]]
 
@@ -311,7 +314,7 @@ def pack_raw_1bit(img64, dst, row0, col0, flip):  # pragma: no cover - JIT
             base = (r * n_chips + k) * 32
             c0 = col0[k] // 8
             if flip[k]:
-                orow = row0[k] + 255 - r
+                orow = row0[k] + n_rows - 1 - r
                 for w in range(4):
                     for j in range(8):
                         g = w * 8 + 7 - j
@@ -349,7 +352,7 @@ def pack_raw_words(img64, dst64, row0, col0, flip, pixel_bytes):  # pragma: no c
             base = (r * n_chips + k) * wpr
             c0 = col0[k] // per_word
             if flip[k]:
-                orow = row0[k] + 255 - r
+                orow = row0[k] + n_rows - 1 - r
                 if pixel_bytes == 1:
                     for w in range(wpr):
                         dst64[base + w] = img64[orow, c0 + wpr - 1 - w]
@@ -372,10 +375,12 @@ def pack_raw_words_numpy(img, dst, row0, col0, flip, pixel_bytes: int) -> None:
 
 
 def _gather_numpy(img, row0, col0, flip) -> np.ndarray:
-    """Raw rows ``(256, n_chips, 256)`` from an assembled image: inverse of ``_place_numpy``."""
+    """Raw rows ``(n_rows, n_chips, 256)`` from an assembled image: inverse of ``_place_numpy``."""
     n_chips = len(row0)
-    raw = np.empty((CHIP_SIZE, n_chips, CHIP_SIZE), img.dtype)
+    # every chip contributes n_rows rows: the whole image height single chip, half of it quad
+    n_rows = img.shape[0] if n_chips == 1 else img.shape[0] // 2
+    raw = np.empty((n_rows, n_chips, CHIP_SIZE), img.dtype)
     for k in range(n_chips):
-        chip = img[row0[k]:row0[k] + CHIP_SIZE, col0[k]:col0[k] + CHIP_SIZE]
+        chip = img[row0[k]:row0[k] + n_rows, col0[k]:col0[k] + CHIP_SIZE]
         raw[:, k, :] = chip[::-1, ::-1] if flip[k] else chip
     return raw

@@ -349,6 +349,10 @@ class EDSPublisher(BackgroundSocketThread):
             if u_drop < self.drop:
                 counts["dropped"] += 1
                 continue
+            has = getattr(src, "has_spectrum", None)
+            if has is not None and not has(position):  # a recording with a hole: nothing to send
+                counts["dropped"] += 1
+                continue
             self._sleep(self.delay_s + u_jitter * self.jitter_s)
             spectrum = np.asarray(src.spectrum(position))
             header = dict(base, position=position, sequence=self._sequence)

@@ -237,7 +237,9 @@ class FrameEncoder:
     image_shape : (int, int), default (512, 512)
         Shape of the images to encode: (256, 256) for ``1x1``, (512, 512) for ``2x2``, (512, 512)
         or (514, 514) for ``2x2G`` (a 512x512 image gets the 2-pixel zero gap inserted),
-        (256, 256 * N) for ``Nx1``.
+        (256, 256 * N) for ``Nx1``; or a region-of-interest readout: processed, any smaller
+        height and width; raw, whole chip rows, ``(r, 256)`` single chip and ``(2r, 512)``
+        (``2x2G``: ``(2r + 2, 514)``) quad for ``r`` rows a chip.
     counter_depth : int, default 12
         1, 6, 12 or 24. Processed pixel types: U08 (1, 6), U16 (12), U32 (24).
     raw : bool, default False
@@ -278,26 +280,41 @@ class FrameEncoder:
         if not 0 <= self.shutter_s < 1e6:
             raise ValueError(f"shutter time {shutter_s} s out of range")
         self.image_shape = tuple(int(v) for v in image_shape)
-        if layout == "1x1":
-            allowed = [(_CHIP, _CHIP)]
-        elif layout == "2x2":
-            allowed = [(2 * _CHIP, 2 * _CHIP)]
-        elif layout == "2x2G":
-            allowed = [(2 * _CHIP, 2 * _CHIP), (2 * _CHIP + _GAP, 2 * _CHIP + _GAP)]
-        else:
-            allowed = [(_CHIP, _CHIP * self.n_chips)]
-            if self.raw:
+        h, w = self.image_shape
+        gap = _GAP if layout == "2x2G" else 0
+        if self.raw:
+            # raw data is whole chip rows: a region-of-interest readout has fewer rows a chip
+            # (quad: r rows a chip assemble to 2r image rows, the top chips above the bottom)
+            if self.n_chips not in (1, 4) or (self.n_chips == 4 and layout not in ("2x2", "2x2G")):
                 raise ValueError(f"raw frames with layout {layout!r} are not supported")
-        if self.image_shape not in allowed:
-            raise ValueError(f"layout {layout!r} takes images of shape {allowed}, "
-                             f"not {self.image_shape}")
+            if self.n_chips == 1:
+                rows, allowed = h, [(h, _CHIP)]
+            else:
+                rows = (h - (gap if w == 2 * _CHIP + gap else 0)) // 2
+                allowed = [(2 * rows, 2 * _CHIP)] + ([(2 * rows + gap, 2 * _CHIP + gap)] if gap else [])
+            if not 1 <= rows <= _CHIP or self.image_shape not in allowed:
+                raise ValueError(f"layout {layout!r} takes raw images of (rows, {_CHIP}) single "
+                                 f"chip or (2 rows[+2], 512[+2]) quad with 1..{_CHIP} rows a "
+                                 f"chip, not {self.image_shape}")
+            self.rows = rows
+        else:
+            quad = layout in ("2x2", "2x2G")
+            full_h = 2 * _CHIP + gap if quad else _CHIP
+            full_w = 2 * _CHIP + gap if quad else _CHIP * self.n_chips
+            if layout == "2x2G" and self.image_shape == (2 * _CHIP, 2 * _CHIP):
+                allowed = [(2 * _CHIP, 2 * _CHIP), (full_h, full_w)]  # the gap is inserted
+            elif 1 <= h <= full_h and 1 <= w <= full_w:
+                allowed = [self.image_shape]  # full frame, or a region-of-interest readout
+            else:
+                raise ValueError(f"layout {layout!r} takes images of at most {full_h}x{full_w}, "
+                                 f"not {self.image_shape}")
         self._allowed = allowed
         self.max_value = (1 << counter_depth) - 1
         if self.raw:
             self.pixel_type = "R64"
-            self.width, self.height = (4 * _CHIP, _CHIP) if self.n_chips == 4 else (_CHIP, _CHIP)
+            self.width, self.height = _CHIP * self.n_chips, self.rows
             self.pixel_bytes = self.width * self.height * _RAW_BITS[counter_depth] // 8
-            self._row0, self._col0, self._flip = raw_chip_placement(layout)
+            self._row0, self._col0, self._flip = raw_chip_placement(layout, self.rows)
         else:
             self.pixel_type, self._dtype = _PROCESSED[counter_depth]
             self.height, self.width = allowed[-1]
@@ -398,7 +415,7 @@ class FrameEncoder:
                 image = gapped
             dst.view(self._dtype).reshape(self.height, self.width)[...] = image
         else:
-            if image.shape == (514, 514):
+            if image.shape[1] == 2 * _CHIP + _GAP:
                 image = _remove_gap(image)
             if self.counter_depth == 24:
                 half = self.pixel_bytes // 2
@@ -430,27 +447,30 @@ class FrameEncoder:
         if target is not dst64:
             dst64[...] = target
 
-    def encode(self, sequence: int, image: np.ndarray, timestamp: datetime | None = None) -> bytes:
+    def encode(self, sequence: int, image: np.ndarray, timestamp: datetime | None = None, *,
+               extra_ns: int = 0) -> bytes:
         """Header + pixel data of one frame (no ``MPX`` prefix): one ``.mib`` record."""
         buf = bytearray(self.message_size)
-        buf[:self.header_size] = self.header(sequence, timestamp)
+        buf[:self.header_size] = self.header(sequence, timestamp, extra_ns=extra_ns)
         self.pixels(image, out=memoryview(buf)[self.header_size:])
         return bytes(buf)
 
 
 def _insert_gap(src: np.ndarray, out: np.ndarray) -> None:
-    out[:_CHIP, :_CHIP] = src[:_CHIP, :_CHIP]
-    out[:_CHIP, _CHIP + _GAP:] = src[:_CHIP, _CHIP:]
-    out[_CHIP + _GAP:, :_CHIP] = src[_CHIP:, :_CHIP]
-    out[_CHIP + _GAP:, _CHIP + _GAP:] = src[_CHIP:, _CHIP:]
+    r = src.shape[0] // 2  # rows a chip (fewer than 256 in a region-of-interest readout)
+    out[:r, :_CHIP] = src[:r, :_CHIP]
+    out[:r, _CHIP + _GAP:] = src[:r, _CHIP:]
+    out[r + _GAP:, :_CHIP] = src[r:, :_CHIP]
+    out[r + _GAP:, _CHIP + _GAP:] = src[r:, _CHIP:]
 
 
 def _remove_gap(src: np.ndarray) -> np.ndarray:
-    out = np.empty((2 * _CHIP, 2 * _CHIP), src.dtype)
-    out[:_CHIP, :_CHIP] = src[:_CHIP, :_CHIP]
-    out[:_CHIP, _CHIP:] = src[:_CHIP, _CHIP + _GAP:]
-    out[_CHIP:, :_CHIP] = src[_CHIP + _GAP:, :_CHIP]
-    out[_CHIP:, _CHIP:] = src[_CHIP + _GAP:, _CHIP + _GAP:]
+    r = (src.shape[0] - _GAP) // 2
+    out = np.empty((2 * r, 2 * _CHIP), src.dtype)
+    out[:r, :_CHIP] = src[:r, :_CHIP]
+    out[:r, _CHIP:] = src[:r, _CHIP + _GAP:]
+    out[r:, :_CHIP] = src[r + _GAP:, :_CHIP]
+    out[r:, _CHIP:] = src[r + _GAP:, _CHIP + _GAP:]
     return out
 
 
@@ -470,10 +490,14 @@ class MibWriter:
     counter_depth, raw, layout, shutter_s
         As for :class:`FrameEncoder`; the image shape is taken from the first frame.
     scan_shape : (int, int), optional
-        Written to the acquisition header.
+        Written to the acquisition header; frames are then stamped with a line flyback.
     start_time : datetime, optional
         Time stamp of the first frame (default: now); frame ``i`` is stamped
-        ``start_time + i * shutter_s`` unless :meth:`write` is given a time.
+        ``start_time + i * shutter_s + row * flyback_s`` (to the nanosecond; ``row = i // ScanX``
+        with a ``scan_shape``, else 0) unless :meth:`write` is given a time. The flyback is
+        what real scans have and what readers use to find the scan rows (rosettasciio).
+    flyback_s : float, default 1e-3
+        Extra time at the start of each scan row.
     **header_extra
         Passed to :func:`encode_acquisition_header`.
 
@@ -490,8 +514,12 @@ class MibWriter:
 
     def __init__(self, stem_or_path, *, counter_depth: int = 12, raw: bool = False,
                  layout: str = "2x2", scan_shape: tuple[int, int] | None = None,
-                 shutter_s: float = 0.001, start_time: datetime | None = None, **header_extra):
+                 shutter_s: float = 0.001, start_time: datetime | None = None, flyback_s: float = 1e-3,
+                 **header_extra):
         self.mib_path, self.hdr_path = _paths(stem_or_path)
+        self._shutter_ns = int(round(float(shutter_s) * 1e9))
+        self._flyback_ns = int(round(float(flyback_s) * 1e9)) if scan_shape is not None else 0
+        self._row_len = int(scan_shape[1]) if scan_shape is not None else 1
         self.counter_depth = counter_depth
         self.raw = raw
         self.layout = layout
@@ -518,9 +546,12 @@ class MibWriter:
             self._encoder = FrameEncoder(image_shape=image.shape, counter_depth=self.counter_depth,
                                          raw=self.raw, layout=self.layout,
                                          shutter_s=self.shutter_s)
+        extra_ns = 0
         if timestamp is None:
-            timestamp = self.start_time + timedelta(seconds=self.n_written * self.shutter_s)
-        self._file.write(self._encoder.encode(self.n_written + 1, image, timestamp))
+            i = self.n_written
+            ns = i * self._shutter_ns + (i // self._row_len) * self._flyback_ns
+            timestamp, extra_ns = self.start_time + timedelta(microseconds=ns // 1000), ns % 1000
+        self._file.write(self._encoder.encode(self.n_written + 1, image, timestamp, extra_ns=extra_ns))
         self.n_written += 1
 
     def close(self) -> None:

@@ -38,6 +38,8 @@ class MicroscopeConfig:
     headless: bool = True
     merlin_faults: tuple = ()
     eds_faults: dict = field(default_factory=dict)
+    #: sensor layout; None: the source's ``layout`` (a recording's), else "2x2"
+    layout: str | None = None
 
 
 class SimulatedMicroscope:
@@ -67,18 +69,21 @@ class SimulatedMicroscope:
         # Compile the phantom's kernels before anything is served: a cold Numba cache (a fresh
         # clone) stalled the first frames for seconds while the spectra ran on, and the joiner
         # gave 1,598 of 4,096 spectra up as unpaired (a real detector does not pause to compile)
+        # a source without spectra (a recording without its EDS file) is served as frames alone
+        has_eds = getattr(self.phantom, "has_eds", True)
         for warm in ("frame", "spectrum", "frames", "spectra"):  # every path the servers use
             fn = getattr(self.phantom, warm, None)
-            if fn is not None:
+            if fn is not None and (has_eds or warm not in ("spectrum", "spectra")):
                 fn(0) if warm in ("frame", "spectrum") else fn([0])
-        self._eds = EDSPublisher(
-            self.phantom,
-            endpoint=f"tcp://{cfg.host}:{cfg.eds_port}",
-            clock=self.clock,
-            socket_type=cfg.eds_socket_type,
-            **cfg.eds_faults,
-        )
-        self._eds.start()
+        if has_eds:
+            self._eds = EDSPublisher(
+                self.phantom,
+                endpoint=f"tcp://{cfg.host}:{cfg.eds_port}",
+                clock=self.clock,
+                socket_type=cfg.eds_socket_type,
+                **cfg.eds_faults,
+            )
+            self._eds.start()
         self._merlin = MerlinServer(
             self.phantom,
             host=cfg.host,
@@ -87,13 +92,15 @@ class SimulatedMicroscope:
             clock=self.clock,
             counter_depth=cfg.counter_depth,
             raw=cfg.raw,
+            layout=cfg.layout or getattr(self.phantom, "layout", "2x2"),
             dwell_s=dwell,
             headless=cfg.headless,
             faults=cfg.merlin_faults,
         )
         self._merlin.start()
         self._merlin.wait_for_listen()
-        self._eds.wait_for_listen()
+        if self._eds is not None:
+            self._eds.wait_for_listen()
         logger.info("simulated microscope up: %s", self.endpoints)
         return self
 
@@ -126,9 +133,9 @@ class SimulatedMicroscope:
         return {
             "merlin_data": f"{dh}:{dp}",
             "merlin_control": f"{ch}:{cp}",
-            "eds": self._eds.endpoint,
+            "eds": self._eds.endpoint if self._eds is not None else None,
             "eds_socket_type": self.config.eds_socket_type,
             "scan_shape": list(self.phantom.scan_shape),
             "frame_shape": list(self.phantom.frame_shape),
-            "n_channels": int(self.phantom.n_channels),
+            "n_channels": int(self.phantom.n_channels) if self._eds is not None else 0,
         }

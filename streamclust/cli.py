@@ -24,6 +24,91 @@ from streamclust.config import Config, ConfigError, load_config
 
 logger = logging.getLogger(__name__)
 
+#: exit codes (docs/cli.md): a script can tell a user's mistake from a broken recording, an
+#: unreachable instrument, a scan that ended short and a bug
+EXIT_OK = 0
+EXIT_ERROR = 1  # unexpected: a bug (the one line says so; -v shows the traceback)
+EXIT_USAGE = 2  # click's own: an unknown option, a bad value, a missing argument or file
+EXIT_PARTIAL = 3  # the scan ended short (results written with status "partial")
+EXIT_BAD_INPUT = 4  # a file that cannot be read: missing, damaged, not the expected format
+EXIT_UNREACHABLE = 5  # the instrument or a socket cannot be reached or bound
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
+
+_verbose = 0  # the -v count of this invocation: tracebacks are shown only with -v
+
+
+class CliError(click.ClickException):
+    """A user-facing error: one line on stderr (what, where, what to do) and its exit code."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"streamclust: error: {self.format_message()}", err=True)
+
+
+def describe_error(exc: BaseException, *, where: str = "") -> CliError:
+    """The one-line :class:`CliError` for an exception that reached the command line."""
+    import socket
+
+    from streamclust.adapters.errors import ProtocolError
+
+    at = f"{where}: " if where else ""
+    if isinstance(exc, CliError):
+        return exc
+    if isinstance(exc, FileNotFoundError):
+        return CliError(f"no such file or folder: {exc.filename or exc}; check the path", EXIT_BAD_INPUT)
+    if isinstance(exc, ProtocolError):
+        return CliError(f"{at}{exc}; the file is damaged, incomplete or not in the expected format "
+                        "(docs/merlin-format.md, docs/wire-formats.md)", EXIT_BAD_INPUT)
+    if isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)):
+        return CliError(f"cannot reach {where or 'the instrument'}: {exc}; is it running and listening "
+                        "there? (check --host / --data-port / --eds)", EXIT_UNREACHABLE)
+    if isinstance(exc, OSError):
+        return CliError(f"{at}{exc.strerror or exc}"
+                        f"{f' ({exc.filename})' if exc.filename else ''}; check the path and its "
+                        "permissions", EXIT_BAD_INPUT)
+    try:
+        import zmq
+
+        if isinstance(exc, zmq.ZMQError):
+            return CliError(f"ZeroMQ socket error{f' ({where})' if where else ''}: {exc}; is the "
+                            "endpoint valid and free?", EXIT_UNREACHABLE)
+    except ImportError:  # pragma: no cover - pyzmq is a dependency
+        pass
+    return CliError(f"unexpected {type(exc).__name__}: {exc}{f' ({where})' if where else ''}; run "
+                    "again with -v for the traceback and report it", EXIT_ERROR)
+
+
+class _Main(click.Group):
+    """The command group: any exception a command lets through becomes one line and an exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("streamclust: interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        except Exception as exc:
+            err = describe_error(exc)
+            if _verbose or (ctx.params.get("verbose") or 0):
+                import traceback
+
+                traceback.print_exception(exc, file=sys.stderr)
+            raise err from None
+
+
+def _friendly(where: str, exc: BaseException) -> CliError:
+    """``describe_error`` with the traceback on stderr when -v was given."""
+    if _verbose:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    return describe_error(exc, where=where)
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -35,7 +120,9 @@ def _load(ctx: click.Context, param: click.Parameter, value: str | None) -> Conf
 
 
 def _setup_logging(ctx: click.Context, cfg: Config, verbose: int) -> None:
+    global _verbose
     verbose = max(verbose, (ctx.find_root().params.get("verbose") or 0))
+    _verbose = verbose
     level = min(_LEVELS[cfg.logging.level], logging.WARNING - 10 * min(verbose, 2)) if verbose else \
         _LEVELS[cfg.logging.level]
     root = logging.getLogger()
@@ -59,11 +146,13 @@ def scan_options(f):
     return click.option("--live", is_flag=True, help="serve the live view (URL printed); also [liveview]")(f)
 
 
-@click.group()
+@click.group(cls=_Main)
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug")
 @click.version_option(package_name="streamclust")
 def main(verbose: int) -> None:
     """streamclust: live correlated 4D-STEM + EDS clustering."""
+    global _verbose
+    _verbose = verbose  # per invocation (several may run in one process, e.g. under CliRunner)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -119,6 +208,11 @@ def _echo_summary(summary: dict, out_dir) -> None:
         click.echo("no second-phase flag raised")
     if summary.get("status", "complete") != "complete":
         click.echo(f"scan status: {summary['status']}")
+    rec = summary.get("recording")
+    if rec is not None:
+        click.echo(f"recorded {rec['frames_recorded']} frames and {rec['spectra_recorded']} spectra to "
+                   f"{rec['folder']} ({rec['frames_not_recorded']} frames, {rec['spectra_not_recorded']} "
+                   f"spectra NOT recorded{'; ' + rec['error'] if rec.get('error') else ''})")
     click.echo(f"results and summary.json in {out_dir}")
 
 
@@ -133,19 +227,26 @@ def _echo_summary(summary: dict, out_dir) -> None:
 @click.option("--clusters", default=None, type=click.IntRange(2), help="clusters (default: [engine] n_clusters, 6)")
 @click.option("--dwell", default=0.0, show_default=True, type=click.FloatRange(0.0),
               help="seconds a position (0 = as fast as possible)")
+@click.option("--inclusions", default=None, type=click.IntRange(0),
+              help="second-phase inclusions in the phantom (0 = a single-phase control sample)")
+@click.option("--dose", default=1.0, show_default=True, type=click.FloatRange(0.0, min_open=True),
+              help="beam current, a multiple of the phantom's default")
 @scan_options
 @config_option
 @click.pass_context
-def demo(ctx, out_dir: str, seed: int, scan: int, clusters: int | None, dwell: float, live: bool, quiet: bool,
-         cfg: Config, verbose: int) -> None:
+def demo(ctx, out_dir: str, seed: int, scan: int, clusters: int | None, dwell: float, inclusions: int | None,
+         dose: float, live: bool, quiet: bool, cfg: Config, verbose: int) -> None:
     """Simulated live scan end to end: results.h5, pictures and summary.json in OUT."""
     from streamclust.demo import run_demo
 
     _setup_logging(ctx, cfg, verbose)
+    # only what was asked for is passed on: run_demo keeps its own defaults otherwise
+    sample = {k: v for k, v in (("inclusions", inclusions), ("dose", dose if dose != 1.0 else None))
+              if v is not None}
     with ExitStack() as stack:
         summary = run_demo(out_dir, seed=seed, scan_shape=(scan, scan), n_clusters=clusters, dwell_s=dwell,
                            progress=_progress(cfg, quiet, scan * scan, (scan, scan)), config=cfg,
-                           liveview=_liveview_factory(cfg, live, stack))
+                           liveview=_liveview_factory(cfg, live, stack), **sample)
     f1 = summary["second_phase_f1"]
     click.echo(
         f"{summary['frames_received']} frames received, {summary['frames_processed']} processed, "
@@ -174,11 +275,15 @@ def demo(ctx, out_dir: str, seed: int, scan: int, clusters: int | None, dwell: f
               help="scan shape ROWS COLS (default: [scan] shape)")
 @click.option("--start", is_flag=True, default=None,
               help="send STARTACQUISITION once connected ([detector] start_acquisition)")
+@click.option("--record", default=None, type=click.Path(file_okay=False),
+              help="also record the raw scan into this folder (MIB + .hdr + EDS), as it arrives")
+@click.option("--beam-energy", default=200.0, show_default=True, type=click.FloatRange(0.0, min_open=True),
+              help="beam energy (keV) written into the EDS recording's metadata")
 @scan_options
 @config_option
 @click.pass_context
-def run(ctx, out_dir, host, data_port, control_port, eds_endpoint, scan_shape, start, live, quiet,
-        cfg: Config, verbose: int) -> None:
+def run(ctx, out_dir, host, data_port, control_port, eds_endpoint, scan_shape, start, record, beam_energy,
+        live, quiet, cfg: Config, verbose: int) -> None:
     """Analyse a scan from a real instrument: Merlin data/control ports + the EDS ZeroMQ stream."""
     from streamclust.run import run_scan
 
@@ -200,30 +305,41 @@ def run(ctx, out_dir, host, data_port, control_port, eds_endpoint, scan_shape, s
         stop = stack.enter_context(_stop_on_sigterm())
         try:
             summary = run_scan(cfg, out, progress=_progress(cfg, quiet, ny * nx, (ny, nx)),
-                               liveview=_liveview_factory(cfg, live, stack), stop=stop)
+                               liveview=_liveview_factory(cfg, live, stack), stop=stop, record=record,
+                               beam_energy_kev=beam_energy)
         except (ConnectionError, TimeoutError, socket.gaierror) as exc:
-            raise click.ClickException(f"cannot reach the instrument ({cfg.detector.host}:"
-                                       f"{cfg.detector.data_port}, {cfg.eds.endpoint}): {exc}") from None
+            raise _friendly(f"the instrument (Merlin data port {cfg.detector.host}:{cfg.detector.data_port}, "
+                            f"EDS {cfg.eds.endpoint})", exc) from None
         except zmq.ZMQError as exc:
-            raise click.ClickException(f"ZeroMQ socket error ([events] endpoint {cfg.events.endpoint}, "
-                                       f"[eds] endpoint {cfg.eds.endpoint}): {exc}") from None
+            raise _friendly(f"[events] endpoint {cfg.events.endpoint}, [eds] endpoint {cfg.eds.endpoint}",
+                            exc) from None
     _echo_summary(summary, out)
     if summary["status"] != "complete":
-        sys.exit(3)
+        sys.exit(EXIT_PARTIAL)
 
 
 @main.command()
-@click.argument("mib", type=click.Path(exists=True, dir_okay=False))
-@click.argument("eds_h5", type=click.Path(exists=True, dir_okay=False))
+@click.argument("source", type=click.Path())
+@click.argument("eds_h5", required=False, type=click.Path())
 @click.option("--out", "out_dir", default="out/replay", show_default=True, type=click.Path(file_okay=False))
 @click.option("--dask", "dask", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="replay on Dask distributed: a scheduler address, or alone for a local cluster")
 @scan_options
 @config_option
 @click.pass_context
-def replay(ctx, mib, eds_h5, out_dir, dask, live, quiet, cfg: Config, verbose: int) -> None:
-    """Replay a recorded scan (MIB + EDS recording) through the live pipeline, as fast as it goes."""
+def replay(ctx, source, eds_h5, out_dir, dask, live, quiet, cfg: Config, verbose: int) -> None:
+    """Replay a recorded scan through the live pipeline, as fast as it goes.
+
+    SOURCE is a recording folder (``streamclust simulate/run --record DIR``) or a ``.mib`` file;
+    EDS_H5 its EDS recording (found beside the ``.mib`` when omitted).
+    """
+    from streamclust.adapters.recording import RecordingNotFound, find_recording
+
     _setup_logging(ctx, cfg, verbose)
+    try:
+        mib, eds_h5 = find_recording(source, eds_h5)
+    except RecordingNotFound as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from None
     if dask is not None:
         try:
             from streamclust.dask_replay import replay_dask
@@ -231,44 +347,126 @@ def replay(ctx, mib, eds_h5, out_dir, dask, live, quiet, cfg: Config, verbose: i
             raise click.ClickException(f"--dask needs streamclust.dask_replay and dask[distributed]: {exc}") from None
         from streamclust.replay import dask_config
 
-        summary = replay_dask(mib, eds_h5, out_dir, scheduler=None if dask == "local" else dask,
-                              config=dask_config(cfg))
+        try:
+            summary = replay_dask(str(mib), str(eds_h5), out_dir, scheduler=None if dask == "local" else dask,
+                                  config=dask_config(cfg))
+        except (OSError, ValueError) as exc:
+            raise _friendly(f"{mib}", exc) from None
         click.echo(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))},
                               default=str))
         click.echo(f"results in {out_dir}")
         return
+    from streamclust.adapters.errors import ProtocolError
     from streamclust.replay import replay_scan
 
     with ExitStack() as stack:
-        summary = replay_scan(mib, eds_h5, out_dir, config=cfg, progress=_progress(cfg, quiet, 0, None),
-                              liveview=_liveview_factory(cfg, live, stack))
+        try:
+            summary = replay_scan(mib, eds_h5, out_dir, config=cfg, progress=_progress(cfg, quiet, 0, None),
+                                  liveview=_liveview_factory(cfg, live, stack))
+        except ProtocolError as exc:
+            # the EDS reader names its file in the message; the MIB reader gives offset and frame
+            where = "" if str(eds_h5) in str(exc) else str(mib)
+            raise _friendly(where, exc) from None
+        except OSError as exc:
+            raise _friendly(str(mib), exc) from None
     _echo_summary(summary, out_dir)
+    if summary.get("status", "complete") != "complete":
+        sys.exit(EXIT_PARTIAL)
+
+
+def _parse_fault(ctx, param, values):
+    """``KIND:SEQ`` (``stall:SEQ:SECONDS``, ``garbage:SEQ:BYTES``) -> Fault."""
+    from streamclust.simulators.merlin import FAULT_KINDS, Fault
+
+    faults = []
+    for text in values:
+        parts = text.split(":")
+        try:
+            kind, at = parts[0], int(parts[1])
+            extra = {}
+            if len(parts) > 2:
+                extra = {"stall": {"seconds": float(parts[2])}, "garbage": {"n_bytes": int(parts[2])}}[kind]
+            faults.append(Fault(kind, at, **extra))
+        except (IndexError, KeyError, ValueError) as exc:
+            raise click.BadParameter(f"{text!r}: expected KIND:SEQ with KIND one of {', '.join(FAULT_KINDS)} "
+                                     f"(stall:SEQ:SECONDS, garbage:SEQ:BYTES) ({exc})", ctx=ctx,
+                                     param=param) from None
+    return tuple(faults)
 
 
 @main.command()
 @click.option("--seed", default=0, show_default=True)
 @click.option("--scan", default=128, show_default=True, help="scan positions a side")
+@click.option("--from", "from_", default=None, type=click.Path(),
+              help="serve this recording (a folder or a .mib, with or without its EDS file) instead of the phantom")
 @click.option("--host", default="127.0.0.1", show_default=True, help="interface to bind (loopback by default)")
 @click.option("--data-port", default=6342, show_default=True)
 @click.option("--control-port", default=6341, show_default=True)
 @click.option("--eds-port", default=6343, show_default=True)
-@click.option("--dwell", default=0.01, show_default=True, help="seconds a position (0 = as fast as possible)")
-@click.option("--counter-depth", default="12", show_default=True, type=click.Choice(["1", "6", "12", "24"]))
-@click.option("--raw", is_flag=True, help="raw R64 pixel format (FILEFORMAT 2)")
+@click.option("--dwell", default=None, type=click.FloatRange(0.0),
+              help="seconds a position, 0 = as fast as possible [default: 0.01; with --from the recording's]")
+@click.option("--counter-depth", default="12", show_default=True, type=click.Choice(["1", "6", "12", "24"]),
+              help="(phantom; a recording is served in its own)")
+@click.option("--raw", is_flag=True, help="raw R64 pixel format (FILEFORMAT 2; phantom only)")
 @click.option("--triggered", is_flag=True, help="wait for CMD,STARTACQUISITION instead of starting on connect")
+@click.option("--fault", "faults", multiple=True, callback=_parse_fault, metavar="KIND:SEQ",
+              help="damage frame SEQ: truncate, corrupt_header, drop, skip, stall:SEQ:S, garbage:SEQ:N (repeatable)")
+@click.option("--eds-drop", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="probability an EDS message is dropped")
+@click.option("--record", default=None, type=click.Path(file_okay=False),
+              help="write the simulated scan to this folder (MIB + .hdr + EDS) and exit, serving nothing")
 @config_option
 @click.pass_context
-def simulate(ctx, seed, scan, host, data_port, control_port, eds_port, dwell, counter_depth, raw, triggered,
-             cfg: Config, verbose: int) -> None:
-    """The simulated microscope alone, for other software to connect to; prints its endpoints."""
+def simulate(ctx, seed, scan, from_, host, data_port, control_port, eds_port, dwell, counter_depth, raw,
+             triggered, faults, eds_drop, record, cfg: Config, verbose: int) -> None:
+    """The simulated microscope alone, for other software to connect to; prints its endpoints.
+
+    With --from DIR it serves a recording over the same protocols. With --record DIR it writes
+    the phantom's scan as a recording instead (what the Merlin and EDS software would have saved),
+    for ``streamclust replay DIR``.
+    """
     from streamclust.simulators.microscope import MicroscopeConfig, SimulatedMicroscope
     from streamclust.simulators.phantom import LamellaPhantom
 
     _setup_logging(ctx, cfg, verbose)
-    phantom = LamellaPhantom(scan_shape=(scan, scan), seed=seed, counter_depth=int(counter_depth))
-    config = MicroscopeConfig(host=host, data_port=data_port, control_port=control_port, eds_port=eds_port,
-                              dwell_s=dwell, counter_depth=int(counter_depth), raw=raw, headless=not triggered)
-    with _stop_on_sigterm() as stop, SimulatedMicroscope(phantom, config) as scope:
+    with ExitStack() as stack:
+        if from_ is not None:
+            from streamclust.adapters.errors import ProtocolError
+            from streamclust.adapters.recording import RecordingNotFound, find_recording
+            from streamclust.simulators.recorded import RecordedScan
+
+            try:
+                mib, eds = find_recording(from_, require_eds=False)
+                source = stack.enter_context(RecordedScan(mib, eds))
+            except RecordingNotFound as exc:
+                raise CliError(str(exc), EXIT_BAD_INPUT) from None
+            except (ProtocolError, OSError) as exc:
+                raise _friendly(str(from_), exc) from None
+            depth, raw = source.counter_depth, source.raw
+            dwell = source.dwell_s if dwell is None else dwell
+        else:
+            source = LamellaPhantom(scan_shape=(scan, scan), seed=seed, counter_depth=int(counter_depth))
+            depth = int(counter_depth)
+            dwell = 0.01 if dwell is None else dwell
+        if record is not None:
+            if from_ is not None:
+                raise click.UsageError("--record writes the phantom's scan; it does not combine with --from")
+            from streamclust.simulators.record_live import record_phantom
+
+            try:
+                stats = record_phantom(source, record)
+            except OSError as exc:
+                raise _friendly(str(record), exc) from None
+            click.echo(json.dumps(stats))
+            return
+        config = MicroscopeConfig(host=host, data_port=data_port, control_port=control_port, eds_port=eds_port,
+                                  dwell_s=dwell, counter_depth=depth, raw=raw, headless=not triggered,
+                                  merlin_faults=faults, eds_faults={"drop": eds_drop} if eds_drop else {})
+        try:
+            scope = stack.enter_context(SimulatedMicroscope(source, config))
+        except OSError as exc:
+            raise _friendly(f"{host} ports {data_port}/{control_port}/{eds_port}", exc) from None
+        stop = stack.enter_context(_stop_on_sigterm())
         click.echo(json.dumps(scope.endpoints))
         sys.stdout.flush()
         try:

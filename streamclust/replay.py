@@ -209,8 +209,9 @@ def replay_scan(mib_path: str | Path, eds_path: str | Path, out_dir: str | Path,
                                       batch_size=cfg.scan.batch_size, on_missing=cfg.scan.on_missing,
                                       stats=stats):
                 session.on_batch(batch)
-        except BaseException:
-            logger.exception("replay of %s aborted", mib_path)
+        except BaseException as exc:
+            # one line at info; the command line shows the error (and the traceback with -v)
+            logger.info("replay of %s aborted (%s: %s)", mib_path, type(exc).__name__, exc)
             session.finish({"replay": stats.as_dict()}, status="aborted")
             raise
     elapsed = time.perf_counter() - t0

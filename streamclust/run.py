@@ -159,7 +159,8 @@ class ScanSession:
             self.events.close()
 
     def finish(self, report: IngestReport | Mapping | None, *, status: str = "complete",
-               extra: Mapping[str, Any] | None = None, pictures: bool = True) -> dict:
+               extra: Mapping[str, Any] | None = None, pictures: bool = True,
+               recording: Mapping | None = None) -> dict:
         """End of scan: final refresh and assessment, results, pictures, ``summary.json``.
 
         ``status`` is ``"complete"``, ``"partial"`` (the scan ended short) or ``"aborted"``.
@@ -169,6 +170,8 @@ class ScanSession:
         ingest = report.as_dict() if isinstance(report, IngestReport) else dict(report or {})
         counters = {"ingest": ingest, "live": dict(self.counters)}
         summary = self.summary(ingest, status=status)
+        if recording is not None:
+            summary["recording"] = dict(recording)
         if self.writer is not None:
             self.writer.finalize(self.live, counters, status=status, extra=dict(extra or {}))
             if pictures and self.config.results.pictures:
@@ -214,13 +217,24 @@ class ScanSession:
 
 
 def run_scan(config: Config, out_dir: str | Path | None = None, *, progress: ProgressDisplay | None = None,
-             liveview=None, stop: threading.Event | None = None, scan_id: str | None = None) -> dict:
+             liveview=None, stop: threading.Event | None = None, scan_id: str | None = None,
+             record: str | Path | None = None, beam_energy_kev: float | None = None,
+             record_dwell_s: float = 1e-3, session_factory=None) -> dict:
     """``streamclust run``: analyse one scan from the instrument; returns the summary.
 
     Scan shape, frame shape and energy axis come from ``config`` (``[scan]``, ``[detector]``,
     ``[eds]``). Results, pictures and ``summary.json`` go to ``out_dir`` (default ``[results]
     out_dir``). A scan that ends short is finalised with status ``"partial"``; an exception or
     Ctrl-C during it with ``"aborted"`` (the results written so far are kept), then re-raised.
+
+    With ``record`` (a folder) every batch is also handed to a
+    :class:`~streamclust.adapters.recording.ScanRecorder` (MIB + ``.hdr`` + EDS spectrum image,
+    written by its own thread; what the disk cannot take is counted, never waited for); its
+    counters go into the summary under ``recording``. ``beam_energy_kev`` goes into the EDS
+    file's metadata; ``record_dwell_s`` is the time-stamp step of the recorded frames (the live
+    frames are re-encoded from their decoded pixels, which are exact; their time stamps are not
+    kept). ``session_factory`` (default :class:`ScanSession`) builds the session, as for
+    :func:`streamclust.replay.replay_scan`.
     """
     out = Path(out_dir if out_dir is not None else config.results.out_dir)
     ny, nx = config.scan.shape
@@ -228,20 +242,35 @@ def run_scan(config: Config, out_dir: str | Path | None = None, *, progress: Pro
     e = config.eds
     axis = e.energy_offset_kev + e.channel_width_kev * np.arange(e.channels)
     scan_id = scan_id or time.strftime("scan-%Y%m%dT%H%M%S")
-    session = ScanSession(config, scan_shape=(ny, nx), frame_shape=config.detector.frame_shape,
+    session = (session_factory or ScanSession)(config, scan_shape=(ny, nx), frame_shape=config.detector.frame_shape,
                           energy_axis_kev=axis, out_dir=out, scan_id=scan_id, progress=progress,
                           liveview=liveview)
     session.warm_up()
     det, scan = config.detector, config.scan
+    recorder = None
+    on_batch = session.on_batch
+    if record is not None:
+        from streamclust.adapters.recording import ScanRecorder
+
+        recorder = ScanRecorder(record, scan_shape=(ny, nx), energy_offset_kev=e.energy_offset_kev,
+                                channel_width_kev=e.channel_width_kev, dwell_s=record_dwell_s,
+                                beam_energy_kev=beam_energy_kev)
+
+        def on_batch(batch):
+            recorder.put_batch(batch)  # before the analysis: the disk works while the engine does
+            session.on_batch(batch)
     try:
-        report = acquire_scan((det.host, det.data_port), config.eds.endpoint, n, session.on_batch,
+        report = acquire_scan((det.host, det.data_port), config.eds.endpoint, n, on_batch,
                               eds_socket_type=config.eds.socket_type, timeout_s=det.timeout,
                               batch_size=scan.batch_size, join_timeout_s=scan.join_timeout_s,
                               on_missing=scan.on_missing, control_port=det.control_port,
                               arm=det.start_acquisition, stop=stop)
-    except BaseException:
-        logger.exception("scan %s aborted", scan_id)
-        session.finish({"aborted": True}, status="aborted")
+    except BaseException as exc:
+        # one line at info; the command line shows the error (and the traceback with -v)
+        logger.info("scan %s aborted (%s: %s)", scan_id, type(exc).__name__, exc)
+        recording = recorder.close() if recorder is not None else None
+        session.finish({"aborted": True}, status="aborted", recording=recording)
         raise
     status = "complete" if report.complete and session.live.n_seen == n else "partial"
-    return session.finish(report, status=status)
+    recording = recorder.close() if recorder is not None else None
+    return session.finish(report, status=status, recording=recording)

@@ -102,17 +102,23 @@ def microscope():
         yield scope
 
 
-def test_run_against_a_triggered_instrument(microscope, tmp_path):
+def _run_on(microscope, tmp_path, *extra):
+    """``streamclust run`` against the simulated microscope (its ports and EDS axis in the config)."""
     (host, data_port), (_, control_port) = microscope.merlin.data_address, microscope.merlin.control_address
     cfg = tmp_path / "run.toml"
     cfg.write_text(SMALL + f'[eds]\nendpoint = "{microscope.eds.endpoint}"\nchannels = 2048\n'
                    f"energy_offset_kev = {float(microscope.phantom.energy_axis_kev[0])!r}\n"
                    f"channel_width_kev = {float(microscope.phantom.channel_width_kev)!r}\n"
                    "[results]\ncheckpoint_every_s = 0.5\npictures = false\n")
-    out = tmp_path / "run"
     result = CliRunner().invoke(main, ["run", "--config", str(cfg), "--host", host, "--data-port", str(data_port),
                                        "--control-port", str(control_port), "--scan", "16", "16", "--start",
-                                       "--out", str(out)])
+                                       *[str(v) for v in extra]])
+    return result, cfg
+
+
+def test_run_against_a_triggered_instrument(microscope, tmp_path):
+    out = tmp_path / "run"
+    result, _ = _run_on(microscope, tmp_path, "--out", out)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "complete"
@@ -134,8 +140,8 @@ def test_run_without_an_instrument_is_a_clear_error(tmp_path):
     cfg.write_text(SMALL + "[detector]\ntimeout = 1.0\n[scan]\nshape = [16, 16]\n")
     result = CliRunner().invoke(main, ["run", "--config", str(cfg), "--data-port", str(port), "--out",
                                        str(tmp_path / "out")])
-    assert result.exit_code == 1
-    assert f"cannot reach the instrument (127.0.0.1:{port}" in result.output
+    assert result.exit_code == 5  # EXIT_UNREACHABLE (docs/cli.md)
+    assert f"cannot reach the instrument (Merlin data port 127.0.0.1:{port}" in result.output
 
 
 def test_verbose_flags_raise_the_log_level(tmp_path):
@@ -223,7 +229,7 @@ def test_run_with_the_event_port_taken_is_a_clear_error(tmp_path):
         result = CliRunner().invoke(main, ["run", "--config", str(cfg), "--out", str(tmp_path / "out")])
     finally:
         taken.close()
-    assert result.exit_code == 1
+    assert result.exit_code == 5  # EXIT_UNREACHABLE (docs/cli.md)
     assert f"ZeroMQ socket error ([events] endpoint tcp://127.0.0.1:{port}" in result.output
 
 
@@ -303,3 +309,34 @@ def test_run_stopped_by_sigterm_finalises_a_partial_scan(tmp_path):
     with h5py.File(out / "results.h5") as f:
         assert f.attrs["status"] == "partial"
     assert "scan status: partial" in stdout
+
+
+def test_demo_offers_inclusions_and_dose():
+    result = CliRunner().invoke(main, ["demo", "--help"])
+    assert result.exit_code == 0
+    assert "--inclusions" in result.output and "--dose" in result.output
+    bad = CliRunner().invoke(main, ["demo", "--inclusions", "-1"])
+    assert bad.exit_code == 2 and "--inclusions" in bad.output
+    bad = CliRunner().invoke(main, ["demo", "--dose", "0"])
+    assert bad.exit_code == 2 and "--dose" in bad.output
+
+
+def test_simulate_fault_option_is_validated():
+    bad = CliRunner().invoke(main, ["simulate", "--fault", "melt:3"])
+    assert bad.exit_code == 2 and "KIND:SEQ" in bad.output
+
+
+def test_run_with_record_writes_a_recording_that_replays(microscope, tmp_path):
+    rec = tmp_path / "rec"
+    result, cfg = _run_on(microscope, tmp_path, "--out", tmp_path / "run", "--record", rec,
+                          "--beam-energy", "300", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert f"recorded 256 frames and 256 spectra to {rec} (0 frames, 0 spectra NOT recorded)" in result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["recording"]["frames_recorded"] == 256 and summary["recording"]["error"] is None
+    with h5py.File(rec / "scan_eds.hspy") as f:
+        assert f["Experiments/scan_eds/metadata/Acquisition_instrument/TEM"].attrs["beam_energy"] == 300.0
+    replayed = CliRunner().invoke(main, ["replay", str(rec), "--config", str(cfg), "--out",
+                                         str(tmp_path / "replay"), "--quiet"])
+    assert replayed.exit_code == 0, replayed.output
+    assert "256 frames received, 256 processed, 0 dropped" in replayed.output

@@ -223,7 +223,8 @@ def _quad_header(**kw):
         (lambda h: h[:500], "available"),
         (lambda h: h.replace(b"U16", b"F32"), "pixel type"),
         (lambda h: h.replace(b"U16", b"U08"), "cannot be carried"),
-        (lambda h: h.replace(b"0512,0512", b"0512,0511"), "must be 512x512"),
+        (lambda h: h.replace(b"0512,0512", b"0512,0513"), "at most 512x512"),
+        (lambda h: h.replace(b"0512,0512", b"0512,0000"), "impossible"),
         (lambda h: h.replace(b",04,", b",03,"), "needs 4 chips"),
         (lambda h: h.replace(b"   2x2", b"   3x3"), "layout"),
         (lambda h: h.replace(b"1000000ns", b"1000000xs"), "tail"),
@@ -463,7 +464,11 @@ def test_encoder_validates_values(depth, raw):
 
 def test_encoder_rejects_bad_configuration():
     with pytest.raises(ValueError):
-        FrameEncoder(image_shape=(256, 256))  # default layout is 2x2
+        FrameEncoder(image_shape=(600, 512))  # larger than a quad (the default layout 2x2)
+    with pytest.raises(ValueError):
+        FrameEncoder(image_shape=(256, 256), raw=True)  # raw quad rows are 512 wide
+    with pytest.raises(ValueError):
+        FrameEncoder(image_shape=(257, 256), layout="1x1", raw=True)
     with pytest.raises(ValueError):
         FrameEncoder(counter_depth=8)
     with pytest.raises(ValueError):

@@ -200,3 +200,32 @@ def test_reencoding_real_acquisition_headers(name):
         humidity=hdr["Humidity (%)"])
     assert mine == data
     assert parse_acquisition_header(mine) == hdr
+
+
+@pytest.mark.parametrize("stem, rows", [("Single_9_Frame_CounterDepth_1_Rows_256RAW", 128),
+                                        ("Quad_9_Frame_CounterDepth_1_Rows_256RAW", 128),
+                                        ("Quad_9_Frame_CounterDepth_1_Rows_256RAW", 40)])
+def test_real_raw_frames_cut_to_a_region_of_interest(tmp_path, stem, rows):
+    # A region-of-interest readout of the same exposure: the first `rows` raw rows of every frame,
+    # with the header's height saying so. The decoder must place them where the full frame has
+    # them: the top chips' rows 0..rows-1 above the (rotated) bottom chips' last rows.
+    full = _read(stem)
+    data = (DATA / f"{stem}.mib").read_bytes()
+    with MibFile(DATA / f"{stem}.mib") as f:
+        h = f.first_header
+        record = f.record_size
+    row_bytes = h.width // 8  # 1-bit raw: every chip row of 256 pixels is 32 bytes
+    out = bytearray()
+    for i in range(len(full)):
+        head = bytearray(data[i * record:i * record + h.header_size])
+        head[:64] = bytes(head[:64]).replace(f",{h.width:04d},0256,".encode(), f",{h.width:04d},{rows:04d},".encode(), 1)
+        start = i * record + h.header_size
+        out += head + data[start:start + rows * row_bytes]
+    roi = tmp_path / "roi.mib"
+    roi.write_bytes(bytes(out))
+    got = read_mib(roi, hdr_path=DATA / f"{stem}.hdr")
+    if h.n_chips == 1:
+        np.testing.assert_array_equal(got, full[:, :rows])
+    else:
+        expect = np.concatenate([full[:, :rows], full[:, 512 - rows:]], axis=1)
+        np.testing.assert_array_equal(got, expect)
