@@ -236,7 +236,7 @@ def _echo_summary(summary: dict, out_dir) -> None:
 @click.pass_context
 def demo(ctx, out_dir: str, seed: int, scan: int, clusters: int | None, dwell: float, inclusions: int | None,
          dose: float, live: bool, quiet: bool, cfg: Config, verbose: int) -> None:
-    """Simulated live scan end to end: results.h5, pictures and summary.json in OUT."""
+    """Simulated live scan end to end: results.hspy, pictures and summary.json in OUT."""
     from streamclust.demo import run_demo
 
     _setup_logging(ctx, cfg, verbose)

@@ -404,9 +404,9 @@ class LiveViewSection:
 class ResultsSection:
     """``[results]``: the output folder and crash-safe checkpoints."""
 
-    out_dir: str = _opt("out/run", _text, "folder of results.h5, pictures and summary.json")
+    out_dir: str = _opt("out/run", _text, "folder of results.hspy, pictures and summary.json")
     checkpoint_every_s: float = _opt(10.0, _float(0.0, lo_open=True),
-                                     "seconds between checkpoints of results.h5 during a scan")
+                                     "seconds between checkpoints of results.hspy during a scan")
     pictures: bool = _opt(True, _bool, "draw the pictures (docs/results.md) at the end of the scan")
 
 

@@ -29,7 +29,7 @@ engine holds after :meth:`~streamclust.engine.StreamingEngine.finalize`:
    client (:class:`~streamclust.flags.SecondPhaseFlagger` through its ``block_distances`` hook).
 
 Reduced features are cached on the workers between passes when they fit ``cache_features_bytes``;
-otherwise each pass re-reads its chunk. Results go to ``out_dir/results.h5``.
+otherwise each pass re-reads its chunk. Results go to ``out_dir/results.hspy``.
 
 The seed is the engine's final one, :func:`streamclust.engine.final_seed` (the first draw of
 ``RandomState(random_state)``, independent of the scan's history: batches, scheduled and drift
@@ -72,6 +72,7 @@ from .incremental_pca import StreamingPCA
 from .flag_sums import DistancePlan, FoldSums, ProjectionMoments, eds_window, flag_features, pair_distances, scan_fold
 from .mergeable import CentreSums, FCMSums, merge_all, merge_into
 from .spatial_pool import membership_mixing
+from .results import RESULTS_NAME
 from .robust_scaling import FeatureMoments
 from .validity import ValidityAccumulator
 
@@ -79,8 +80,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ReplayConfig", "RecordingInfo", "probe_recording", "replay_dask", "replay_flags",
            "replay_local"]
-
-RESULTS_NAME = "results.h5"
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1148,7 +1147,7 @@ def _write_results(path: Path, info: RecordingInfo, cfg: ReplayConfig, res: dict
     writer = ResultsWriter(path, scan_shape=info.scan_shape, frame_shape=info.frame_shape,
                            energy_axis_kev=np.asarray(info.energy_axis_kev), n_clusters=int(cfg.n_clusters),
                            thresholds=tuple(cfg.thresholds), config={"replay_dask": asdict(cfg)},
-                           scan_id=f"replay-dask-{Path(info.mib_path).stem}")
+                           scan_id=f"replay-dask-{Path(info.mib_path).stem}", source=str(info.mib_path))
     writer.finalize(_ReplayView(info, res), {"replay": dict(res["counters"])}, extra=_extra(res))
 
 
@@ -1320,7 +1319,7 @@ def replay_local(mib_path, eds_path, out_dir, *, chunk_positions: int | None = N
 
 def replay_dask(mib_path, eds_path, out_dir, *, scheduler=None, n_workers: int = 2,
                 chunk_positions: int = 4096, config: ReplayConfig | Mapping | None = None) -> dict[str, Any]:
-    """Replay a recorded scan on Dask distributed and write ``out_dir/results.h5``.
+    """Replay a recorded scan on Dask distributed and write ``out_dir/results.hspy``.
 
     Parameters
     ----------

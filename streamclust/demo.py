@@ -38,7 +38,7 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
              n_clusters: int | None = None, dwell_s: float = 0.0, bin_factor: int | None = None,
              progress=None, config=None, liveview=None, inclusions: int | None = None,
              dose: float = 1.0) -> dict:
-    """Run the demo and write ``results.h5``, pictures and ``summary.json`` into ``out_dir``.
+    """Run the demo and write ``results.hspy``, pictures and ``summary.json`` into ``out_dir``.
 
     Parameters
     ----------
@@ -112,7 +112,8 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
     display = progress if isinstance(progress, ProgressDisplay) else None
     session = ScanSession(cfg, scan_shape=phantom.scan_shape, frame_shape=phantom.frame_shape,
                           energy_axis_kev=phantom.energy_axis_kev, out_dir=out, scan_id=f"demo-{seed}",
-                          progress=display, liveview=liveview,
+                          progress=display, liveview=liveview, source=None,
+                          instrument={"dwell_s": phantom.dwell_s, "mrad_per_px": phantom.options["mrad_per_px"]},
                           events_endpoint=None if "events.endpoint" in cfg.explicit else "tcp://127.0.0.1:0")
     live = session.live
     session.warm_up()  # JIT before the detector is armed, never on the first live frame

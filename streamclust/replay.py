@@ -201,7 +201,7 @@ def replay_scan(mib_path: str | Path, eds_path: str | Path, out_dir: str | Path,
         session = factory(cfg, scan_shape=shape, frame_shape=mib.image_shape,
                           energy_axis_kev=eds.energy_axis_kev, out_dir=out_dir,
                           scan_id=scan_id or f"replay-{Path(mib_path).stem}", progress=progress,
-                          liveview=liveview, events_endpoint=_events_endpoint(cfg))
+                          liveview=liveview, events_endpoint=_events_endpoint(cfg), source=str(mib_path))
         session.warm_up()
         stats = ReplayStats()
         try:

@@ -30,14 +30,13 @@ from streamclust import __version__
 from streamclust.acquisition import IngestReport, acquire_scan
 from streamclust.config import Config
 from streamclust.progress import ProgressDisplay
-from streamclust.results import json_default  # re-exported: one JSON fallback for every file we write
+from streamclust.results import RESULTS_NAME, json_default  # json_default re-exported: one JSON fallback
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ScanSession", "run_scan", "json_default"]
 
 SUMMARY_NAME = "summary.json"
-RESULTS_NAME = "results.h5"
 
 
 class ScanSession:
@@ -50,7 +49,7 @@ class ScanSession:
     energy_axis_kev : ndarray
         Channel centres of the spectra.
     out_dir : path-like
-        Where ``results.h5``, the pictures and ``summary.json`` go.
+        Where ``results.hspy``, the pictures and ``summary.json`` go.
     scan_id : str
     progress : ProgressDisplay, optional
     liveview : LiveView or callable, optional
@@ -59,13 +58,14 @@ class ScanSession:
     events_endpoint : str, optional
         Overrides ``[events] endpoint`` (the demo binds a free port unless one is configured).
     results : bool, default True
-        Write ``results.h5`` through :class:`streamclust.results.ResultsWriter` (checkpointed every
+        Write ``results.hspy`` through :class:`streamclust.results.ResultsWriter` (checkpointed every
         ``[results] checkpoint_every_s``). The demo writes its own file and passes False.
     """
 
     def __init__(self, config: Config, *, scan_shape, frame_shape, energy_axis_kev, out_dir,
                  scan_id: str, progress: ProgressDisplay | None = None, liveview=None,
-                 events_endpoint: str | None = None, results: bool = True) -> None:
+                 events_endpoint: str | None = None, results: bool = True, source: str | None = None,
+                 instrument: Mapping[str, Any] | None = None) -> None:
         from streamclust.events import EventPublisher
         from streamclust.flags import SecondPhaseFlagger
         from streamclust.live import LiveAnalysis
@@ -110,7 +110,7 @@ class ScanSession:
                 self.out_dir / RESULTS_NAME, scan_shape=self.scan_shape, frame_shape=self.frame_shape,
                 energy_axis_kev=self.energy_axis_kev, n_clusters=config.engine.n_clusters,
                 thresholds=tuple(config.centres.thresholds), config=config.as_dict(), scan_id=scan_id,
-                checkpoint_every_s=config.results.checkpoint_every_s)
+                checkpoint_every_s=config.results.checkpoint_every_s, source=source, instrument=instrument)
         self.t0 = time.perf_counter()
         self._ended = False
 
@@ -244,7 +244,7 @@ def run_scan(config: Config, out_dir: str | Path | None = None, *, progress: Pro
     scan_id = scan_id or time.strftime("scan-%Y%m%dT%H%M%S")
     session = (session_factory or ScanSession)(config, scan_shape=(ny, nx), frame_shape=config.detector.frame_shape,
                           energy_axis_kev=axis, out_dir=out, scan_id=scan_id, progress=progress,
-                          liveview=liveview)
+                          liveview=liveview, source=f"merlin://{config.detector.host}:{config.detector.data_port}")
     session.warm_up()
     det, scan = config.detector, config.scan
     recorder = None

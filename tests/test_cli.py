@@ -48,7 +48,7 @@ def test_demo_writes_results_pictures_and_a_summary(tmp_path):
     assert summary["config"]["engine"]["n_clusters"] == 6
     for flag in summary["flags"]:
         assert 0.0 < flag["scan_fraction_at_first_flag"] <= 1.0 and len(flag["bbox"]) == 4
-    with h5py.File(out / "results.h5") as f:
+    with h5py.File(out / "results.hspy") as f:
         assert f.attrs["status"] == "complete"
         assert f["labels/merged"].shape == (24, 24)
         assert int((f["labels/merged"][()] >= 0).sum()) == 576
@@ -125,7 +125,7 @@ def test_run_against_a_triggered_instrument(microscope, tmp_path):
     assert summary["frames_received"] == summary["frames_processed"] == 256
     assert summary["frames_dropped"] == 0 and summary["positions_seen"] == 256
     assert summary["config"]["detector"]["start_acquisition"] is True
-    with h5py.File(out / "results.h5") as f:
+    with h5py.File(out / "results.hspy") as f:
         assert f.attrs["status"] == "complete"
     assert "256 frames received" in result.output
 
@@ -243,7 +243,7 @@ def test_replay_on_dask_from_the_command_line(tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["replay", str(rec.mib), str(rec.eds), "--out", str(out), "--dask"])
     assert result.exit_code == 0, result.output
-    assert (out / "results.h5").exists()
+    assert (out / "results.hspy").exists()
 
 
 def test_progress_on_a_terminal_rewrites_one_line_and_respects_quiet():
@@ -306,7 +306,7 @@ def test_run_stopped_by_sigterm_finalises_a_partial_scan(tmp_path):
     assert summary["status"] == "partial"
     assert 0 < summary["positions_seen"] < 256
     assert summary["ingest"]["stopped"] is True
-    with h5py.File(out / "results.h5") as f:
+    with h5py.File(out / "results.hspy") as f:
         assert f.attrs["status"] == "partial"
     assert "scan status: partial" in stdout
 

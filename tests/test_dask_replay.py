@@ -103,7 +103,7 @@ def single_process(recording, tmp_path_factory):
     """(b) the single-process replay, `streamclust replay` with the default configuration."""
     out = tmp_path_factory.mktemp("single")
     replay_scan(recording.mib, recording.eds, out, config=CONFIG)
-    return _read(out / "results.h5")
+    return _read(out / "results.hspy")
 
 
 def test_local_cluster_matches_in_process_and_single_process_replay(recording, in_process, single_process,
@@ -326,4 +326,4 @@ def test_config_and_recording_errors(recording, tmp_path):
 
     with pytest.raises(EDSRecordingError, match="streamclust-eds"):
         probe_recording(recording.mib, bad)
-    assert not os.path.exists(tmp_path / "results.h5")
+    assert not os.path.exists(tmp_path / "results.hspy")

@@ -26,7 +26,7 @@ def test_single_phase_control_at_half_dose_with_a_paced_clock(tmp_path):
     # the scratch files of the offline yardstick are gone, the results stay
     assert not list(out.glob(".scratch-*"))
     assert json.loads((out / "summary.json").read_text())["inclusions"] == 0
-    with h5py.File(out / "results.h5", "r") as f:
+    with h5py.File(out / "results.hspy", "r") as f:
         assert not np.asarray(f["ground_truth/second_phase"]).any()
         got = float(np.sum(f["demo/eds_sum"]))
     # the dose reached the sample: the received X-ray counts are those of a 2 pA beam (Poisson: a

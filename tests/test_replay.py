@@ -93,7 +93,7 @@ def test_replay_equals_the_live_scan_of_the_same_data(phantom, recording, tmp_pa
     assert summary["ingest"]["replay"]["joined"] == phantom.n_positions
     on_disk = json.loads((tmp_path / "replay" / "summary.json").read_text())
     assert on_disk["positions_seen"] == phantom.n_positions
-    with h5py.File(tmp_path / "replay" / "results.h5") as f:
+    with h5py.File(tmp_path / "replay" / "results.hspy") as f:
         assert f.attrs["status"] == "complete"
 
 
