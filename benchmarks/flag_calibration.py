@@ -16,7 +16,8 @@ Seeds are declared here, and the two sets never overlap:
   the same settings with no inclusions.
 
 Per scan size the table gives the false-alarm rate (single-phase phantoms that raised any flag) and the
-detection rate (phantoms with inclusions flagged before the scan ended), each with its exact 95 %
+detection rate (phantoms with inclusions where a flag whose positions are mostly second phase was
+raised before the scan ended; flags elsewhere are counted as misplaced), each with its exact 95 %
 Clopper-Pearson interval, the median rows from the first crossing of the second phase (the scan
 reaching it, and the scan completing the first inclusion of at least 20 positions) to the first flag,
 and the median precision of the first flag's positions (fraction that are second phase in the
@@ -115,6 +116,13 @@ def run_phantom(size: int, seed: int, setting: dict, inclusions: bool, batch: in
         out["first_flag_rows_done"] = int(round(first["scan_fraction"] * n)) // nx
         p = raised_positions.get(first["flag_id"], np.zeros(0, int))
         out["first_flag_precision"] = round(float(truth[p].mean()), 3) if p.size else None
+    # every raised flag: when, and what fraction of its positions are second phase
+    out["flags_raised"] = [
+        {"fraction": round(r["scan_fraction"], 3),
+         "precision": (round(float(truth[raised_positions[r["flag_id"]]].mean()), 3)
+                       if raised_positions.get(r["flag_id"]) is not None and raised_positions[r["flag_id"]].size
+                       else None)}
+        for r in raised]
     if inclusions and truth.any():
         out["second_phase_positions"] = int(truth.sum())
         out["f1_live"] = round(best_f1(lab, truth).single, 3)
@@ -159,6 +167,11 @@ def summarise(rows: list[dict]) -> dict:
     two = [r for r in rows if r["inclusions"] and r.get("second_phase_positions")]
     fa = sum(r["n_flags"] > 0 for r in single)
     flagged = [r for r in two if r.get("first_flag_fraction") is not None and r["first_flag_fraction"] < 1.0]
+    # a detection is a flag at the second phase (most of its positions are), raised before the end
+    found = [r for r in two if any(f["fraction"] < 1.0 and (f["precision"] or 0) >= 0.5
+                                   for f in r.get("flags_raised", []))]
+    # flags elsewhere on a two-phase sample: a follow-up aimed at nothing
+    misplaced = sum(sum((f["precision"] or 0) < 0.5 for f in r.get("flags_raised", [])) for r in two)
     after_reach = [r["first_flag_rows_done"] - 1 - r["second_phase_first_row"] for r in flagged]
     after_cross = [r["first_flag_rows_done"] - 1 - r["first_inclusion_crossed_row"] for r in flagged
                    if r.get("first_inclusion_crossed_row") is not None]
@@ -171,9 +184,10 @@ def summarise(rows: list[dict]) -> dict:
         "single_phase": len(single), "false_alarms": fa,
         "false_alarm_rate": round(fa / len(single), 3) if single else None,
         "false_alarm_ci95": [round(v, 3) for v in clopper_pearson(fa, len(single))],
-        "two_phase": len(two), "detected": len(flagged),
-        "detection_rate": round(len(flagged) / len(two), 3) if two else None,
-        "detection_ci95": [round(v, 3) for v in clopper_pearson(len(flagged), len(two))],
+        "two_phase": len(two), "flagged": len(flagged), "detected": len(found),
+        "detection_rate": round(len(found) / len(two), 3) if two else None,
+        "detection_ci95": [round(v, 3) for v in clopper_pearson(len(found), len(two))],
+        "misplaced_flags_on_two_phase": misplaced,
         "median_rows_after_reaching": med(after_reach),
         "median_rows_after_first_inclusion_crossed": med(after_cross),
         "median_first_flag_precision": med(prec),
