@@ -31,10 +31,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-#: where CI keeps the real recordings (beside the checkout)
-SHARED_DATA = REPO.parent / "shared" / "data"
+#: where CI keeps the real recordings (beside the checkout); STREAMCLUST_SHARED_DATA overrides it
+SHARED_DATA = Path(os.environ.get("STREAMCLUST_SHARED_DATA", REPO.parent / "shared" / "data"))
 #: markers of a skip reason that says a real recording was not found
-REAL_FILE_SKIP_WORDS = ("shared/data", "real file", "real recording", "real data", "recording not found",
+REAL_FILE_SKIP_WORDS = ("shared/data", "real file", "real recording", "real data", "recordings not found",
                         "no real")
 
 
@@ -50,6 +50,7 @@ def is_real_file_skip(reason: str, nodeid: str) -> bool:
 
 
 def skips_are_failures(shared_data: Path = SHARED_DATA) -> bool:
+    """On CI with the recordings present (``CI`` true and the shared data directory there)."""
     return _on_ci() and shared_data.is_dir()
 
 
