@@ -31,6 +31,20 @@ def source():
     return ArraySpectrumSource(spectra, scan_shape=(NY, NX), energy_offset_kev=-0.2, channel_width_kev=0.01)
 
 
+def wait_subscribed(pub, rx, attempts: int = 50) -> int:
+    """Publish one-spectrum probe scans until the SUB receives one: its subscription has then reached
+    the PUB (ZeroMQ's "slow joiner"), shown rather than assumed after a sleep. Returns the probes sent.
+
+    The 2 s wait for each probe is a liveness guard: once subscribed, a probe arrives in
+    milliseconds, so none is still in flight when the test's own scan starts.
+    """
+    for attempt in range(1, attempts + 1):
+        pub.publish_scan(1, timeout=10)
+        if list(rx.spectra(timeout=2.0)):
+            return attempt
+    raise AssertionError(f"no probe reached the SUB in {attempts} attempts: subscription never arrived")
+
+
 def publish_and_collect(source, *, receiver_kwargs=None, **publisher_kwargs):
     with EDSPublisher(source, **publisher_kwargs) as pub:
         with SpectrumReceiver(pub.endpoint, **(receiver_kwargs or {})) as rx:
@@ -125,23 +139,41 @@ def test_full_buffer_drops_are_counted_and_the_end_marker_survives(source):
 def test_pub_sub_delivers_to_a_subscribed_receiver(source):
     with EDSPublisher(source, socket_type="pub", random_state=0) as pub:
         with SpectrumReceiver(pub.endpoint, socket_type="sub") as rx:
-            time.sleep(0.3)  # a SUB joining a PUB needs its subscription to arrive (zmq "slow joiner")
+            wait_subscribed(pub, rx)
             totals = pub.publish_scan(timeout=30)
             got = list(rx.spectra(timeout=10))
     assert totals["hwm_dropped"] == 0
     assert [s.position for s in got] == list(range(N))
 
 
-def test_pub_counts_messages_not_published_at_a_slow_subscribers_hwm(source):
+def _kernel_tcp_buffer_bytes() -> int:
+    """The most a loopback TCP connection can hold in the kernel (both ends' buffer maxima)."""
+    total = 0
+    for path in ("/proc/sys/net/ipv4/tcp_rmem", "/proc/sys/net/ipv4/tcp_wmem"):
+        try:
+            total += int(open(path).read().split()[2])
+        except (OSError, IndexError, ValueError):
+            total += 64 * 2**20  # not Linux: assume generous buffers
+    return total
+
+
+def test_pub_counts_messages_not_published_at_a_slow_subscribers_hwm():
+    # The loss is forced: the scan is twice what the kernel's socket buffers can hold, and nothing is
+    # read until it has all been offered (with small spectra the kernel could absorb the whole scan)
+    channels = -(-2 * _kernel_tcp_buffer_bytes() // (N * 2))
+    rng = np.random.default_rng(11)
+    spectra = rng.integers(0, 50, size=(N, channels), dtype=np.uint16)
+    source = ArraySpectrumSource(spectra, scan_shape=(NY, NX))
     with EDSPublisher(source, socket_type="pub", hwm=1, random_state=1, duplicate=0.1) as pub:
         with SpectrumReceiver(pub.endpoint, socket_type="sub", hwm=1, max_buffer=1, on_full="block") as rx:
-            time.sleep(0.3)  # subscription must reach the PUB first (zmq "slow joiner")
+            probes = wait_subscribed(pub, rx)
             pub.publish_scan(wait=False)
             deadline = time.monotonic() + 20
-            while not pub.scans and time.monotonic() < deadline:
+            while len(pub.scans) == probes and time.monotonic() < deadline:
                 time.sleep(0.01)  # nothing is read meanwhile: the subscriber is as slow as can be
             got = list(rx.spectra(timeout=5))
-    (scan,) = pub.scans
+    assert len(pub.scans) == probes + 1
+    scan = pub.scans[-1]
     assert scan["hwm_dropped"] > 0
     assert scan["sent"] + scan["hwm_dropped"] == N + scan["duplicated"]
     assert 0 < len(got) <= scan["sent"]
