@@ -260,3 +260,47 @@ def instruments_in_process(phantom: dict, merlin: dict | None = None, eds: dict 
 def instruments_process():
     """The context manager :func:`instruments_in_process` (simulators outside this process)."""
     return instruments_in_process
+
+
+# -- a PUB's subscriber, confirmed -------------------------------------------------------------------
+class SubscriptionProbe:
+    """Frames for a :class:`FrameBridge` PUB that start with probe frames until the SUB has one.
+
+    A SUB's subscription reaches a PUB asynchronously; what is published before it is lost unseen
+    (and counted as sent). Instead of sleeping and hoping, the bridge publishes one small probe
+    frame at a time (so none can meet a high-water mark) until the test's SUB reports one with
+    :meth:`is_probe`; then the real frames follow. Probes have sequences from :attr:`BASE` on.
+    """
+
+    BASE = 1_000_000
+
+    def __init__(self) -> None:
+        import threading
+
+        self.subscribed = threading.Event()
+        self.sent = 0
+        self.seen = 0
+
+    def frames(self, real):
+        """``real()`` (a callable: started only once the subscription is confirmed) after the probes."""
+        import numpy as np
+        from types import SimpleNamespace
+
+        while not self.subscribed.is_set():
+            self.sent += 1
+            yield SimpleNamespace(sequence=self.BASE + self.sent, image=np.zeros((4, 4), np.uint16))
+            self.subscribed.wait(1.0)  # a probe in flight, or the subscription is not there yet
+        yield from real()
+
+    def is_probe(self, frame) -> bool:
+        """True for a probe (and the subscription is then confirmed)."""
+        if frame.sequence >= self.BASE:
+            self.seen += 1
+            self.subscribed.set()
+            return True
+        return False
+
+
+@pytest.fixture
+def subscription_probe():
+    return SubscriptionProbe()
