@@ -304,3 +304,18 @@ class SubscriptionProbe:
 @pytest.fixture
 def subscription_probe():
     return SubscriptionProbe()
+
+
+def kernel_tcp_buffer_bytes() -> int:
+    """The most a loopback TCP connection can hold in the kernel: both ends' buffer maxima.
+
+    A test that asserts loss at a high-water mark sends more than this, so the kernel cannot absorb
+    the stream and the loss is forced, whatever the machine's settings.
+    """
+    total = 0
+    for path in ("/proc/sys/net/ipv4/tcp_rmem", "/proc/sys/net/ipv4/tcp_wmem"):
+        try:
+            total += int(Path(path).read_text().split()[2])
+        except (OSError, IndexError, ValueError):
+            total += 64 * 2**20  # not Linux: assume generous buffers
+    return total

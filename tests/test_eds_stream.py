@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import zmq
 
+from conftest import kernel_tcp_buffer_bytes
 from streamclust.adapters.eds import Spectrum, SpectrumReceiver
 from streamclust.adapters.eds_file import EDSRecordingError, read_eds_recording
 from streamclust.adapters.join import ScanJoiner, join_streams
@@ -146,21 +147,10 @@ def test_pub_sub_delivers_to_a_subscribed_receiver(source):
     assert [s.position for s in got] == list(range(N))
 
 
-def _kernel_tcp_buffer_bytes() -> int:
-    """The most a loopback TCP connection can hold in the kernel (both ends' buffer maxima)."""
-    total = 0
-    for path in ("/proc/sys/net/ipv4/tcp_rmem", "/proc/sys/net/ipv4/tcp_wmem"):
-        try:
-            total += int(open(path).read().split()[2])
-        except (OSError, IndexError, ValueError):
-            total += 64 * 2**20  # not Linux: assume generous buffers
-    return total
-
-
 def test_pub_counts_messages_not_published_at_a_slow_subscribers_hwm():
     # The loss is forced: the scan is twice what the kernel's socket buffers can hold, and nothing is
     # read until it has all been offered (with small spectra the kernel could absorb the whole scan)
-    channels = -(-2 * _kernel_tcp_buffer_bytes() // (N * 2))
+    channels = -(-2 * kernel_tcp_buffer_bytes() // (N * 2))
     rng = np.random.default_rng(11)
     spectra = rng.integers(0, 50, size=(N, channels), dtype=np.uint16)
     source = ArraySpectrumSource(spectra, scan_shape=(NY, NX))

@@ -18,11 +18,11 @@ import socket
 import threading
 import time
 import tracemalloc
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from conftest import kernel_tcp_buffer_bytes
 from streamclust.acquisition import IngestReport, acquire_scan
 from streamclust.adapters.merlin import MerlinReceiver
 from streamclust.adapters.merlin_control import MerlinControl
@@ -275,55 +275,47 @@ def test_slow_consumer_dropping_counts_ring_full(big_phantom, instruments):
     check_engine(consumer)
 
 
-def test_frame_bridge_pub_at_its_high_water_mark(phantom, instruments):
+def test_frame_bridge_pub_at_its_high_water_mark(big_phantom, instruments, subscription_probe):
     """Merlin -> FrameBridge PUB (hwm 2) -> a SUB that stops reading: sent + dropped == every frame.
 
-    A SUB's subscription reaches the PUB asynchronously, and frames published before it are lost
-    unseen (counted as sent). So the bridge first publishes probe frames, one at a time, until the
-    SUB has received one: the subscription is then in place, explicitly. The loss is forced: after
-    the first frame the SUB stops reading until the bridge has published the whole scan (32 MiB
-    against a high-water mark of 2 frames and the kernel's socket buffers).
+    The SUB's subscription is confirmed by probe frames before the scan starts (conftest's
+    SubscriptionProbe: frames published before it would be lost unseen). The loss is forced: after
+    the first frame the SUB stops reading until the bridge has published the whole scan (72 MiB
+    against a high-water mark of 2 frames, and more than the kernel's socket buffers can hold).
     """
-    probe_base = 1_000_000  # probe sequences, far beyond any scan position
-    subscribed = threading.Event()
-    probes = []
-    with instruments(phantom, eds=False) as (server, _):
+    probe = subscription_probe
+    n = big_phantom.n_positions
+    assert n * FRAME[0] * FRAME[1] * 2 > kernel_tcp_buffer_bytes()  # else the kernel could absorb the scan
+    with instruments(big_phantom, eds=False) as (server, _):
         def frames():
-            while not subscribed.is_set():  # one probe in flight at a time: none reaches the HWM
-                probes.append(SimpleNamespace(sequence=probe_base + len(probes), image=np.zeros((4, 4), np.uint16)))
-                yield probes[-1]
-                subscribed.wait(1.0)
             with MerlinReceiver(*server.data_address, timeout=5.0) as rx:  # headless: the scan starts now
                 yield from rx.frames()
 
-        bridge = FrameBridge(frames(), pub="tcp://127.0.0.1:0", pub_hwm=2, end_timeout_s=2.0).start()
+        bridge = FrameBridge(probe.frames(frames), pub="tcp://127.0.0.1:0", pub_hwm=2, end_timeout_s=2.0).start()
         try:
             endpoint = bridge.wait_for_listen()["pub"]
             with ZmqFrameSource(endpoint, "sub", hwm=2) as sub:
-                got, probes_seen = [], 0
+                got = []
                 for f in sub.frames(timeout=5.0):
-                    if f.sequence >= probe_base:
-                        probes_seen += 1
-                        subscribed.set()
+                    if probe.is_probe(f):
                         continue
                     got.append(f.sequence)
                     if len(got) == 1:  # stop reading until everything was published
                         deadline = time.monotonic() + DEADLINE_S
-                        while bridge.stats.get("frames_in", 0) < N + len(probes) and time.monotonic() < deadline:
+                        while bridge.stats.get("frames_in", 0) < n + probe.sent and time.monotonic() < deadline:
                             time.sleep(0.01)
             bridge.join(timeout=DEADLINE_S)
         finally:
             bridge.stop(timeout=5.0)
         sent = frames_sent(server)
     stats = bridge.stats
-    n_probes = len(probes)
-    assert sent == N and stats["frames_in"] == N + n_probes
-    assert stats["pub_sent"] + stats["pub_dropped"] == N + n_probes
+    assert sent == n and stats["frames_in"] == n + probe.sent
+    assert stats["pub_sent"] + stats["pub_dropped"] == n + probe.sent
     assert stats["pub_dropped"] > 0
     # probes are never dropped (one in flight); those before the subscription were sent to nobody;
     # after it, every frame counted as sent reached the SUB, in order
-    assert 1 <= probes_seen <= n_probes
-    assert len(got) == stats["pub_sent"] - n_probes and got == sorted(got)
+    assert 1 <= probe.seen <= probe.sent
+    assert len(got) == stats["pub_sent"] - probe.sent and got == sorted(got)
     assert sub.end_header is not None and sub.end_header["totals"]["pub_dropped"] == stats["pub_dropped"]
 
 

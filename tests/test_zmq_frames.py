@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import zmq
 
+from conftest import kernel_tcp_buffer_bytes
 from streamclust.adapters.join import join_streams
 from streamclust.adapters.wire import encode_array_message
 from streamclust.adapters.zmq_frames import FrameBridge, ZmqFrame, ZmqFrameSource
@@ -73,22 +74,11 @@ def test_one_push_per_consumer_gives_every_consumer_every_frame():
     assert bridge.stats["push_sent"] == 2 * n
 
 
-def _kernel_tcp_buffer_bytes() -> int:
-    """The most a loopback TCP connection can hold in the kernel (both ends' buffer maxima)."""
-    total = 0
-    for path in ("/proc/sys/net/ipv4/tcp_rmem", "/proc/sys/net/ipv4/tcp_wmem"):
-        try:
-            total += int(open(path).read().split()[2])
-        except (OSError, IndexError, ValueError):
-            total += 64 * 2**20  # not Linux: assume generous buffers
-    return total
-
-
 def test_pub_drops_for_a_slow_subscriber_are_counted(subscription_probe):
     """The viewer's subscription is confirmed by probe frames (no sleep), then it reads nothing until
     the bridge is done, and the frames are twice what the kernel's socket buffers hold: loss forced."""
     n = 300
-    side = int(np.ceil(np.sqrt(2 * _kernel_tcp_buffer_bytes() / (n * 2))))
+    side = int(np.ceil(np.sqrt(2 * kernel_tcp_buffer_bytes() / (n * 2))))
     probe = subscription_probe
     bridge = FrameBridge(probe.frames(lambda: merlin_frames(n, shape=(side, side))), pub=EP, pub_hwm=2).start()
     endpoint = bridge.wait_for_listen()["pub"]
