@@ -33,15 +33,19 @@ def source():
 
 
 def wait_subscribed(pub, rx, attempts: int = 50) -> int:
-    """Publish one-spectrum probe scans until the SUB receives one: its subscription has then reached
-    the PUB (ZeroMQ's "slow joiner"), shown rather than assumed after a sleep. Returns the probes sent.
+    """Publish empty probe scans (an end marker alone) until the SUB receives one: its subscription
+    has then reached the PUB (ZeroMQ's "slow joiner"), shown rather than assumed after a sleep.
+    Returns the probes sent.
 
-    The 2 s wait for each probe is a liveness guard: once subscribed, a probe arrives in
-    milliseconds, so none is still in flight when the test's own scan starts.
+    A probe carries no spectrum, so it draws none of the publisher's random faults and meets no
+    high-water mark; once one has arrived nothing of the probes is still in flight. The 2 s wait for
+    each is a liveness guard (a subscribed SUB gets it in milliseconds).
     """
     for attempt in range(1, attempts + 1):
-        pub.publish_scan(1, timeout=10)
-        if list(rx.spectra(timeout=2.0)):
+        ends = rx.stats["ends"]
+        pub.publish_scan(0, timeout=10)
+        assert list(rx.spectra(timeout=2.0)) == []
+        if rx.stats["ends"] > ends:
             return attempt
     raise AssertionError(f"no probe reached the SUB in {attempts} attempts: subscription never arrived")
 
@@ -294,6 +298,9 @@ def test_next_and_blocks_can_be_mixed_without_losing_a_spectrum(source):
     with EDSPublisher(source, random_state=0) as pub:
         with SpectrumReceiver(pub.endpoint) as rx:
             pub.publish_scan(timeout=30)
+            deadline = time.monotonic() + 10
+            while rx.stats["ends"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)  # the whole scan received: the first block is then a full one
             stream = rx.spectra(timeout=10)
             head = [next(stream) for _ in range(7)]
             middle = next(iter(stream.blocks(max_block=50)))
