@@ -194,17 +194,20 @@ for name in ("frame", "spectrum", "frames", "spectra"):
     if fn is not None:
         fn(0) if name in ("frame", "spectrum") else fn([0])
 clock = ScanClock()
-pub = EDSPublisher(phantom, clock=clock, **spec["eds"]).start()
-pub.wait_for_listen()
+pub = None
+if spec["eds"] is not None:  # None: no EDS publisher (the frames' path alone)
+    pub = EDSPublisher(phantom, clock=clock, **spec["eds"]).start()
+    pub.wait_for_listen()
 server = MerlinServer(phantom, data_port=0, control_port=0, clock=clock, **spec["merlin"]).start()
 server.wait_for_listen()
 print(json.dumps({"data": list(server.data_address), "control": list(server.control_address),
-                  "eds": pub.endpoint}), flush=True)
+                  "eds": pub.endpoint if pub else None}), flush=True)
 sys.stdin.readline()  # the parent asks for the totals
 idle = server.wait_until_idle(timeout=30.0)
-out = {"idle": idle, "frames_sent": server.frames_sent, "eds_totals": pub.totals}
+out = {"idle": idle, "frames_sent": server.frames_sent, "eds_totals": pub.totals if pub else None}
 server.stop(timeout=5.0)
-pub.stop(timeout=5.0, linger_s=0)
+if pub is not None:
+    pub.stop(timeout=5.0, linger_s=0)
 print(json.dumps(out, default=str), flush=True)
 """
 
@@ -233,10 +236,12 @@ class InstrumentsProcess:
 
 
 @contextlib.contextmanager
-def instruments_in_process(phantom: dict, merlin: dict | None = None, eds: dict | None = None,
+def instruments_in_process(phantom: dict, merlin: dict | None = None, eds: dict | None = {},
                            start_timeout: float = 120.0):
-    """Merlin + EDS in a child Python (same interpreter), built from JSON-able keyword arguments."""
-    spec = json.dumps({"phantom": phantom, "merlin": merlin or {}, "eds": eds or {}})
+    """Merlin + EDS in a child Python (same interpreter), built from JSON-able keyword arguments.
+
+    ``eds=None``: no EDS publisher (``eds_endpoint`` is then None)."""
+    spec = json.dumps({"phantom": phantom, "merlin": merlin or {}, "eds": eds})
     # stderr to a file: a chatty child must not block on a full pipe nobody reads
     err = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, spec], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
