@@ -84,24 +84,35 @@ def make_phantom():
     return make
 
 
+def _started(cls, defaults: dict, stop_kw: dict):
+    """A factory ``start(source, **kw)`` of started, listening ``cls`` instances, and a list of them
+    to stop after the test (bounded)."""
+    started = []
+
+    def start(source, **kw):
+        for key, value in defaults.items():
+            kw.setdefault(key, value)
+        obj = cls(source, **kw).start()
+        started.append(obj)
+        obj.wait_for_listen()
+        return obj
+
+    return start, started, stop_kw
+
+
+def _stop_all(started, stop_kw) -> None:
+    for obj in started:
+        obj.stop(timeout=5.0, **stop_kw)
+
+
 @pytest.fixture
 def merlin_server():
     """``merlin_server(source, **kw)``: a started MerlinServer on 127.0.0.1:0; stopped after the test."""
     from streamclust.simulators.merlin import MerlinServer
 
-    started = []
-
-    def start(source, **kw):
-        kw.setdefault("data_port", 0)
-        kw.setdefault("control_port", 0)
-        server = MerlinServer(source, **kw).start()
-        started.append(server)
-        server.wait_for_listen()
-        return server
-
+    start, started, stop_kw = _started(MerlinServer, {"data_port": 0, "control_port": 0}, {})
     yield start
-    for server in started:
-        server.stop(timeout=5.0)
+    _stop_all(started, stop_kw)
 
 
 @pytest.fixture
@@ -109,18 +120,9 @@ def eds_publisher():
     """``eds_publisher(source, **kw)``: a started EDSPublisher on tcp://127.0.0.1:0; stopped after."""
     from streamclust.simulators.eds import EDSPublisher
 
-    started = []
-
-    def start(source, **kw):
-        kw.setdefault("endpoint", "tcp://127.0.0.1:0")
-        pub = EDSPublisher(source, **kw).start()
-        started.append(pub)
-        pub.wait_for_listen()
-        return pub
-
+    start, started, stop_kw = _started(EDSPublisher, {"endpoint": "tcp://127.0.0.1:0"}, {"linger_s": 0})
     yield start
-    for pub in started:
-        pub.stop(timeout=5.0, linger_s=0)
+    _stop_all(started, stop_kw)
 
 
 @contextlib.contextmanager
