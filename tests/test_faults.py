@@ -253,11 +253,14 @@ def test_slow_consumer_lossless_with_bounded_memory(instruments_process):
     # The documented bound (ring + queue + max_pending + 2 batches + the receiver's 16-image pool),
     # each part rounded up to whole blocks of `batch` frames (frames are decoded into such blocks,
     # held while any row is referenced; pending frames are consecutive, so one more block for their
-    # misalignment), plus the ring's own slots and 4 MiB for the interpreter's own allocations
+    # misalignment), plus the ring's own slots, plus the batches as copies (rows without a spectrum
+    # are copied into a new batch instead of viewed in their block: the queued batches, the one
+    # being filled and the one being analysed), and 4 MiB for the interpreter's own allocations
     # meanwhile. Far below the 72 MiB of the whole scan that an ingest buffering it (or a consumer
     # keeping its batches) would hold.
     blocks = sum(-(-k // batch) for k in (ring, queue_size, pending, batch, batch, 16)) + 1
-    bound = (blocks * batch + ring) * frame_bytes + 4 * 2**20
+    copies = -(-queue_size // batch) + 2
+    bound = ((blocks + copies) * batch + ring) * frame_bytes + 4 * 2**20
     assert peak < bound < n * frame_bytes, (peak, bound)
 
 
