@@ -103,7 +103,11 @@ def _time(fn, repeat: int) -> float:
 
 
 def speed(sizes: list[int], m: float, iters: int) -> list[dict]:
-    import skfuzzy
+    try:
+        import skfuzzy
+    except ImportError as exc:  # the speed-up is *against* scikit-fuzzy: without it there is no figure
+        raise SystemExit(f"bench_fcm.py: the comparator scikit-fuzzy is not installed ({exc}); install it "
+                         "with: pip install -c constraints.txt scikit-fuzzy") from exc
 
     p, c = 10, 6
     results = []

@@ -45,6 +45,14 @@ SCRIPTS = {
     "bench_dask.py": ([], ["--scan", "32", "--frame", "256"]),
 }
 
+# the established implementations some scripts measure against: script -> (module, pip requirement).
+# Without one the figure would be meaningless, so the script is not run: the runner says what is
+# missing and how to install it, and exits non-zero (a null figure is a failure, not a result).
+COMPARATORS = {
+    "bench_fcm.py": [("skfuzzy", "scikit-fuzzy")],
+    "bench_dask.py": [("dask.distributed", "dask[distributed]")],
+}
+
 # the headline figures of ``--json``: script -> keys it must report
 HEADLINE = {
     "bench_ingest.py": ("ingest_u16_fps", "drain_u16_fps", "ingest_raw1_fps", "drain_raw1_fps"),
@@ -66,6 +74,27 @@ def last_json(stdout: str) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
+def missing_comparators(script: str) -> list[str]:
+    """Requirements of ``script``'s comparators that do not import with this interpreter.
+
+    Tried in a child interpreter with this environment, so an import that fails (not only one that
+    is absent) counts, and the runner's own process imports nothing heavy.
+    """
+    missing = []
+    for module, requirement in COMPARATORS.get(script, []):
+        probe = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
+        if probe.returncode:
+            missing.append(requirement)
+    return missing
+
+
+def missing_message(script: str, missing: list[str]) -> str:
+    reqs = " ".join(f"'{r}'" for r in missing)
+    return (f"{script} not run: its comparator {', '.join(missing)} is not installed (or does not import) in "
+            f"{sys.executable}. Install it with: {sys.executable} -m pip install -c constraints.txt {reqs} "
+            "(or `make test`, which installs the test extras)")
+
+
 def _json_args(script: str, args: list[str]) -> list[str]:
     # subcommand scripts (bench_fcm.py speed ...) take --json after the subcommand
     return [*args, "--json"]
@@ -81,6 +110,12 @@ def run_json(names: list[str], quick: bool, timeout_s: float, out: Path) -> dict
         path = HERE / script
         if not path.exists():
             merged["errors"].append({"script": script, "error": "script not present", "keys": list(keys)})
+            continue
+        missing = missing_comparators(script)
+        if missing:
+            message = missing_message(script, missing)
+            print(f"-- {message}", file=sys.stderr, flush=True)
+            merged["errors"].append({"script": script, "error": message, "missing": missing, "keys": list(keys)})
             continue
         full, quick_args = SCRIPTS[script]
         attempts = [_json_args(script, quick_args if quick else full)]
@@ -137,7 +172,7 @@ def main(argv=None) -> int:
     if args.json:
         merged = run_json(args.names, args.quick, args.timeout, out)
         print(json.dumps(merged))
-        return 0
+        return 1 if merged["errors"] else 0  # a figure that is null must not look like a result
     failed = []
     for script, (full, quick) in SCRIPTS.items():
         if args.names and script not in args.names:
@@ -145,6 +180,11 @@ def main(argv=None) -> int:
         path = HERE / script
         if not path.exists():
             print(f"-- {script}: not present, skipped")
+            continue
+        missing = missing_comparators(script)
+        if missing:
+            print(f"-- {missing_message(script, missing)}", file=sys.stderr, flush=True)
+            failed.append(script)
             continue
         cmd = [sys.executable, str(path), *(quick if args.quick else full)]
         print(f"== {' '.join(cmd[1:])}", flush=True)

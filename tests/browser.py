@@ -17,9 +17,11 @@ Chromium is found with :func:`find_chromium`; tests skip with a reason when it i
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -43,13 +45,69 @@ def find_chromium() -> str | None:
     return "/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None
 
 
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``, from /proc."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(entry.name))
+    return alive
+
+
+def end_process_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Stop Chromium and wait until *every* process it started has exited.
+
+    The browser's main process exits before its helpers (zygote, renderers, crash handler), which
+    go on writing into the profile: removing the profile directory then fails with "Directory not
+    empty" (issue 15). Chromium is started in its own session, so its process group is exactly
+    its processes: terminate the main one, then wait for the group to be empty (SIGKILL after half
+    the timeout), and only then may the profile be removed.
+    """
+    pgid = proc.pid  # start_new_session=True: the group id is the leader's pid
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout / 2)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout / 2)
+    deadline = time.monotonic() + timeout
+    killed = False
+    while True:
+        members = _group_members(pgid)
+        if not members:
+            return
+        now = time.monotonic()
+        if not killed and now > deadline - timeout / 2:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            killed = True
+        if now > deadline:
+            raise TimeoutError(f"chromium helper processes {members} outlived the browser")
+        time.sleep(0.02)  # polling /proc for the exits: there is no wait() for grandchildren
+
+
 def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     exe = find_chromium()
     if exe is None:
         raise FileNotFoundError("chromium not installed (apt-get install chromium)")
     with tempfile.TemporaryDirectory(prefix="sc-chromium-") as profile:
-        return subprocess.run([exe, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
-                              timeout=timeout, check=True, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen([exe, *FLAGS, f"--user-data-dir={profile}", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            end_process_group(proc)  # the helpers may still hold the profile
+        if proc.returncode:
+            raise subprocess.CalledProcessError(proc.returncode, proc.args, out, err)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def dump_dom(url: str, budget_ms: int = 2000, timeout: float = 60.0) -> str:
@@ -164,7 +222,7 @@ class Browser:
             [exe, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
              "--remote-debugging-address=127.0.0.1", f"--window-size={self.size[0]},{self.size[1]}",
              "about:blank"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
+            stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             port = self._wait_port(profile / "DevToolsActivePort")
             targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list",
@@ -195,12 +253,7 @@ class Browser:
             self._ws.close()
             self._ws = None
         if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(10)
+            end_process_group(self._proc)  # before the profile goes: helpers still write to it
             self._proc = None
         if self._profile is not None:
             self._profile.cleanup()

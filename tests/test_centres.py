@@ -6,15 +6,14 @@ import numpy as np
 import pytest
 
 from streamclust.centres import ThresholdedCentres, bin_pattern, fe_co_lines, fe_co_ratio, fwhm_kev
-from streamclust.simulators.phantom import LamellaPhantom
 
 SCAN = (64, 64)
 
 
 @pytest.fixture(scope="module")
-def phantom():
+def phantom(make_phantom):
     # frames of 128 x 128 keep the fixture fast; spectra and truth do not depend on frame_shape
-    return LamellaPhantom(scan_shape=SCAN, seed=0, frame_shape=(128, 128))
+    return make_phantom(scan_shape=SCAN, seed=0, frame_shape=(128, 128))
 
 
 def truth_memberships(ph, noise=0.03, seed=1):

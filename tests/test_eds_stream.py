@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import zmq
 
+from conftest import kernel_tcp_buffer_bytes
 from streamclust.adapters.eds import Spectrum, SpectrumReceiver
 from streamclust.adapters.eds_file import EDSRecordingError, read_eds_recording
 from streamclust.adapters.join import ScanJoiner, join_streams
@@ -29,6 +30,24 @@ def source():
     spectra = rng.poisson(3.0, size=(N, C)).astype(np.uint16)
     spectra[:, 0] = np.arange(N)  # channel 0 carries the position: every delivery is checkable
     return ArraySpectrumSource(spectra, scan_shape=(NY, NX), energy_offset_kev=-0.2, channel_width_kev=0.01)
+
+
+def wait_subscribed(pub, rx, attempts: int = 50) -> int:
+    """Publish empty probe scans (an end marker alone) until the SUB receives one: its subscription
+    has then reached the PUB (ZeroMQ's "slow joiner"), shown rather than assumed after a sleep.
+    Returns the probes sent.
+
+    A probe carries no spectrum, so it draws none of the publisher's random faults and meets no
+    high-water mark; once one has arrived nothing of the probes is still in flight. The 2 s wait for
+    each is a liveness guard (a subscribed SUB gets it in milliseconds).
+    """
+    for attempt in range(1, attempts + 1):
+        ends = rx.stats["ends"]
+        pub.publish_scan(0, timeout=10)
+        assert list(rx.spectra(timeout=2.0)) == []
+        if rx.stats["ends"] > ends:
+            return attempt
+    raise AssertionError(f"no probe reached the SUB in {attempts} attempts: subscription never arrived")
 
 
 def publish_and_collect(source, *, receiver_kwargs=None, **publisher_kwargs):
@@ -125,23 +144,30 @@ def test_full_buffer_drops_are_counted_and_the_end_marker_survives(source):
 def test_pub_sub_delivers_to_a_subscribed_receiver(source):
     with EDSPublisher(source, socket_type="pub", random_state=0) as pub:
         with SpectrumReceiver(pub.endpoint, socket_type="sub") as rx:
-            time.sleep(0.3)  # a SUB joining a PUB needs its subscription to arrive (zmq "slow joiner")
+            wait_subscribed(pub, rx)
             totals = pub.publish_scan(timeout=30)
             got = list(rx.spectra(timeout=10))
     assert totals["hwm_dropped"] == 0
     assert [s.position for s in got] == list(range(N))
 
 
-def test_pub_counts_messages_not_published_at_a_slow_subscribers_hwm(source):
+def test_pub_counts_messages_not_published_at_a_slow_subscribers_hwm():
+    # The loss is forced: the scan is twice what the kernel's socket buffers can hold, and nothing is
+    # read until it has all been offered (with small spectra the kernel could absorb the whole scan)
+    channels = -(-2 * kernel_tcp_buffer_bytes() // (N * 2))
+    rng = np.random.default_rng(11)
+    spectra = rng.integers(0, 50, size=(N, channels), dtype=np.uint16)
+    source = ArraySpectrumSource(spectra, scan_shape=(NY, NX))
     with EDSPublisher(source, socket_type="pub", hwm=1, random_state=1, duplicate=0.1) as pub:
         with SpectrumReceiver(pub.endpoint, socket_type="sub", hwm=1, max_buffer=1, on_full="block") as rx:
-            time.sleep(0.3)  # subscription must reach the PUB first (zmq "slow joiner")
+            probes = wait_subscribed(pub, rx)
             pub.publish_scan(wait=False)
             deadline = time.monotonic() + 20
-            while not pub.scans and time.monotonic() < deadline:
+            while len(pub.scans) == probes and time.monotonic() < deadline:
                 time.sleep(0.01)  # nothing is read meanwhile: the subscriber is as slow as can be
             got = list(rx.spectra(timeout=5))
-    (scan,) = pub.scans
+    assert len(pub.scans) == probes + 1
+    scan = pub.scans[-1]
     assert scan["hwm_dropped"] > 0
     assert scan["sent"] + scan["hwm_dropped"] == N + scan["duplicated"]
     assert 0 < len(got) <= scan["sent"]
@@ -272,6 +298,9 @@ def test_next_and_blocks_can_be_mixed_without_losing_a_spectrum(source):
     with EDSPublisher(source, random_state=0) as pub:
         with SpectrumReceiver(pub.endpoint) as rx:
             pub.publish_scan(timeout=30)
+            deadline = time.monotonic() + 10
+            while rx.stats["ends"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)  # the whole scan received: the first block is then a full one
             stream = rx.spectra(timeout=10)
             head = [next(stream) for _ in range(7)]
             middle = next(iter(stream.blocks(max_block=50)))

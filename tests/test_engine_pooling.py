@@ -9,14 +9,13 @@ from sklearn.metrics import adjusted_rand_score
 
 from streamclust.engine import StreamingEngine
 from streamclust.reference import phantom_features
-from streamclust.simulators.phantom import LamellaPhantom
 
 SCAN = (32, 32)
 
 
 @pytest.fixture(scope="module")
-def features():
-    ph = LamellaPhantom(scan_shape=SCAN, seed=0)
+def features(make_phantom):
+    ph = make_phantom(scan_shape=SCAN, seed=0)
     cbed, spectra = phantom_features(ph)
     return ph, cbed, spectra
 

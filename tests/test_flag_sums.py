@@ -48,6 +48,42 @@ def _distributed(member, fold, cbed, eds, cuts, shape_only=False):
     return pair_distances(plan, mc, me)
 
 
+def _float32_distance_error(x, in_k, in_j, fold):
+    """Worst-case difference between two float32 evaluations of block_distance's arithmetic.
+
+    block_distance sums the set means in float32 (gemv over n_set rows) where the merged sums use
+    float64, and both project in float32 (d terms, in different orders). A float32 sum of n terms is
+    off by at most n * eps32 * sum|terms|, so, per fold half:
+
+    * a mean is off by e_m <= n_set * eps32 * mean|x| per feature; the unit direction turns by
+      delta <= 2 * |e_m| / |diff|, which moves the other half's gap by delta * |diff_other|;
+    * a projection is off by e_p <= d * eps32 * max_i |x_i| (Cauchy-Schwarz, unit direction),
+      the gap by 2 e_p and the pooled sd by about e_p;
+
+    all divided by the pooled sd. No machine's observed error enters.
+    """
+    eps = float(np.finfo(np.float32).eps)
+    x = np.asarray(x, np.float64)
+    n, d = x.shape
+    row_norm = float(np.linalg.norm(x, axis=1).max())
+    halves = []
+    for a in (fold, ~fold):
+        sets = [in_k & a, in_j & a, in_k & ~a, in_j & ~a]
+        if min(int(s.sum()) for s in sets) < 2:
+            return 1e-12  # block_distance returns 0.0 exactly on both sides
+        means = [x[s].mean(axis=0) for s in sets]
+        e_m = [np.linalg.norm(s.sum() * eps * np.abs(x[s]).mean(axis=0)) for s in sets[:2]]
+        diff, other = means[0] - means[1], means[2] - means[3]
+        delta = 2 * (e_m[0] + e_m[1]) / max(float(np.linalg.norm(diff)), 1e-300)
+        u = diff / np.linalg.norm(diff)
+        pk, pj = x[sets[2]] @ u, x[sets[3]] @ u
+        pooled = np.sqrt(0.5 * (pk.var() + pj.var()))
+        e_p = d * eps * row_norm
+        dist = abs(pk.mean() - pj.mean()) / pooled
+        halves.append((delta * np.linalg.norm(other) + 2 * e_p + dist * e_p) / pooled)
+    return float(np.mean(halves)) + 1e-12
+
+
 _SHAPE_ONLY = "shape_only" in inspect.signature(block_distance).parameters
 
 
@@ -62,8 +98,9 @@ def test_merged_sums_give_block_distance(cuts, shape_only):
     for k, j in PAIRS:
         want = (block_distance(cbed, member[:, k], member[:, j], fold),
                 block_distance(eds, member[:, k], member[:, j], fold, **kw))
-        # block_distance sums in float32 (gemv), the sums here in float64: 5e-7 apart at most measured
-        np.testing.assert_allclose(got[(k, j)], want, rtol=2e-6, atol=1e-6)
+        tol = (_float32_distance_error(cbed, member[:, k], member[:, j], fold),
+               _float32_distance_error(eds, member[:, k], member[:, j], fold))
+        np.testing.assert_array_less(np.abs(np.subtract(got[(k, j)], want)), tol)
     assert got[(1, 0)][0] > 1.0 and got[(1, 0)][1] > 0.5  # the separated pair is measured as such
 
 

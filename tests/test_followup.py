@@ -16,7 +16,6 @@ from streamclust.events import EventPublisher
 from streamclust.flags import SecondPhaseFlagger
 from streamclust.followup import FollowUpClient, FollowUpConsumer, FollowUpError
 from streamclust.simulators.followup import FollowUpServer
-from streamclust.simulators.phantom import LamellaPhantom
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +25,9 @@ FOLLOW_DWELL = 0.1
 
 
 @pytest.fixture(scope="module")
-def phantom():
+def phantom(make_phantom):
     # 128 x 128 frames (+-9.6 mrad) still hold the 111 and satellite discs; they keep this fast
-    return LamellaPhantom(scan_shape=SCAN, seed=0, frame_shape=(128, 128), dwell_s=LIVE_DWELL)
+    return make_phantom(scan_shape=SCAN, seed=0, frame_shape=(128, 128), dwell_s=LIVE_DWELL)
 
 
 @pytest.fixture(scope="module")

@@ -261,26 +261,52 @@ def test_live_chain_equals_offline_reference():
 
 def test_float32_sketch_matches_float64_reference():
     """The fast float32 sketch update (orthogonal rows, periodic float64 re-orthogonalisation)
-    against the plain float64 one on raster-ordered counts: same subspace, variances, mean."""
+    against the plain float64 one on raster-ordered counts: same subspace, variances, mean.
+
+    Tolerances come from float32 rounding, the problem size and the eigengaps, never from one
+    machine's observed error (issue 15: 3e-4 relative on a noise-floor row of another machine).
+    Every float32 update forms and rotates a Gram matrix of ``n_gram = sketch_rank + batch + 1``
+    rows: its eigenvalues and rows' squared norms are then right to about ``n_gram * eps32`` of the
+    *largest* eigenvalue (the worst case of a float32 sum of n_gram terms; a backward-stable eigh has
+    the same form), and such errors add up over the updates. So eigenvalues are compared relative
+    to the largest, and subspaces by principal angles against Davis-Kahan's ``error / eigengap``,
+    only where the spectrum has a gap: not the noise floor's elements one by one.
+    """
     rng = np.random.default_rng(33)
     X = _raster_scan(rng, n_rows=30, n_cols=40, f=400)
     c = 1.0 / (np.median(X[:300], axis=0) + 1.0)
-    opts = dict(max_components=8, method="sketch", sketch_rank=48)
+    batch, rank, reorth = 50, 48, 5
+    opts = dict(max_components=8, method="sketch", sketch_rank=rank)
     ref = StreamingPCA(**opts, sketch_dtype="float64")
-    fast = StreamingPCA(**opts, sketch_dtype="float32", reorth_every=5)
-    for s in range(0, X.shape[0], 50):  # 24 updates: several float64 re-orthogonalisations
-        ref.partial_fit(X[s : s + 50] * c, warmup_multiplier=c)
-        fast.partial_fit((X[s : s + 50] * c).astype(np.float32), warmup_multiplier=c)
+    fast = StreamingPCA(**opts, sketch_dtype="float32", reorth_every=reorth)
+    n_updates = 0
+    for s in range(0, X.shape[0], batch):  # 24 updates: several float64 re-orthogonalisations
+        ref.partial_fit(X[s : s + batch] * c, warmup_multiplier=c)
+        fast.partial_fit((X[s : s + batch] * c).astype(np.float32), warmup_multiplier=c)
+        n_updates += 1
     assert fast._sketch_.dtype == np.float32 and ref._sketch_.dtype == np.float64
+    eps32 = float(np.finfo(np.float32).eps)
+    per_update = (rank + batch + 1) * eps32  # relative to the largest eigenvalue
     S = fast._sketch_.astype(np.float64)
     G = S @ S.T  # rows stay orthogonal, with the squared norms the update relies on
-    np.testing.assert_allclose(np.diag(G), fast._sketch_sq_, rtol=1e-4)
-    assert np.abs(G - np.diag(np.diag(G))).max() < 1e-4 * G.max()
+    # the design bounds the drift: at most reorth_every float32 updates since the last float64
+    # re-orthogonalisation (a lost re-orthogonalisation shows here, not in a noise-floor norm)
+    assert 0 <= fast._updates_since_reorth_ < reorth
+    drift = reorth * per_update * fast._sketch_sq_.max()
+    np.testing.assert_allclose(np.diag(G), fast._sketch_sq_, rtol=0, atol=drift)
+    assert np.abs(G - np.diag(np.diag(G))).max() < drift
+    scatter_err = n_updates * per_update  # accumulated over every update, relative to the largest
     for c_now in (c, c * rng.uniform(0.5, 2.0, c.size)):
         ref.set_current_multiplier(c_now)
         fast.set_current_multiplier(c_now)
-        np.testing.assert_allclose(fast.explained_variance_all_[:6], ref.explained_variance_all_[:6], rtol=1e-4)
-        assert _max_angle(fast.components_all_[:4], ref.components_all_[:4]) < 0.01
+        ev = ref.explained_variance_all_
+        # D C D with D = c_now / c_warm rescales the scatter: at most max(D)^2 more error than stored
+        d2 = float(np.max(c_now / c)) ** 2
+        err = scatter_err * d2 * ev[0]
+        np.testing.assert_allclose(fast.explained_variance_all_[:6], ev[:6], rtol=0, atol=err)
+        m = _gap_rank(ev, max_rank=4)  # a leading subspace with an eigengap (the 4th is inside the floor)
+        bound = np.degrees(np.arcsin(min(1.0, 2 * err / (ev[m - 1] - ev[m]))))  # Davis-Kahan sin(theta)
+        assert _max_angle(fast.components_all_[:m], ref.components_all_[:m]) < bound
         np.testing.assert_allclose(fast.mean_, ref.mean_, rtol=1e-6)
         np.testing.assert_allclose(fast.total_variance_, ref.total_variance_, rtol=1e-6)
         assert fast.n_components_ == ref.n_components_

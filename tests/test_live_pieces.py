@@ -12,14 +12,13 @@ import pytest
 
 from streamclust.adapters.join import Batch
 from streamclust.live import LiveAnalysis
-from streamclust.simulators.phantom import LamellaPhantom
 
 SCAN = (32, 32)
 
 
 @pytest.fixture(scope="module")
-def phantom():
-    ph = LamellaPhantom(SCAN, seed=0)
+def phantom(make_phantom):
+    ph = make_phantom(scan_shape=SCAN, seed=0)
     pos = np.arange(ph.n_positions)
     return ph, ph.frames(pos), ph.spectra(pos)
 

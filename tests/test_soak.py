@@ -48,9 +48,17 @@ def test_fds_and_threads_constant_between_scans(soak):
     s, _ = soak
     ends = [r for r in s["samples"] if r["kind"] == "scan_end"]
     assert len(ends) == SCANS
+    # A leaked fd or thread never comes back: a leak of one per scan (or one every other scan) grows
+    # the count steadily. What may differ between samples without a leak is a connection or
+    # thread still closing when a sample is taken under load (the harness waits up to 2 s for
+    # those): an isolated excess of one or two. So: the last scans' lowest count is the first
+    # settled scan's, and no sample exceeds it by more than such a transient.
+    transient = 2
     for key in ("fds", "os_threads", "py_threads"):
-        values = {r[key] for r in ends[1:]}
-        assert len(values) == 1, f"{key} changed between scans: {[r[key] for r in ends]}"
+        values = [r[key] for r in ends]
+        baseline = values[1]
+        assert min(values[-3:]) <= baseline, f"{key} grew between scans: {values}"
+        assert max(values[1:]) <= baseline + transient, f"{key} jumped between scans: {values}"
     # and no receiving thread is left over between scans (sampler + event drainer + simulators)
     assert ends[-1]["py_threads"] <= ends[0]["py_threads"]
 

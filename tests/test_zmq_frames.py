@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import zmq
 
+from conftest import kernel_tcp_buffer_bytes
 from streamclust.adapters.join import join_streams
 from streamclust.adapters.wire import encode_array_message
 from streamclust.adapters.zmq_frames import FrameBridge, ZmqFrame, ZmqFrameSource
@@ -73,36 +74,41 @@ def test_one_push_per_consumer_gives_every_consumer_every_frame():
     assert bridge.stats["push_sent"] == 2 * n
 
 
-def test_pub_drops_for_a_slow_subscriber_are_counted():
+def test_pub_drops_for_a_slow_subscriber_are_counted(subscription_probe):
+    """The viewer's subscription is confirmed by probe frames (no sleep), then it reads nothing until
+    the bridge is done, and the frames are twice what the kernel's socket buffers hold: loss forced."""
     n = 300
-    gate = threading.Event()
-
-    def gated():
-        gate.wait(10)
-        yield from merlin_frames(n, shape=(64, 64))
-
-    bridge = FrameBridge(gated(), pub=EP, pub_hwm=2).start()
+    side = int(np.ceil(np.sqrt(2 * kernel_tcp_buffer_bytes() / (n * 2))))
+    probe = subscription_probe
+    bridge = FrameBridge(probe.frames(lambda: merlin_frames(n, shape=(side, side))), pub=EP, pub_hwm=2).start()
     endpoint = bridge.wait_for_listen()["pub"]
     viewer = ZmqFrameSource(endpoint, "sub", hwm=2)
-    time.sleep(0.3)  # let the subscription reach the PUB (zmq "slow joiner")
-    gate.set()
-    bridge.join(30)  # the viewer reads nothing until the bridge is done: it is as slow as can be
+    for f in viewer.frames(timeout=10):
+        if probe.is_probe(f):
+            break
+    bridge.join(60)  # the viewer reads nothing until the bridge is done: it is as slow as can be
     got = []
-    collect(viewer, got, timeout=2)
+    for f in viewer.frames(timeout=2):
+        if not probe.is_probe(f):
+            assert (f.image == f.sequence % 65536).all()
+            got.append(f)
     viewer.close()
     stats = bridge.stats
+    assert probe.seen >= 1
     assert stats["pub_dropped"] > 0
-    assert stats["pub_sent"] + stats["pub_dropped"] == stats["frames_in"] == n
+    assert stats["pub_sent"] + stats["pub_dropped"] == stats["frames_in"] == n + probe.sent
     seqs = [f.sequence for f in got]
     assert seqs == sorted(set(seqs))  # in order, no duplicates
-    assert 0 < len(seqs) <= stats["pub_sent"]
+    assert 0 < len(seqs) <= stats["pub_sent"] - probe.sent
 
 
 def test_push_waits_for_a_consumer_and_counts_the_time_blocked():
     frames = list(merlin_frames(5))
     bridge = FrameBridge(frames, push=EP, push_hwm=1).start()
     endpoint = bridge.wait_for_listen()["push"][0]
-    time.sleep(0.2)  # nobody connected: the first send must wait, not drop
+    deadline = time.monotonic() + 10
+    while bridge.stats.get("push_blocked", 0) == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the first frame, with nobody connected, waits at the socket (not dropped)
     got = []
     with ZmqFrameSource(endpoint) as source:
         collect(source, got)
