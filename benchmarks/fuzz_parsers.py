@@ -295,9 +295,16 @@ def _image(shape, depth, rng):
     return img
 
 
+#: bytes of the largest one-character str object on this interpreter (a non-ASCII character outside
+#: the BMP: 4-byte storage), rounded up to the allocator's 16-byte alignment, plus a list slot
+_STR_OBJECT_BYTES = -(-sys.getsizeof("\U0001F600") // 16) * 16 + 8
+
+
 def _text_bound(data: bytes, cap: int) -> int:
-    # a text header splits into at most len/2 tiny str objects (~50 B each): bounded by the cap
-    return 64 * min(len(data), cap) + MiB
+    # a text header splits into at most one str object per input byte (comma-separated fields of
+    # one character each), whatever the characters: bounded by the cap, with each object's size
+    # measured on this interpreter rather than assumed (a non-ASCII str is larger than an ASCII one)
+    return _STR_OBJECT_BYTES * min(len(data), cap) + MiB
 
 
 def build_cases(workdir: Path, *, real_data: Path = REAL_DATA, quick: bool = False) -> dict:

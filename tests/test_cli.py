@@ -23,7 +23,7 @@ STREAMCLUST = Path(sys.executable).with_name("streamclust")
 SMALL = "[engine]\nwarmup_positions = 128\nrefresh_every = 192\n[centres]\nassess_every = 128\n"
 
 
-def run_cli(*args, timeout=300, **kw):
+def run_cli(*args, timeout=1800, **kw):  # a guard against hangs, not a speed limit (loaded machines)
     """The installed ``streamclust`` script when there is one (as a user types it), else ``-m``."""
     cmd = [str(STREAMCLUST)] if STREAMCLUST.exists() else [sys.executable, "-m", "streamclust.cli"]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, **kw)

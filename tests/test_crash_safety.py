@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -134,9 +135,17 @@ def test_abort_mid_scan_gives_an_aborted_consistent_file(tmp_path):
             live.process(batch)
             delivered["positions_delivered"] += len(batch.positions)
             writer.checkpoint(live, delivered)
-            if live.n_seen >= 64:
-                scope.clock.abort()  # the operator (or the microscope) stops the scan
 
+        def operator():
+            # the operator (or the microscope) stops the scan at position 200 of 256 by the scan
+            # clock, whatever the analysis is doing: the frames after it are never sent (an abort
+            # from the analysis side raced the scan on a loaded machine: the analysis reached its
+            # 64th position after the 2.56 s scan had sent every frame)
+            run = scope.clock.wait_for_run(timeout=60)
+            if run is not None and scope.clock.wait_for(run, 200, timeout=60):
+                scope.clock.abort()
+
+        threading.Thread(target=operator, daemon=True, name="operator").start()
         report = acquire_scan(scope.merlin.data_address, scope.eds.endpoint, ph.n_positions, on_batch,
                               batch_size=16, timeout_s=1.0, join_timeout_s=0.5)
     assert report.complete is False
