@@ -1,0 +1,66 @@
+"""Separation of level-2 clusters, own labels against neighbour labels (issue 17, the merge criterion).
+
+The reference pipeline's level 2 on the phantom (64 x 64 unless given): for every pair of level-2
+clusters, the cross-fitted separation ``d`` (streamclust.flags.block_distance: direction from one
+checkerboard fold, standardised gap on the other) of the level-2 scores, first with each position
+labelled by its own cluster, then labelled by the majority (>= 3 of 4) of its 4-neighbours, which
+are all of the other fold. Own labels were selected on the position's own data, so noise clusters
+look as distinct as a phase; neighbour labels do not carry that selection.
+
+    .venv/bin/python benchmarks/level2_separation.py SEED [SIZE]
+"""
+import sys, numpy as np
+from streamclust.simulators.phantom import LamellaPhantom
+from streamclust.reference import phantom_features, eds_window, best_f1
+from streamclust.host_refine import HostRefinement, host_group, compose_memberships
+from streamclust.fcm import FuzzyCMeans
+from streamclust.reference import run_reference
+from streamclust.flags import block_distance
+
+seed = int(sys.argv[1]); size = int(sys.argv[2]) if len(sys.argv) > 2 else 64
+ph = LamellaPhantom((size, size), seed=seed)
+cbed, spec = phantom_features(ph)
+eds = eds_window(spec, ph.energy_axis_kev, (0.2, 10.0), rebin=2)
+n = ph.n_positions
+truth = ph.truth.second_phase.ravel()
+lab_t = ph.truth.labels.ravel()
+res = run_reference(cbed, eds, n_clusters=6, random_state=seed, clusterer=FuzzyCMeans(6, n_init=10, random_state=seed))
+u1 = res.clusterer.memberships_
+from streamclust.spatial_pool import membership_mixing
+mixing = membership_mixing(u1, (size, size), None)
+host, group = host_group(u1, overlap=0.1, mixing=mixing, min_mixing=0.5)
+inside = u1[:, list(group)].sum(axis=1) > 0.9
+x = np.hstack([cbed, eds]).astype(np.float32)
+ref = HostRefinement(cbed.shape[1], 6, random_state=seed).fit_space(x[inside])
+z2 = ref.project(x)
+fcm = FuzzyCMeans(6, n_init=10, random_state=seed).fit(z2[inside])
+l2 = np.full(n, -1); l2[inside] = fcm.labels_
+yy, xx = np.divmod(np.arange(n), size); fold = (yy + xx) % 2 == 0
+print("seed", seed, "host group", group, "inside", inside.sum(), "k2 comps", ref.n_components_)
+for c in range(6):
+    m = l2 == c
+    print(f"sub {c}: n={m.sum()} second-phase frac={truth[m].mean() if m.any() else 0:.2f} matrix frac={(lab_t[m]==1).mean() if m.any() else 0:.2f}")
+print("pairwise cross-fitted d on level-2 scores (per position):")
+D = np.zeros((6, 6))
+for i in range(6):
+    for j in range(i + 1, 6):
+        D[i, j] = D[j, i] = block_distance(z2.astype(np.float32), l2 == i, l2 == j, fold)
+print(np.round(D, 2))
+# labels from the 4-neighbours (the other checkerboard fold), not from the position itself
+g = l2.reshape(size, size)
+votes = np.zeros((size, size, 6), int)
+for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+    sh = np.full((size, size), -1)
+    ys = slice(max(dy, 0), size + min(dy, 0)); yd = slice(max(-dy, 0), size + min(-dy, 0))
+    xs = slice(max(dx, 0), size + min(dx, 0)); xd = slice(max(-dx, 0), size + min(-dx, 0))
+    sh[yd, xd] = g[ys, xs]
+    for c in range(6):
+        votes[..., c] += sh == c
+nb = np.where(votes.max(axis=2) >= 3, votes.argmax(axis=2), -1).ravel()
+nb[~inside] = -1
+print("neighbour-labelled sizes", [int((nb == c).sum()) for c in range(6)])
+D = np.zeros((6, 6))
+for i in range(6):
+    for j in range(i + 1, 6):
+        D[i, j] = D[j, i] = block_distance(z2.astype(np.float32), nb == i, nb == j, fold)
+print(np.round(D, 2))
