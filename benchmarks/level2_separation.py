@@ -9,13 +9,19 @@ look as distinct as a phase; neighbour labels do not carry that selection.
 
     .venv/bin/python benchmarks/level2_separation.py SEED [SIZE]
 """
-import sys, numpy as np
-from streamclust.simulators.phantom import LamellaPhantom
-from streamclust.reference import phantom_features, eds_window, best_f1
-from streamclust.host_refine import HostRefinement, host_group, compose_memberships
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
 from streamclust.fcm import FuzzyCMeans
-from streamclust.reference import run_reference
 from streamclust.flags import block_distance
+from streamclust.host_refine import HostRefinement, host_group
+from streamclust.reference import eds_window, phantom_features, run_reference
+from streamclust.simulators.phantom import LamellaPhantom
+from streamclust.spatial_pool import membership_mixing
 
 seed = int(sys.argv[1]); size = int(sys.argv[2]) if len(sys.argv) > 2 else 64
 ph = LamellaPhantom((size, size), seed=seed)
@@ -26,7 +32,6 @@ truth = ph.truth.second_phase.ravel()
 lab_t = ph.truth.labels.ravel()
 res = run_reference(cbed, eds, n_clusters=6, random_state=seed, clusterer=FuzzyCMeans(6, n_init=10, random_state=seed))
 u1 = res.clusterer.memberships_
-from streamclust.spatial_pool import membership_mixing
 mixing = membership_mixing(u1, (size, size), None)
 host, group = host_group(u1, overlap=0.1, mixing=mixing, min_mixing=0.5)
 inside = u1[:, list(group)].sum(axis=1) > 0.9
