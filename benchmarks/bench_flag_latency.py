@@ -24,7 +24,6 @@ assess (ingest only); the ratio says how many plain batches' worth of time a dec
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import threading
@@ -37,7 +36,6 @@ def run(scan: int = 64, rate: float = 500.0, seed: int = 0, batch: int = 128) ->
     from streamclust.adapters.join import Batch
     from streamclust.config import Config
     from streamclust.events import EventPublisher, EventSubscriber
-    from streamclust.flags import SecondPhaseFlagger
     from streamclust.live import LiveAnalysis
     from streamclust.simulators.phantom import LamellaPhantom
 
@@ -58,12 +56,8 @@ def run(scan: int = 64, rate: float = 500.0, seed: int = 0, batch: int = 128) ->
     th.start()
     # the product's parameters, resolved for this scan exactly as `streamclust run` resolves them
     config = Config()
-    engine_params = config.engine.resolved(n)
-    engine_params.pop("random_state")
-    live = LiveAnalysis(ph.scan_shape, ph.frame_shape, ph.energy_axis_kev, events=pub, random_state=seed,
-                        n_clusters=config.engine.n_clusters, thresholds=config.centres.thresholds,
-                        assess_every=config.centres.resolved_assess_every(n), engine_params=engine_params)
-    live.flagger = SecondPhaseFlagger(**dataclasses.asdict(config.flags))
+    live = LiveAnalysis.from_config(config, ph.scan_shape, ph.frame_shape, ph.energy_axis_kev, events=pub,
+                                    random_state=seed)
     live.engine.warm_up()
     decided: dict[int, float] = {}  # flag id -> acquisition time of its deciding batch
     plain, deciding = [], []

@@ -108,11 +108,9 @@ class Poller(threading.Thread):
 
 
 def analysis(scan: int, rows: int, batch: int, viewers: int, seed: int = 0) -> None:
-    import dataclasses
 
     from streamclust.adapters.join import Batch
     from streamclust.config import Config
-    from streamclust.flags import SecondPhaseFlagger
     from streamclust.live import LiveAnalysis
     from streamclust.liveview import LiveView
     from streamclust.simulators.phantom import LamellaPhantom
@@ -130,12 +128,7 @@ def analysis(scan: int, rows: int, batch: int, viewers: int, seed: int = 0) -> N
     config = Config()
 
     def make():
-        params = config.engine.resolved(n)
-        params.pop("random_state")
-        live = LiveAnalysis(ph.scan_shape, ph.frame_shape, ph.energy_axis_kev, random_state=seed,
-                            n_clusters=config.engine.n_clusters, thresholds=config.centres.thresholds,
-                            assess_every=config.centres.resolved_assess_every(n), engine_params=params)
-        live.flagger = SecondPhaseFlagger(**dataclasses.asdict(config.flags))
+        live = LiveAnalysis.from_config(config, ph.scan_shape, ph.frame_shape, ph.energy_axis_kev, random_state=seed)
         live.engine.warm_up()
         return live
 

@@ -32,7 +32,6 @@ acquisition was triggered.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -79,7 +78,6 @@ def run_phantom(size: int, seed: int, setting: dict, inclusions: bool, batch: in
                 flags: dict | None = None) -> dict:
     from streamclust.adapters.join import Batch
     from streamclust.config import Config
-    from streamclust.flags import SecondPhaseFlagger
     from streamclust.live import LiveAnalysis
     from streamclust.reference import best_f1
     from streamclust.simulators.phantom import LamellaPhantom
@@ -87,12 +85,7 @@ def run_phantom(size: int, seed: int, setting: dict, inclusions: bool, batch: in
     ph = LamellaPhantom((size, size), seed=seed, **phantom_kwargs(setting, inclusions))
     n, nx = ph.n_positions, size
     config = Config().override("flags", **(flags or {})) if flags else Config()
-    engine_params = config.engine.resolved(n)
-    engine_params.pop("random_state")
-    live = LiveAnalysis(ph.scan_shape, ph.frame_shape, ph.energy_axis_kev, random_state=seed,
-                        n_clusters=config.engine.n_clusters, thresholds=config.centres.thresholds,
-                        assess_every=config.centres.resolved_assess_every(n), engine_params=engine_params)
-    live.flagger = SecondPhaseFlagger(**dataclasses.asdict(config.flags))
+    live = LiveAnalysis.from_config(config, ph.scan_shape, ph.frame_shape, ph.energy_axis_kev, random_state=seed)
     raised_positions = record_raised_positions(live.flagger)
     t0 = time.perf_counter()
     for s in range(0, n, batch):

@@ -49,7 +49,7 @@ class LiveAnalysis:
 
     def __init__(self, scan_shape, frame_shape, energy_axis_kev, *, n_clusters: int = 6,
                  thresholds=(0.5, 0.75), events=None, liveview=None, assess_every: int = 1024,
-                 random_state: int | None = 0, engine_params: dict | None = None):
+                 random_state: int | None = 0, engine_params: dict | None = None, flagger=None):
         self.scan_shape = tuple(int(v) for v in scan_shape)
         self.n_positions = int(np.prod(self.scan_shape))
         axis = np.asarray(energy_axis_kev, dtype=float)
@@ -73,7 +73,7 @@ class LiveAnalysis:
         self.centres = ThresholdedCentres(self.n_output_clusters, tuple(thresholds), n_positions=self.n_positions,
                                           cbed_shape=self._centre_shape,
                                           spill_dir=self.engine.spill_dir_for(centre_bytes))
-        self.flagger = SecondPhaseFlagger()
+        self.flagger = flagger if flagger is not None else SecondPhaseFlagger()
         self.events = events
         self.liveview = liveview
         self.assess_every = int(assess_every)
@@ -90,6 +90,22 @@ class LiveAnalysis:
         self.flag_log: list[dict] = []
         self.centre_set = None
         self.t0 = time.perf_counter()
+
+    @classmethod
+    def from_config(cls, config, scan_shape, frame_shape, energy_axis_kev, *, events=None, liveview=None,
+                    random_state="config") -> LiveAnalysis:
+        """The live analysis a :class:`~streamclust.config.Config` describes for this scan: the engine
+        resolved for its size, the centres' thresholds and cadence, and the configured flagger
+        (``streamclust run``, the demo and the benchmarks build it this one way).
+        ``random_state="config"``: the configuration's ``[engine] random_state``."""
+        n = int(np.prod([int(v) for v in scan_shape]))
+        engine_params = config.engine.resolved(n)
+        seed = engine_params.pop("random_state")
+        return cls(scan_shape, frame_shape, energy_axis_kev, n_clusters=config.engine.n_clusters,
+                   thresholds=config.centres.thresholds, events=events, liveview=liveview,
+                   assess_every=config.centres.resolved_assess_every(n),
+                   random_state=seed if random_state == "config" else random_state,
+                   engine_params=engine_params, flagger=SecondPhaseFlagger(**asdict(config.flags)))
 
     @property
     def seen(self) -> np.ndarray:

@@ -14,7 +14,6 @@ the data port is connected (a Merlin does not keep frames for a client that conn
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import platform
@@ -67,7 +66,6 @@ class ScanSession:
                  events_endpoint: str | None = None, results: bool = True, source: str | None = None,
                  instrument: Mapping[str, Any] | None = None) -> None:
         from streamclust.events import EventPublisher
-        from streamclust.flags import SecondPhaseFlagger
         from streamclust.live import LiveAnalysis
 
         self.config = config
@@ -79,19 +77,11 @@ class ScanSession:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.scan_id = scan_id
         self.progress = progress
-        engine_params = config.engine.resolved(self.n_positions)
-        random_state = engine_params.pop("random_state")
         self.events = EventPublisher(events_endpoint or config.events.endpoint,
                                      socket_type=config.events.socket_type, scan_id=scan_id)
         try:
-            self.live = LiveAnalysis(
-                self.scan_shape, self.frame_shape, self.energy_axis_kev,
-                n_clusters=config.engine.n_clusters, thresholds=config.centres.thresholds,
-                events=self.events, liveview=None,
-                assess_every=config.centres.resolved_assess_every(self.n_positions),
-                random_state=random_state, engine_params=engine_params)
-            # LiveAnalysis builds a default flagger; the configured one replaces it before any batch
-            self.live.flagger = SecondPhaseFlagger(**dataclasses.asdict(config.flags))
+            self.live = LiveAnalysis.from_config(config, self.scan_shape, self.frame_shape, self.energy_axis_kev,
+                                                 events=self.events)
             if liveview is not None and not hasattr(liveview, "update"):
                 # a factory: the view needs the engine's output cluster count (host sub-clusters)
                 n_out = int(getattr(self.live.engine, "n_output_clusters_", config.engine.n_clusters))
