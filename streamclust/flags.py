@@ -599,7 +599,7 @@ class SecondPhaseFlagger:
             d_cbed = d_eds = 0.0
             if measurable and not check(self.hysteresis, coh, len(relaxed)):
                 tests = self._tests(kept, member, holders if matrix is None else np.flatnonzero(matrix),
-                                    k, seen, shape, blocks[0], lines)
+                                    k, seen, shape, blocks[0], lines, fold)
                 d_cbed, d_eds = tests["effect_cbed"], tests["effect_eds"]
         elif measurable and (self.distances_for_all or not check(self.hysteresis, coh, len(relaxed))):
             pairs = []
@@ -632,7 +632,7 @@ class SecondPhaseFlagger:
             matrix_share=matrix_share, **tests,
         )
 
-    def _tests(self, kept, member, matrix_clusters, k, seen, shape, cbed, lines) -> dict:
+    def _tests(self, kept, member, matrix_clusters, k, seen, shape, cbed, lines, fold) -> dict:
         """Composition and structure tests of a candidate against its matrix, cross-fitted by the
         scan's checkerboard: a position is in the tested region when most of its scanned
         4-neighbours (all of the other fold) are in the candidate's kept components, and in the
@@ -656,8 +656,6 @@ class SecondPhaseFlagger:
         if r.sum() < 2 or m.sum() < 2:
             return {**out, "p_value_eds": 1.0, "p_value_cbed": 1.0, "effect_eds": 0.0, "effect_cbed": 0.0}
         comp = composition_test(lines[r], lines[m])
-        yy, xx = np.divmod(np.arange(ny * nx), nx)
-        fold = (yy + xx) % 2 == 0
         proj = projection_test(cbed[r], cbed[m], fold[r], fold[m])
         return {**out, "p_value_eds": comp.p_value, "p_value_cbed": proj.p_value, "effect_eds": comp.effect,
                 "effect_cbed": proj.effect,
