@@ -17,13 +17,15 @@ import sys
 import numpy as np
 
 from streamclust.fcm import FuzzyCMeans
-from streamclust.flags import block_distance
+from streamclust.cluster_merge import merge_columns, merge_indistinct, neighbour_labels
+from streamclust.separation import block_distance
 from streamclust.host_refine import HostRefinement, host_group
-from streamclust.reference import eds_window, phantom_features, run_reference
+from streamclust.reference import best_f1, eds_window, phantom_features, run_reference
 from streamclust.simulators.phantom import LamellaPhantom
 from streamclust.spatial_pool import membership_mixing
 
 seed = int(sys.argv[1]); size = int(sys.argv[2]) if len(sys.argv) > 2 else 64
+k2 = int(sys.argv[3]) if len(sys.argv) > 3 else 6
 ph = LamellaPhantom((size, size), seed=seed)
 cbed, spec = phantom_features(ph)
 eds = eds_window(spec, ph.energy_axis_kev, (0.2, 10.0), rebin=2)
@@ -36,36 +38,37 @@ mixing = membership_mixing(u1, (size, size), None)
 host, group = host_group(u1, overlap=0.1, mixing=mixing, min_mixing=0.5)
 inside = u1[:, list(group)].sum(axis=1) > 0.9
 x = np.hstack([cbed, eds]).astype(np.float32)
-ref = HostRefinement(cbed.shape[1], 6, random_state=seed).fit_space(x[inside])
+ref = HostRefinement(cbed.shape[1], k2, random_state=seed).fit_space(x[inside])
 z2 = ref.project(x)
-fcm = FuzzyCMeans(6, n_init=10, random_state=seed).fit(z2[inside])
+fcm = FuzzyCMeans(k2, n_init=10, random_state=seed).fit(z2[inside])
 l2 = np.full(n, -1); l2[inside] = fcm.labels_
 yy, xx = np.divmod(np.arange(n), size); fold = (yy + xx) % 2 == 0
 print("seed", seed, "host group", group, "inside", inside.sum(), "k2 comps", ref.n_components_)
-for c in range(6):
+for c in range(k2):
     m = l2 == c
     print(f"sub {c}: n={m.sum()} second-phase frac={truth[m].mean() if m.any() else 0:.2f} matrix frac={(lab_t[m]==1).mean() if m.any() else 0:.2f}")
 print("pairwise cross-fitted d on level-2 scores (per position):")
-D = np.zeros((6, 6))
-for i in range(6):
-    for j in range(i + 1, 6):
+D = np.zeros((k2, k2))
+for i in range(k2):
+    for j in range(i + 1, k2):
         D[i, j] = D[j, i] = block_distance(z2.astype(np.float32), l2 == i, l2 == j, fold)
 print(np.round(D, 2))
 # labels from the 4-neighbours (the other checkerboard fold), not from the position itself
-g = l2.reshape(size, size)
-votes = np.zeros((size, size, 6), int)
-for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-    sh = np.full((size, size), -1)
-    ys = slice(max(dy, 0), size + min(dy, 0)); yd = slice(max(-dy, 0), size + min(-dy, 0))
-    xs = slice(max(dx, 0), size + min(dx, 0)); xd = slice(max(-dx, 0), size + min(-dx, 0))
-    sh[yd, xd] = g[ys, xs]
-    for c in range(6):
-        votes[..., c] += sh == c
-nb = np.where(votes.max(axis=2) >= 3, votes.argmax(axis=2), -1).ravel()
+nb = neighbour_labels(l2.reshape(size, size)).ravel()
 nb[~inside] = -1
-print("neighbour-labelled sizes", [int((nb == c).sum()) for c in range(6)])
-D = np.zeros((6, 6))
-for i in range(6):
-    for j in range(i + 1, 6):
+print("neighbour-labelled sizes", [int((nb == c).sum()) for c in range(k2)])
+D = np.zeros((k2, k2))
+for i in range(k2):
+    for j in range(i + 1, k2):
         D[i, j] = D[j, i] = block_distance(z2.astype(np.float32), nb == i, nb == j, fold)
 print(np.round(D, 2))
+# the merge rule (streamclust.cluster_merge) and what it does to the map
+rep = merge_indistinct(z2[inside], np.flatnonzero(inside), l2[inside], (size, size), k2)
+# the merged clusters' memberships are summed, and a position takes the arg-max of the sums
+merged = np.full(n, -1); merged[inside] = np.argmax(merge_columns(fcm.memberships_, rep), axis=1)
+matrix = lab_t == list(ph.truth.label_names).index("cfs_matrix")
+for name, lab in (("before", l2), ("after", merged)):
+    known = matrix & (lab >= 0)
+    print(f"{name}: largest cluster holds {np.bincount(lab[known]).max() / matrix.sum():.3f} of the matrix, "
+          f"second-phase F1 {best_f1(lab, truth).single:.3f}")
+print("merged into", rep.tolist())

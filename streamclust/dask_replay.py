@@ -67,11 +67,12 @@ from .engine import final_seed
 from .features import FrameReducer, SpectrumReducer
 from .fcm import DEFAULT_M, FuzzyCMeans
 from .fcm_kernels import predict_memberships, sq_euclidean
+from .cluster_merge import merge_columns, merge_indistinct
 from .host_refine import HostRefinement, compose_memberships, host_group
 from .incremental_pca import StreamingPCA
 from .flag_sums import DistancePlan, FoldSums, ProjectionMoments, eds_window, flag_features, pair_distances, scan_fold
 from .mergeable import CentreSums, FCMSums, merge_all, merge_into
-from .spatial_pool import membership_mixing
+from .spatial_pool import membership_mixing, spatial_memberships
 from .results import RESULTS_NAME
 from .robust_scaling import FeatureMoments
 from .validity import ValidityAccumulator
@@ -130,6 +131,8 @@ class ReplayConfig:
     host_min_components: int = 5
     host_overlap: float = 0.1
     host_mixing: float | None = 0.5
+    host_min_separation: float = 2.0
+    host_spatial: bool = True
     thresholds: tuple = (0.5, 0.75)
     centre_shape: tuple = (32, 32)
     random_state: int | None = 0
@@ -161,6 +164,8 @@ class ReplayConfig:
             raise ValueError(f"host_clusters must be 0 (off) or >= 2, got {self.host_clusters!r}")
         if self.host_mixing is not None and not 0.0 <= float(self.host_mixing) <= 1.0:
             raise ValueError(f"host_mixing must be in [0, 1] or None, got {self.host_mixing!r}")
+        if not float(self.host_min_separation) >= 0.0:
+            raise ValueError(f"host_min_separation must be >= 0 (0: off), got {self.host_min_separation!r}")
         if int(self.max_components) < 1 or int(self.fan_in) < 2 or int(self.refit_sample) < int(self.n_clusters):
             raise ValueError("max_components >= 1, fan_in >= 2 and refit_sample >= n_clusters are required")
         if self.flag_params is not None:
@@ -506,12 +511,13 @@ def select_positions(chunk: ChunkScores, positions: np.ndarray) -> ChunkScores:
 
 
 @_one_blas_thread
-def chunk_compose(level1: ChunkResult, host_scores: ChunkScores | None, centres2: np.ndarray | None, m: float,
-                  host: int | None, n_sub: int) -> ChunkResult:
-    """Two-level memberships (the engine's product rule); without a level-2 model the sub-columns are 0."""
+def chunk_compose(level1: ChunkResult, host_u2: ChunkScores | None, host: int | None, n_sub: int) -> ChunkResult:
+    """Two-level memberships (the engine's product rule) from the level-2 memberships of the
+    chunk's positions (:func:`_level2_memberships`); without a level-2 model the sub-columns are 0."""
     U2 = None
-    if host_scores is not None and centres2 is not None:
-        U2, _ = predict_memberships(np.ascontiguousarray(host_scores.scores), centres2, float(m))
+    if host_u2 is not None:
+        rows = np.searchsorted(host_u2.positions, level1.positions)
+        U2 = host_u2.scores[rows]
     return ChunkResult(level1.positions, compose_memberships(level1.memberships, U2, host, int(n_sub)))
 
 
@@ -794,9 +800,37 @@ def _refine_host(backend, U1: np.ndarray, src: Sequence, specs: Sequence[ChunkSp
     inside_scores = [backend.submit(select_positions, all_scores[i], chunk_in[i]) for i in keep]
     sizes = np.array([chunk_in[i].size for i in keep], dtype=np.int64)
     fit = _fit_fcm(backend, inside_scores, sizes, k2, cfg, rs, moments=None, extra_pass=False)
+    # the level-2 memberships of every position on the driver: a few floats a position, and the
+    # merge and the spatial step need the scan's grid (the engine decides on the same scores)
+    every = backend.gather(all_scores)
+    merged_into, u2 = _level2_memberships(every, inside, fit["centres"], cfg, k2, scan_shape)
     logger.info("host %s refined: %d positions, %d components", group, inside.size, space.n_components_)
     return {"host": host, "group": tuple(int(h) for h in group), "n_inside": int(inside.size), "space": space,
-            "centres": fit["centres"], "objective": fit["objective"], "n_iter": fit["n_iter"], "scores": all_scores}
+            "centres": fit["centres"], "merged_into": merged_into, "u2": u2, "objective": fit["objective"], "n_iter": fit["n_iter"]}
+
+
+def _level2_memberships(chunks: Sequence[ChunkScores], inside: np.ndarray, centres: np.ndarray, cfg: ReplayConfig,
+                        k2: int, scan_shape) -> tuple[np.ndarray, list[ChunkScores]]:
+    """The final level-2 memberships per chunk, as the engine's final refresh makes them: predicted
+    from the centres, sub-clusters that are one region summed (:mod:`streamclust.cluster_merge`),
+    then the spatial step (:func:`streamclust.spatial_pool.spatial_memberships`)."""
+    positions = np.concatenate([c.positions for c in chunks])
+    U2, _ = predict_memberships(np.ascontiguousarray(np.concatenate([c.scores for c in chunks])), centres,
+                                float(cfg.m))
+    clear = np.isin(positions, inside)
+    merged_into = np.arange(k2)
+    if scan_shape is not None and float(cfg.host_min_separation) > 0:
+        merged_into = merge_indistinct(np.concatenate([c.scores for c in chunks])[clear], positions[clear],
+                                       np.argmax(U2[clear], axis=1), tuple(scan_shape), k2,
+                                       float(cfg.host_min_separation))
+    U2 = merge_columns(U2, merged_into)
+    if scan_shape is not None and cfg.host_spatial:
+        U2 = spatial_memberships(U2, positions, clear, tuple(scan_shape))
+    out, s0 = [], 0
+    for c in chunks:
+        out.append(ChunkScores(c.positions, U2[s0:s0 + c.positions.size]))
+        s0 += c.positions.size
+    return merged_into, out
 
 
 @_one_blas_thread
@@ -1013,10 +1047,9 @@ def _run(backend, info: RecordingInfo, cfg: ReplayConfig, chunk_positions: int) 
         host_info = _refine_host(backend, U1, src, specs, info_h, cfg, cfg_h, raw_h, n_cbed, seed,
                                  scan_shape=info.scan_shape)
         if host_info is None:
-            outputs = backend.map(chunk_compose, level1, [None] * k, [None] * k, [m] * k, [None] * k, [k2] * k)
+            outputs = backend.map(chunk_compose, level1, [None] * k, [None] * k, [k2] * k)
         else:
-            outputs = backend.map(chunk_compose, level1, host_info.pop("scores"), [host_info["centres"]] * k,
-                                  [m] * k, [host_info["group"]] * k, [k2] * k)
+            outputs = backend.map(chunk_compose, level1, host_info.pop("u2"), [host_info["group"]] * k, [k2] * k)
     del src
     seconds["host"] = time.perf_counter() - t
 

@@ -173,6 +173,8 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
                             n_clusters=n_clusters, random_state=seed_engine, refine_host=k2,
                             scan_shape=tuple(scan_shape), scan_positions=rows, host_overlap=live.engine.host_overlap,
                             host_mixing=live.engine.host_mixing or 0.0,
+                            host_min_separation=live.engine.host_min_separation,
+                            host_spatial=live.engine.host_spatial,
                             clusterer=FuzzyCMeans(n_clusters, n_init=10, random_state=seed_engine))
         results[name] = res
         lab = np.full(n, -1, np.int64)
@@ -190,6 +192,10 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
     labels["live"] = live_labels
     ari = float(adjusted_rand_score(results["merged"].labels, live_labels[both]))
     live_f1 = float(best_f1(live_labels[both], truth[both]).single)
+    # the map a microscopist reads: the share of the matrix's positions in its largest cluster
+    matrix = phantom.truth.labels.ravel() == list(phantom.truth.label_names).index("cfs_matrix")
+    matrix_share = {name: largest_share(lab, matrix) for name, lab in
+                    (("live", live_labels), ("offline_merged", labels["merged"]))}
 
     frames_received = int(report.merlin.get("frames_received", int(have_frame.sum())))
     summary = {
@@ -220,6 +226,7 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
         "second_phase_f1_live": live_f1,
         "second_phase_f1_single_level_merged": f1_single_level,
         "ari_live_vs_offline": ari,
+        "matrix_largest_cluster_share": matrix_share,
         "engine": {k: v for k, v in live.engine.stats_.items() if not isinstance(v, np.ndarray)},
         "ingest": report.as_dict(),
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
@@ -255,6 +262,12 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
     del cbed, eds, eds_feat
     scratch.cleanup()
     return summary
+
+
+def largest_share(labels: np.ndarray, members: np.ndarray) -> float | None:
+    """The fraction of ``members`` positions that the most common label among them holds (-1: none)."""
+    known = members & (labels >= 0)
+    return round(float(np.bincount(labels[known]).max() / members.sum()), 4) if known.any() else None
 
 
 def _scratch(folder: str, name: str, shape: tuple, dtype) -> np.ndarray:

@@ -73,11 +73,12 @@ from .block_balance import BlockBalancer
 from .drift import NoveltyDrift
 from .features import FrameReducer, SpectrumReducer
 from .fcm import DEFAULT_M, FuzzyCMeans, MiniBatchFuzzyCMeans
+from .cluster_merge import merge_columns, merge_indistinct
 from .host_refine import HostRefinement, compose_memberships, host_group, match_by_overlap
 from .incremental_pca import StreamingPCA
 from .position_store import PositionStore
 from .sample_pca import one_percent_pca
-from .spatial_pool import membership_mixing, neighbourhood_mean, neighbours
+from .spatial_pool import membership_mixing, neighbourhood_mean, neighbours, spatial_memberships
 from .validity import partition_coefficient, partition_entropy, xie_beni
 
 logger = logging.getLogger(__name__)
@@ -217,6 +218,16 @@ class StreamingEngine:
         by noise into clusters alternating position by position, with crisp memberships, has no
         fuzzy overlap (measured: 0.009 on the phantom's film at 36 X-ray counts a spectrum) and
         the host flipped between one and both halves from refresh to refresh. None or 0: off.
+    host_min_separation : float, default=2.0
+        Level-2 clusters closer than this are one region: their memberships are summed into one
+        column (the others left at 0) (:mod:`streamclust.cluster_merge`: cross-fitted standardised
+        gap of the positions' own level-2 scores, each position labelled by its 4-neighbours; two
+        groups ``d`` apart are told apart position by position with error ``Phi(-d/2)``, 16 % at 2).
+        ``host_clusters`` is then an upper bound, the count is what the data supports. 0: off.
+    host_spatial : bool, default=True
+        The final level-2 memberships take their neighbourhood's into account: the spatial fuzzy
+        C-means membership step (:func:`~streamclust.spatial_pool.spatial_memberships`, Chuang et
+        al. 2006, ``p = q = 1``) over the clear host. Needs ``scan_shape``.
     host_pooling : bool, default=True
         While the scan runs, the level-2 clustering works on each host position's level-2 scores
         averaged with those of its scanned 8-neighbours in the host
@@ -294,6 +305,8 @@ class StreamingEngine:
         host_refit_growth: float = 0.5,
         host_overlap: float = 0.1,
         host_mixing: float | None = 0.5,
+        host_min_separation: float = 2.0,
+        host_spatial: bool = True,
         host_pooling: bool = True,
         spill: str = "auto",
         blas_threads: int | None = 1,
@@ -339,6 +352,8 @@ class StreamingEngine:
         self.host_refit_growth = host_refit_growth
         self.host_overlap = host_overlap
         self.host_mixing = host_mixing
+        self.host_min_separation = host_min_separation
+        self.host_spatial = host_spatial
         self.host_pooling = host_pooling
         self.spill = spill
         self.blas_threads = blas_threads
@@ -404,6 +419,8 @@ class StreamingEngine:
         if self.host_mixing is not None and not 0.0 <= float(self.host_mixing) <= 1.0:
             # below 0 every pair of clusters would count as intermixed: all would join the host
             raise ValueError(f"host_mixing must be in [0, 1] or None, got {self.host_mixing!r}")
+        if not float(self.host_min_separation) >= 0.0:
+            raise ValueError(f"host_min_separation must be >= 0 (0: off), got {self.host_min_separation!r}")
         self.n_output_clusters_ = int(self.n_clusters) + int(self.host_clusters)
         self.memberships_ = np.full((n, self.n_output_clusters_), np.nan, dtype=np.float32)
         self.host_cluster_: int | None = None
@@ -412,6 +429,8 @@ class StreamingEngine:
         self.level1_memberships_ = np.full((n, int(self.n_clusters)), np.nan, dtype=np.float32)
         self.host_: HostRefinement | None = None
         self._host_fcm: FuzzyCMeans | None = None
+        # the level-2 cluster each sub-cluster is merged into (itself if kept; cluster_merge)
+        self.host_merged_into_: np.ndarray | None = None
         self._host_scorer: tuple[np.ndarray, np.ndarray] | None = None
         self._host_fit_size = 0
         self._host_scores: tuple[np.ndarray, np.ndarray] | None = None  # (positions, level-2 scores) of a refresh
@@ -881,7 +900,7 @@ class StreamingEngine:
             self._refine_host(idx, U, final, seed)
             self._times["host"] += time.perf_counter() - t_host
         self.level1_memberships_[idx] = U
-        self.memberships_[idx] = self._compose_stored(U, idx)
+        self.memberships_[idx] = self._compose_stored(U, idx, final)
         self._fcm = mb
         self._readout = {"D": D, "V": V, "mean": mean_now}
         A = D[:, np.newaxis] * V
@@ -1022,7 +1041,7 @@ class StreamingEngine:
         A = (A * self._inv_c_warm()[:, np.newaxis]).astype(np.float32)
         # every stored position's level-2 scores, once: the host's fit uses its clear rows, and
         # _compose_stored the whole of it right after (it used to decode the store twice)
-        Z2_all = self._stored_project(A, b, idx)
+        Z2_all = Z2_own = self._stored_project(A, b, idx)
         if self._pooling(final):
             # live: cluster neighbourhood means (module spatial_pool); the final partition is per
             # position, as the paper's
@@ -1064,6 +1083,12 @@ class StreamingEngine:
             fcm.labels_ = np.argmax(fcm.memberships_, axis=1)
         self._host_fcm = fcm
         self._host_scorer = (A, b)
+        # which sub-clusters are one region: decided on the positions' own scores (not the live
+        # neighbourhood means, whose labels would already carry the neighbours' data)
+        own = Z2_own[clear]
+        own_labels = np.argmax(fcm.predict_memberships(own), axis=1)
+        self.host_merged_into_ = merge_indistinct(own, inside, own_labels, self.scan_shape, k2,
+                                                  float(self.host_min_separation))
         self.host_cluster_ = host
         self.host_group_ = group
         logger.info("host %s refined: %d positions, %d components, %s", group, inside.size,
@@ -1078,7 +1103,7 @@ class StreamingEngine:
         out -= b
         return out
 
-    def _compose_stored(self, U: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    def _compose_stored(self, U: np.ndarray, idx: np.ndarray, final: bool = False) -> np.ndarray:
         if self._host_scorer is None:
             return compose_memberships(U, None, None, int(self.host_clusters))
         A, b = self._host_scorer
@@ -1092,8 +1117,14 @@ class StreamingEngine:
                 self._host_z[idx] = Z2
                 self._host_pool[idx] = self._clear_in(U, self.host_group_)
                 Z2 = neighbourhood_mean(self._host_z, self._host_pool, self.scan_shape, idx)
-        U2 = self._host_fcm.predict_memberships(Z2)
+        U2 = self._merged(self._host_fcm.predict_memberships(Z2))
+        if final and self.host_spatial and self.scan_shape is not None:
+            U2 = spatial_memberships(U2, idx, self._clear_in(U, self.host_group_), self.scan_shape)
         return compose_memberships(U, U2, self.host_group_, int(self.host_clusters))
+
+    def _merged(self, U2: np.ndarray) -> np.ndarray:
+        """Level-2 memberships with the sub-clusters that are one region summed (cluster_merge)."""
+        return merge_columns(U2, self.host_merged_into_)
 
     def _clear_in(self, U: np.ndarray, group) -> np.ndarray:
         """Positions clearly inside the host group: summed level-1 membership > ``host_threshold``
@@ -1112,8 +1143,8 @@ class StreamingEngine:
         self._host_pool[pos] = self._clear_in(U1, self.host_group_)
         near = neighbours(pos, self.scan_shape)
         near = near[np.isfinite(self._host_z[near, 0]) & np.isfinite(self.level1_memberships_[near, 0])]
-        U2 = self._host_fcm.predict_memberships(neighbourhood_mean(self._host_z, self._host_pool,
-                                                                   self.scan_shape, near))
+        U2 = self._merged(self._host_fcm.predict_memberships(
+            neighbourhood_mean(self._host_z, self._host_pool, self.scan_shape, near)))
         self.memberships_[near] = compose_memberships(self.level1_memberships_[near], U2, self.host_group_,
                                                       int(self.host_clusters))
 
@@ -1123,7 +1154,7 @@ class StreamingEngine:
         if self._host_scorer is None:
             return compose_memberships(U, None, None, int(self.host_clusters))
         A, b = self._host_scorer
-        U2 = self._host_fcm.predict_memberships(x_warm @ A - b)
+        U2 = self._merged(self._host_fcm.predict_memberships(x_warm @ A - b))
         return compose_memberships(U, U2, self.host_group_, int(self.host_clusters))
 
     def __getstate__(self) -> dict:
@@ -1132,6 +1163,9 @@ class StreamingEngine:
     def __setstate__(self, state: dict) -> None:
         # an engine pickled before a parameter existed gets the parameter's default
         state.setdefault("host_mixing", None)
+        state.setdefault("host_min_separation", 0.0)
+        state.setdefault("host_spatial", False)
+        state.setdefault("host_merged_into_", None)
         state.setdefault("spill", "off")
         self.__dict__.update(state)
         # wall-clock refresh timing restarts in the new process

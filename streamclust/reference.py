@@ -181,6 +181,8 @@ def run_reference(
     scan_positions: np.ndarray | None = None,
     host_overlap: float = 0.1,
     host_mixing: float = 0.5,
+    host_min_separation: float = 0.0,
+    host_spatial: bool = False,
     rows: np.ndarray | None = None,
     sample_size: int | None = None,
     chunk_rows: int = 4096,
@@ -208,6 +210,14 @@ def run_reference(
         The scan grid. With it the host group also takes the clusters intermixed with it position
         by position (``host_mixing``), as the engine's does (:func:`streamclust.host_refine.host_group`,
         fuzzy overlap ``host_overlap``); without it, by fuzzy overlap only.
+    host_min_separation : float, default=0.0
+        With ``scan_shape``: level-2 clusters closer than this are one region (their memberships
+        summed, as the engine's ``host_min_separation``, :mod:`streamclust.cluster_merge`). 0, the
+        default: the sub-clusters as fitted.
+    host_spatial : bool, default=False
+        With ``scan_shape``: the engine's final spatial membership step at level 2
+        (:func:`streamclust.spatial_pool.spatial_memberships`). Off by default: the paper's
+        pipeline is per position.
     scan_positions : (n,) int, optional
         The flat scan position of each row (positions without a row count as unscanned); default:
         the rows are the whole scan in raster order.
@@ -223,6 +233,8 @@ def run_reference(
     """
     if host_mixing is not None and not 0.0 <= float(host_mixing) <= 1.0:
         raise ValueError(f"host_mixing must be in [0, 1], got {host_mixing!r}")
+    if not float(host_min_separation) >= 0.0:
+        raise ValueError(f"host_min_separation must be >= 0, got {host_min_separation!r}")
     if signals not in ("merged", "cbed", "eds"):
         raise ValueError(f"signals must be 'merged', 'cbed' or 'eds', got {signals!r}")
     use_cbed = signals in ("merged", "cbed")
@@ -286,7 +298,8 @@ def run_reference(
         labels = _refine_host(cbed if use_cbed else None, eds if use_eds else None, rows, labels, est, n_clusters,
                               int(refine_host), host_threshold, host_min_components, variance_threshold,
                               random_state, scan_shape=scan_shape, scan_positions=scan_positions,
-                              host_overlap=host_overlap, host_mixing=host_mixing, sample_size=sample_size,
+                              host_overlap=host_overlap, host_mixing=host_mixing,
+                              min_separation=host_min_separation, spatial=host_spatial, sample_size=sample_size,
                               chunk_rows=chunk_rows)
     return ReferenceResult(labels, z, k, pca.explained_variance_ratio_, factor, est)
 
@@ -306,10 +319,12 @@ def _read_rows(cbed, eds, rows: np.ndarray, dtype=np.float32) -> list[np.ndarray
 
 def _refine_host(cbed, eds, rows, labels, est, n_clusters, k2, threshold, min_components, variance_threshold,
                  random_state, scan_shape=None, scan_positions=None, host_overlap=0.1,
-                 host_mixing=0.5, sample_size=None, chunk_rows=4096) -> np.ndarray:
+                 host_mixing=0.5, min_separation=0.0, spatial=False, sample_size=None, chunk_rows=4096) -> np.ndarray:
     """Second level on the host cluster (see ``refine_host`` of :func:`run_reference`)."""
     from streamclust.fcm import FuzzyCMeans
+    from streamclust.cluster_merge import merge_columns, merge_indistinct
     from streamclust.host_refine import HostRefinement, compose_memberships, host_group
+    from streamclust.spatial_pool import spatial_memberships
 
     u1 = getattr(est, "memberships_", None)
     if u1 is None or np.asarray(u1).shape != (labels.size, n_clusters):
@@ -340,7 +355,17 @@ def _refine_host(cbed, eds, rows, labels, est, n_clusters, k2, threshold, min_co
     z2 = np.concatenate([ref.project(vectors(rows[s0:s0 + int(chunk_rows)]))
                          for s0 in range(0, rows.size, int(chunk_rows))])
     fcm = FuzzyCMeans(k2, n_init=10, random_state=random_state).fit(z2[inside])
-    u = compose_memberships(u1, fcm.predict_memberships(z2), group, k2)
+    merged_into = None
+    if scan_shape is not None and float(min_separation) > 0:
+        # sub-clusters that are one region are shown as one, as in the engine (streamclust.cluster_merge)
+        where = np.flatnonzero(inside) if scan_positions is None else np.asarray(scan_positions)[inside]
+        merged_into = merge_indistinct(z2[inside], where, fcm.labels_, tuple(scan_shape), k2, float(min_separation))
+    u2 = merge_columns(fcm.predict_memberships(z2), merged_into)
+    if scan_shape is not None and spatial:
+        # the engine's final spatial step (streamclust.spatial_pool.spatial_memberships)
+        where = np.arange(u2.shape[0]) if scan_positions is None else np.asarray(scan_positions)
+        u2 = spatial_memberships(u2, where, inside, tuple(scan_shape))
+    u = compose_memberships(u1, u2, group, k2)
     return np.argmax(u, axis=1)
 
 

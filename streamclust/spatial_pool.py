@@ -140,3 +140,40 @@ def membership_mixing(memberships: np.ndarray, scan_shape: tuple[int, int],
     seen = np.isfinite(u).all(axis=1)
     grid[rows[seen]] = np.argmax(u[seen], axis=1)
     return spatial_mixing(grid, (ny, nx), u.shape[1])
+
+
+def spatial_memberships(memberships: np.ndarray, positions: np.ndarray, pool: np.ndarray,
+                        scan_shape: tuple[int, int]) -> np.ndarray:
+    """Memberships weighted by their neighbourhood's: the spatial fuzzy C-means membership step.
+
+    Chuang et al. (2006), *Fuzzy c-means clustering with spatial information for image
+    segmentation*, Comput. Med. Imaging Graph. 30, 9-15: ``u'_ij = u_ij^p h_ij^q / sum_k u_ik^p h_ik^q``
+    with ``h_ij`` the membership of position ``i``'s 3 x 3 neighbourhood in cluster ``j``; taken
+    with their default ``p = q = 1`` (not tuned here), once, on the final memberships (the centres
+    are the per-position fit's). Why: a phase is a region, so a position whose own counts are
+    ambiguous (36 X-ray counts a spectrum) takes the phase its neighbours are in, and an isolated
+    noise label is outvoted; a boundary position, whose neighbours are split, keeps its own.
+
+    Parameters
+    ----------
+    memberships : ndarray (m, k)
+        Of the scan positions ``positions`` (m,) int (raster order in ``scan_shape``).
+    pool : ndarray (m,) bool
+        Which of them may be a neighbour (the clear host: positions of another layer do not vote).
+
+    >>> u = np.array([[0.8, 0.2], [0.4, 0.6], [0.8, 0.2]], np.float32)   # a 1 x 3 line, noisy middle
+    >>> [round(float(v), 2) for v in spatial_memberships(u, np.arange(3), np.ones(3, bool), (1, 3))[1]]
+    [0.57, 0.43]
+    """
+    u = np.asarray(memberships, dtype=np.float32)
+    ny, nx = (int(v) for v in scan_shape)
+    p = np.asarray(positions, dtype=np.intp)
+    grid = np.zeros((ny * nx, u.shape[1]), dtype=np.float32)
+    grid[p] = u
+    in_pool = np.zeros(ny * nx, dtype=bool)
+    in_pool[p[np.asarray(pool, dtype=bool)]] = True
+    h = neighbourhood_mean(grid, in_pool, (ny, nx), p)
+    s = u * h
+    total = s.sum(axis=1, keepdims=True)
+    # a position whose neighbourhood holds none of its own clusters keeps its own memberships
+    return np.where(total > 0, s / np.where(total > 0, total, 1.0), u).astype(np.float32)

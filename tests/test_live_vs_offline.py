@@ -166,7 +166,8 @@ def test_whole_lamella_second_phase_is_its_own_cluster_live(whole_scan, record_p
     live = best_f1(eng.labels_, truth)
     ref = run_reference(cbed, eds, clusterer=FuzzyCMeans(N_CLUSTERS, n_init=10, random_state=0),
                         n_clusters=N_CLUSTERS, random_state=0, refine_host=eng.host_clusters,
-                        scan_shape=eng.scan_shape)
+                        scan_shape=eng.scan_shape, host_min_separation=eng.host_min_separation,
+                        host_spatial=eng.host_spatial)
     one_level = run_reference(cbed, eds, clusterer=FuzzyCMeans(N_CLUSTERS, n_init=10, random_state=0),
                               n_clusters=N_CLUSTERS, random_state=0)
     f1_ref = best_f1(ref.labels, truth).single
