@@ -131,7 +131,7 @@ class ReplayConfig:
     host_min_components: int = 5
     host_overlap: float = 0.1
     host_mixing: float | None = 0.5
-    host_min_separation: float = 2.0
+    host_min_separation: float = 0.0
     host_spatial: bool = True
     thresholds: tuple = (0.5, 0.75)
     centre_shape: tuple = (32, 32)

@@ -218,12 +218,14 @@ class StreamingEngine:
         by noise into clusters alternating position by position, with crisp memberships, has no
         fuzzy overlap (measured: 0.009 on the phantom's film at 36 X-ray counts a spectrum) and
         the host flipped between one and both halves from refresh to refresh. None or 0: off.
-    host_min_separation : float, default=2.0
+    host_min_separation : float, default=0.0
         Level-2 clusters closer than this are one region: their memberships are summed into one
         column (the others left at 0) (:mod:`streamclust.cluster_merge`: cross-fitted standardised
         gap of the positions' own level-2 scores, each position labelled by its 4-neighbours; two
         groups ``d`` apart are told apart position by position with error ``Phi(-d/2)``, 16 % at 2).
-        ``host_clusters`` is then an upper bound, the count is what the data supports. 0: off.
+        ``host_clusters`` is then an upper bound, the count is what the data supports. 0 (the
+        default): off. Not on by default: on a held-out phantom it merged a weak second phase into
+        the matrix (docs/host-refinement.md, "Merging level-2 clusters").
     host_spatial : bool, default=True
         The final level-2 memberships take their neighbourhood's into account: the spatial fuzzy
         C-means membership step (:func:`~streamclust.spatial_pool.spatial_memberships`, Chuang et
@@ -305,7 +307,7 @@ class StreamingEngine:
         host_refit_growth: float = 0.5,
         host_overlap: float = 0.1,
         host_mixing: float | None = 0.5,
-        host_min_separation: float = 2.0,
+        host_min_separation: float = 0.0,
         host_spatial: bool = True,
         host_pooling: bool = True,
         spill: str = "auto",

@@ -175,5 +175,14 @@ def spatial_memberships(memberships: np.ndarray, positions: np.ndarray, pool: np
     h = neighbourhood_mean(grid, in_pool, (ny, nx), p)
     s = u * h
     total = s.sum(axis=1, keepdims=True)
-    # a position whose neighbourhood holds none of its own clusters keeps its own memberships
-    return np.where(total > 0, s / np.where(total > 0, total, 1.0), u).astype(np.float32)
+    # a position without a pooled neighbour has no spatial information: it keeps its own
+    # memberships (u * u would only sharpen them); so does one whose neighbourhood holds none of
+    # its clusters
+    y, x = np.divmod(p, nx)
+    has = np.zeros(p.size, dtype=bool)
+    for dy, dx in _OFFSETS:
+        yy, xx = y + dy, x + dx
+        ok = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+        has |= ok & in_pool[np.where(ok, yy * nx + xx, 0)]
+    keep = has[:, np.newaxis] & (total > 0)
+    return np.where(keep, s / np.where(total > 0, total, 1.0), u).astype(np.float32)
