@@ -70,7 +70,8 @@ from streamclust.adapters.merlin_control import MerlinControl
 # max_frame_payload is re-exported: callers have always imported it from here
 from streamclust.adapters.merlin_reader import StreamReader, max_frame_payload
 from streamclust.adapters.merlin_ring import POLL_S, ImagePool
-from streamclust.adapters.mib import AcquisitionHeader, FrameDecoder, parse_frame_header
+from streamclust.adapters.mib_decode import FrameDecoder
+from streamclust.adapters.mib_header import AcquisitionHeader, parse_frame_header
 
 __all__ = ["MerlinReceiver", "MerlinFrame", "MerlinAcquisition", "FrameIterator", "ReceiverStats",
            "max_frame_payload"]

@@ -34,7 +34,7 @@ from streamclust.adapters import merlin_kernels as _mk
 from streamclust.adapters.errors import ConnectionLost, FramingError, HeaderError, ProtocolError
 from streamclust.adapters.framing import MPX_PREFIX_SIZE, parse_mpx_prefix
 from streamclust.adapters.merlin_ring import FrameRing, ReaderStopped
-from streamclust.adapters.mib import (
+from streamclust.adapters.mib_header import (
     AcquisitionHeader,
     FrameHeader,
     parse_acquisition_header,
