@@ -172,24 +172,32 @@ class StreamReader:
             got = min(n, len(self._pushback))
             view[:got] = self._pushback[:got]
             del self._pushback[:got]
-        sock = self._sock
         while got < n:
-            self._post()
-            try:
-                k = sock.recv_into(view[got:n])
-            except (socket.timeout, TimeoutError):
-                if self._stop.is_set():
-                    raise ReaderStopped() from None
-                continue
-            except OSError as exc:
-                if self._stop.is_set():
-                    raise ReaderStopped() from None
-                raise _Closed(f"connection error after {self._pos + got} bytes: {exc}") from exc
-            if k == 0:
-                raise _Closed(f"connection closed by the detector after {self._pos + got} bytes")
-            got += k
-            self.stats.bytes_received += k
+            got += self._recv(view[got:n], self._pos + got)
         self._pos += n
+
+    def _recv(self, view: memoryview, at: int) -> int:
+        """One ``recv_into(view)``, the frames read so far handed over first; the bytes received,
+        0 when the receive timed out (``at``: the stream offset, for the error message).
+
+        Raises :class:`ReaderStopped` when the receiver is closing, ``_Closed`` when the
+        connection is gone.
+        """
+        self._post()
+        try:
+            k = self._sock.recv_into(view)
+        except (socket.timeout, TimeoutError):
+            if self._stop.is_set():
+                raise ReaderStopped() from None
+            return 0
+        except OSError as exc:
+            if self._stop.is_set():
+                raise ReaderStopped() from None
+            raise _Closed(f"connection error after {at} bytes: {exc}") from exc
+        if k == 0:
+            raise _Closed(f"connection closed by the detector after {at} bytes")
+        self.stats.bytes_received += k
+        return k
 
     def _read(self, n: int) -> bytes:
         buf = bytearray(n)
@@ -247,7 +255,7 @@ class StreamReader:
         view = memoryview(arr)
         total = k * n
         offset0 = self._pos
-        sock, stats, prefix = self._sock, self.stats, self._prefix
+        prefix = self._prefix
         prefix_arr, geometry_arr, seqs = self._prefix_arr, self._geometry_arr, self._seqs
         got = processed = 0
         checked = -1
@@ -263,22 +271,11 @@ class StreamReader:
                         return
                     # the next message starts cleanly: the held-back frame was whole, hand it over now
                     self._flush_pending()
-                self._post()
-                try:
-                    r = sock.recv_into(view[got:total])
-                except (socket.timeout, TimeoutError):
-                    if self._stop.is_set():
-                        raise ReaderStopped() from None
-                    self._flush_pending()  # the stream went quiet: stop holding the last frame
+                r = self._recv(view[got:total], offset0 + got)
+                if r == 0:  # the stream went quiet: stop holding the last frame
+                    self._flush_pending()
                     continue
-                except OSError as exc:
-                    if self._stop.is_set():
-                        raise ReaderStopped() from None
-                    raise _Closed(f"connection error after {offset0 + got} bytes: {exc}") from exc
-                if r == 0:
-                    raise _Closed(f"connection closed by the detector after {offset0 + got} bytes")
                 got += r
-                stats.bytes_received += r
             m = got // n - processed
             base = processed * n
             good = _mk.scan_frames(arr[base:base + m * n], m, n, prefix_arr, geometry_arr, seqs)
@@ -586,23 +583,11 @@ class StreamReader:
             self._pos += len(data)
             return data
         buf = bytearray(n)
-        while True:
-            self._post()
-            try:
-                k = self._sock.recv_into(buf)
-            except (socket.timeout, TimeoutError):
-                if self._stop.is_set():
-                    raise ReaderStopped() from None
-                continue
-            except OSError as exc:
-                if self._stop.is_set():
-                    raise ReaderStopped() from None
-                raise _Closed(f"connection error after {self._pos} bytes: {exc}") from exc
-            if k == 0:
-                raise _Closed(f"connection closed by the detector after {self._pos} bytes")
-            self.stats.bytes_received += k
-            self._pos += k
-            return bytes(buf[:k])
+        k = 0
+        while k == 0:
+            k = self._recv(memoryview(buf), self._pos)
+        self._pos += k
+        return bytes(buf[:k])
 
 
 def _find_message_start(data: bytes, bound: int, *, first: int = 0, limit: int | None = None) -> int | None:
