@@ -34,6 +34,10 @@ target, flushed and fsync'ed, then moved over the target with :func:`os.replace`
 and the directory is fsync'ed. The target is always either the previous complete checkpoint or the
 new one; a ``kill -9`` loses at most what happened since the last checkpoint.
 
+The names, versions and value encoding are in :mod:`streamclust.results_format`, the readers
+(:func:`find_results`, :func:`read_results`, :func:`validate_results`) in
+:mod:`streamclust.results_read`; both are re-exported here, where callers import them.
+
 Examples
 --------
 >>> import tempfile, pathlib
@@ -45,7 +49,6 @@ Examples
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -57,102 +60,31 @@ from typing import Any, Mapping
 
 import numpy as np
 
+# the names, the value encoding and the readers are re-exported: callers import them from here
+from streamclust.results_format import (
+    HSPY_FORMAT_VERSION,
+    LEGACY_RESULTS_NAME,
+    PATTERN_ORIENTATION,
+    RESULTS_FORMAT_VERSION,
+    RESULTS_NAME,
+    STATUSES,
+    attr_value,
+    flatten_counters,
+    json_default,
+    to_json,
+)
+from streamclust.results_read import find_results, read_results, validate_results
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["RESULTS_FORMAT_VERSION", "RESULTS_NAME", "LEGACY_RESULTS_NAME", "STATUSES", "ResultsWriter",
-           "find_results", "read_results", "validate_results", "flatten_counters"]
+           "find_results", "read_results", "validate_results", "flatten_counters", "json_default"]
 
-#: version of the layout described in the module docstring (bumped on incompatible changes)
-RESULTS_FORMAT_VERSION = 2
-#: the results file in an output folder; ``.hspy`` because HyperSpy chooses its reader by the
-#: extension and ``.h5`` is claimed by four readers (Tofwerk, Delmic, Arina, USID)
-RESULTS_NAME = "results.hspy"
-#: the name used before format version 2; :func:`find_results` still finds files of that name
-LEGACY_RESULTS_NAME = "results.h5"
 #: the Merlin pixel pitch (Medipix3), the default of ``[instrument] pixel_size_um``
 MEDIPIX_PIXEL_UM = 55.0
-#: where the centre patterns' row 0 is: rosettasciio's MIB reader (and so pyxem) flips the Merlin
-#: file's rows (np.flip(data, axis=-2)); our reader keeps the file order (adapters/mib.py)
-PATTERN_ORIENTATION = ("rosettasciio/pyxem: row 0 is the last row of the Merlin frame as stored in the "
-                       ".mib file (np.flip(frame, axis=-2) of streamclust's read_mib)")
-#: HyperSpy's hspy format version whose attribute names the ``/Experiments`` group follows
-HSPY_FORMAT_VERSION = "3.1"
-STATUSES = ("partial", "complete", "aborted")
 #: top-level names the writer owns; ``extra`` may not write into them
 _RESERVED = ("scan", "clustering", "centres", "flags", "counters", "config", "versions", "instrument",
              "Experiments")
-
-
-# ---------------------------------------------------------------------------------------------
-# small helpers
-# ---------------------------------------------------------------------------------------------
-def json_default(obj: Any) -> Any:
-    """``json.dumps`` fallback for NumPy scalars and arrays and sets (one for every JSON we write)."""
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return repr(obj)
-
-
-def _dumps(obj: Any) -> str:
-    # NaN is not JSON; write null so any JSON reader can parse the documents
-    return json.dumps(_nan_to_none(obj), default=json_default, sort_keys=True)
-
-
-def _nan_to_none(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Mapping):
-        return {str(k): _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
-    return obj
-
-
-def flatten_counters(counters: Mapping, prefix: str = "", *, numeric_lists: bool = False) -> dict[str, Any]:
-    """Nested counter dicts -> one flat dict with ``.``-joined names.
-
-    Scalars (numbers, bools, strings, None) stay as they are; anything else (lists of errors,
-    arrays) becomes a JSON string, so every value fits in an HDF5 attribute. With
-    ``numeric_lists``, flat lists of numbers are kept as lists (stored as attribute arrays).
-    """
-    out: dict[str, Any] = {}
-    for key, value in counters.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            if value:
-                out.update(flatten_counters(value, name + ".", numeric_lists=numeric_lists))
-            else:
-                out[name] = "{}"
-        elif value is None or isinstance(value, (bool, int, float, str, np.integer, np.floating, np.bool_)):
-            out[name] = value.item() if isinstance(value, np.generic) else value
-        elif (numeric_lists and isinstance(value, (list, tuple, np.ndarray)) and len(value)
-              and np.asarray(value).dtype.kind in "biuf" and np.asarray(value).ndim == 1):
-            out[name] = np.asarray(value).tolist()
-        else:
-            out[name] = _dumps(value)
-    return out
-
-
-def _attr_value(value: Any) -> Any:
-    """A value h5py can store as an attribute (None -> "None", nested -> JSON)."""
-    if value is None:
-        return "None"
-    if isinstance(value, (bool, int, float, str, np.generic)):
-        return value
-    arr = np.asarray(value) if isinstance(value, (list, tuple, np.ndarray)) else None
-    if arr is not None and arr.dtype.kind in "biuf" and arr.ndim <= 2:
-        return arr
-    return _dumps(value)
 
 
 def versions() -> dict[str, str]:
@@ -307,7 +239,7 @@ class ResultsWriter:
         if self.checkpoint_every_s < 0:
             raise ValueError("checkpoint_every_s must be >= 0")
         try:
-            self._config_json = _dumps(self.config)
+            self._config_json = to_json(self.config)
         except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: a circular config
             raise ValueError(f"config is not JSON-serialisable: {exc}") from exc
         if not self.path.parent.is_dir():
@@ -481,7 +413,7 @@ class ResultsWriter:
                 g.create_dataset("cluster_centers", data=snap["cluster_centers"])
             vg = g.create_group("validity")
             for k, v in snap["validity"].items():
-                vg.attrs[str(k)] = _attr_value(v)
+                vg.attrs[str(k)] = attr_value(v)
 
             g = f.create_group("centres")
             cs = snap["centres"]
@@ -497,7 +429,7 @@ class ResultsWriter:
                 g["cbed"].attrs["description"] = "membership-weighted mean binned raw CBED (T, k, h, w)"
                 g["eds"].attrs["description"] = "membership-weighted mean raw spectrum (T, k, channels)"
             for k, v in snap["centre_stats"].items():
-                g.attrs[f"stats.{k}"] = _attr_value(v)
+                g.attrs[f"stats.{k}"] = attr_value(v)
 
             self._write_flags(f.create_group("flags"), snap)
 
@@ -507,13 +439,13 @@ class ResultsWriter:
             flat["positions_seen"] = snap["positions_seen"]
             flat["positions_clustered"] = snap["positions_clustered"]
             for k, v in flat.items():
-                g.attrs[k] = _attr_value(v)
-            g.attrs["json"] = _dumps({"ingest": snap["counters"], "engine": snap["engine_stats"]})
+                g.attrs[k] = attr_value(v)
+            g.attrs["json"] = to_json({"ingest": snap["counters"], "engine": snap["engine_stats"]})
 
             g = f.create_group("config")
             g.attrs["json"] = self._config_json
             for k, v in flatten_counters(self.config, numeric_lists=True).items():
-                g.attrs[k] = _attr_value(v)
+                g.attrs[k] = attr_value(v)
 
             g = f.create_group("versions")
             for k, v in self._versions.items():
@@ -525,7 +457,7 @@ class ResultsWriter:
                 name = str(key).strip("/")
                 arr = np.asarray(value)
                 if arr.dtype.kind in "OU":
-                    f.create_dataset(name, data=_dumps(value) if arr.dtype.kind == "O" else str(value))
+                    f.create_dataset(name, data=to_json(value) if arr.dtype.kind == "O" else str(value))
                 else:
                     f.create_dataset(name, data=arr)
             f.flush()
@@ -539,8 +471,8 @@ class ResultsWriter:
         g.attrs["n_flags"] = len(summary)
         g.attrs["n_events"] = len(log)
         g.attrs["n_active"] = sum(1 for s in summary if s.get("last_kind") != "retracted")
-        g.create_dataset("summary", data=np.array([_dumps(s) for s in summary], dtype=object), dtype=strs)
-        g.create_dataset("log", data=np.array([_dumps(r) for r in log], dtype=object), dtype=strs)
+        g.create_dataset("summary", data=np.array([to_json(s) for s in summary], dtype=object), dtype=strs)
+        g.create_dataset("log", data=np.array([to_json(r) for r in log], dtype=object), dtype=strs)
         # the summary as a numeric table too, for tools that do not parse JSON
         n = len(summary)
         g.create_dataset("flag_id", data=np.array([s.get("flag_id", -1) for s in summary], np.int64).reshape(n))
@@ -724,125 +656,3 @@ def _write_tree(group, tree: Mapping) -> None:
             _write_tree(group.create_group(str(key)), value)
         elif value is not None:
             group.attrs[str(key)] = value
-
-
-# ---------------------------------------------------------------------------------------------
-# reading
-# ---------------------------------------------------------------------------------------------
-def find_results(path) -> Path:
-    """The results file ``path`` names: a file, or an output folder's ``results.hspy`` (or, written
-    before format version 2, ``results.h5``); a missing ``results.h5`` whose folder holds
-    ``results.hspy`` gives the latter, so callers that still use the old name keep working."""
-    p = Path(path)
-    if p.is_dir():
-        for name in (RESULTS_NAME, LEGACY_RESULTS_NAME):
-            if (p / name).is_file():
-                return p / name
-        raise FileNotFoundError(f"no {RESULTS_NAME} (or {LEGACY_RESULTS_NAME}) in {p}")
-    if not p.exists() and p.name == LEGACY_RESULTS_NAME and p.with_name(RESULTS_NAME).is_file():
-        logger.debug("%s does not exist; reading %s (the name since format 2)", p, RESULTS_NAME)
-        return p.with_name(RESULTS_NAME)
-    return p
-
-
-def read_results(path) -> dict:
-    """The whole results file (a path, or an output folder: :func:`find_results`) as a nested dict.
-
-    Groups become dicts, datasets numpy arrays (string datasets: lists of str), and each
-    group's attributes sit under the key ``"attrs"``. For convenience the JSON documents are
-    also parsed: ``out["flags"]["summary_parsed"]``, ``out["flags"]["log_parsed"]``,
-    ``out["config"]["parsed"]``, ``out["counters"]["parsed"]``. ``/Experiments`` (HyperSpy's
-    view of the same datasets) is left out.
-    """
-    import h5py
-
-    def attrs(obj) -> dict:
-        out = {}
-        for k, v in obj.attrs.items():
-            if isinstance(v, bytes):
-                v = v.decode()
-            elif isinstance(v, np.generic):
-                v = v.item()
-            out[k] = v
-        return out
-
-    def walk(g) -> dict:
-        out: dict[str, Any] = {"attrs": attrs(g)}
-        for name, item in g.items():
-            if isinstance(item, h5py.Group):
-                if g.name == "/" and name == "Experiments":
-                    continue
-                out[name] = walk(item)
-            elif h5py.check_string_dtype(item.dtype) is not None:
-                data = item.asstr()[()]
-                out[name] = data.tolist() if isinstance(data, np.ndarray) else data
-            else:
-                out[name] = item[()]
-        return out
-
-    with h5py.File(find_results(path), "r") as f:
-        res = walk(f)
-    if "flags" in res:
-        res["flags"]["summary_parsed"] = [json.loads(s) for s in res["flags"].get("summary", [])]
-        res["flags"]["log_parsed"] = [json.loads(s) for s in res["flags"].get("log", [])]
-    for key in ("config", "counters"):
-        if key in res and "json" in res[key]["attrs"]:
-            res[key]["parsed"] = json.loads(res[key]["attrs"]["json"])
-    return res
-
-
-def validate_results(results) -> list[str]:
-    """Inconsistencies of a results file (a path or :func:`read_results` output); [] if none.
-
-    Checks what must hold whatever the status: positions seen within the scan and equal to the
-    ``seen`` map, memberships either a whole finite row summing to 1 or a whole NaN row, and only
-    at positions seen, labels equal to their arg-max (-1 exactly where unknown), the clustered count,
-    the counters' own copy of the positions seen, and the centres' shapes.
-    """
-    res = results if isinstance(results, dict) else read_results(results)
-    problems: list[str] = []
-    a = res["attrs"]
-    if a.get("status") not in STATUSES:
-        problems.append(f"status {a.get('status')!r} not in {STATUSES}")
-    n = int(a["n_positions"])
-    u = np.asarray(res["clustering"]["memberships"], np.float64)
-    ny, nx = (int(v) for v in res["scan"]["attrs"]["scan_shape"])
-    if u.ndim != 3 or u.shape[:2] != (ny, nx) or ny * nx != n:
-        return problems + [f"memberships of shape {u.shape} for scan {(ny, nx)} and {n} positions"]
-    u = u.reshape(n, -1)
-    seen = np.asarray(res["scan"]["seen"], bool).reshape(-1)
-    n_seen = int(a["positions_seen"])
-    if not 0 <= n_seen <= n:
-        problems.append(f"positions_seen {n_seen} outside [0, {n}]")
-    if int(seen.sum()) != n_seen:
-        problems.append(f"seen map holds {int(seen.sum())} positions, positions_seen says {n_seen}")
-    finite = np.isfinite(u)
-    rows = finite.all(axis=1)
-    partly = np.flatnonzero(finite.any(axis=1) & ~rows)
-    if partly.size:
-        problems.append(f"{partly.size} membership rows partly NaN (first at position {partly[0]})")
-    ghost = np.flatnonzero(rows & ~seen)
-    if ghost.size:
-        problems.append(f"{ghost.size} positions have memberships but were never seen (first {ghost[0]})")
-    if int(rows.sum()) != int(a.get("positions_clustered", -1)):
-        problems.append(f"{int(rows.sum())} clustered rows, positions_clustered says {a.get('positions_clustered')}")
-    if rows.any():
-        total = u[rows].sum(axis=1)
-        bad = np.flatnonzero(np.abs(total - 1.0) > 1e-3)
-        if bad.size or (u[rows] < -1e-6).any():
-            problems.append(f"{bad.size} membership rows do not sum to 1 or hold negatives")
-    lab = np.asarray(res["clustering"]["labels"]).reshape(-1)
-    if not np.array_equal(lab >= 0, rows):
-        problems.append("labels are not -1 exactly where memberships are unknown")
-    elif rows.any() and not np.array_equal(lab[rows], np.argmax(u[rows], axis=1)):
-        problems.append("labels differ from the arg-max membership")
-    if int(res["counters"]["attrs"].get("positions_seen", -1)) != n_seen:
-        problems.append("counters disagree with the file on positions_seen")
-    cg = res.get("centres", {})
-    if cg.get("attrs", {}).get("available"):
-        t = len(np.atleast_1d(cg["thresholds_used"]))
-        if cg["eds"].shape[0] != t or cg["count"].shape != cg["eds"].shape[:2]:
-            problems.append(f"centre shapes disagree: eds {cg['eds'].shape}, count {cg['count'].shape}")
-        elif (np.asarray(cg["count"]) > n_seen).any():
-            problems.append("a centre counts more positions than were seen")
-    return problems
