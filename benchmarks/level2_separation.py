@@ -17,12 +17,13 @@ import sys
 import numpy as np
 
 from streamclust.fcm import FuzzyCMeans
-from streamclust.cluster_merge import merge_columns, merge_indistinct, neighbour_labels
+from streamclust.cluster_merge import merge_columns, merge_same_composition, neighbour_labels
+from streamclust.flag_stats import composition_test, line_windows, window_counts
 from streamclust.separation import block_distance
 from streamclust.host_refine import HostRefinement, host_group
 from streamclust.reference import best_f1, eds_window, phantom_features, run_reference
 from streamclust.simulators.phantom import LamellaPhantom
-from streamclust.spatial_pool import membership_mixing
+from streamclust.spatial_pool import membership_mixing, spatial_memberships
 
 seed = int(sys.argv[1]); size = int(sys.argv[2]) if len(sys.argv) > 2 else 64
 k2 = int(sys.argv[3]) if len(sys.argv) > 3 else 6
@@ -62,12 +63,27 @@ for i in range(k2):
     for j in range(i + 1, k2):
         D[i, j] = D[j, i] = block_distance(z2.astype(np.float32), nb == i, nb == j, fold)
 print(np.round(D, 2))
-# the merge rule (streamclust.cluster_merge) and what it does to the map
-rep = merge_indistinct(z2[inside], np.flatnonzero(inside), l2[inside], (size, size), k2)
-# the merged clusters' memberships are summed, and a position takes the arg-max of the sums
-merged = np.full(n, -1); merged[inside] = np.argmax(merge_columns(fcm.memberships_, rep), axis=1)
+# the element-line shares under neighbour labels: the merge rule's statistic (streamclust.cluster_merge)
+axis = eds_window(ph.energy_axis_kev[None, :].astype(np.float64), ph.energy_axis_kev, (0.2, 10.0), rebin=2)[0] / 2
+cnt = window_counts(eds, line_windows(axis, ("Fe", "Co")))
+E = np.zeros((k2, k2))
+for i in range(k2):
+    for j in range(i + 1, k2):
+        if (nb == i).sum() >= 10 and (nb == j).sum() >= 10:
+            E[i, j] = E[j, i] = composition_test(cnt[nb == i], cnt[nb == j]).effect
+print("Fe / Co line-share difference under neighbour labels:")
+print(np.round(E, 3))
+# the merge rule and the spatial step, and what they do to the map
+pin = np.flatnonzero(inside)
+rep = merge_same_composition(cnt[inside], pin, l2[inside], (size, size), k2)
 matrix = lab_t == list(ph.truth.label_names).index("cfs_matrix")
-for name, lab in (("before", l2), ("after", merged)):
+for name, r, spatial in (("as fitted", np.arange(k2), False), ("spatial step", np.arange(k2), True),
+                         ("merged + spatial step", rep, True)):
+    u = merge_columns(fcm.memberships_, r)
+    if spatial:
+        u = spatial_memberships(u, pin, np.ones(pin.size, bool), (size, size))
+    lab = np.full(n, -1)
+    lab[inside] = np.argmax(u, axis=1)
     known = matrix & (lab >= 0)
     print(f"{name}: largest cluster holds {np.bincount(lab[known]).max() / matrix.sum():.3f} of the matrix, "
           f"second-phase F1 {best_f1(lab, truth).single:.3f}")

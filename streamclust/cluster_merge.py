@@ -10,31 +10,31 @@ the matrix on the phantom). A microscopist reads such a map as five phases.
 
 Telling a noise cluster from a phase
 ------------------------------------
-A cluster's *own* labels cannot tell: each position was put in the cluster its own data is
-nearest to, so any two clusters look separated on that data (cross-fitted ``d`` about 3 between
-noise clusters and phases alike, ``benchmarks/level2_separation.py``). A phase is a *region*: a
-position's neighbours know which phase it is in before its own data is read. So every position is
-labelled by the majority (at least 3 of 4) of its 4-neighbours, which all lie in the other fold of
-the scan's checkerboard, and the separation of two clusters is the cross-fitted standardised gap
-``d`` (:func:`streamclust.separation.block_distance`) of the positions' *own* scores under those
-neighbour labels. For noise clusters the neighbour label carries nothing about the position's
-data and ``d`` is near 0; for a phase it is the phase contrast.
+A second phase differs from the matrix in **composition**; regions of the matrix that differ in
+thickness or bending do not (their spectra scale, line by line, and the element lines' shares of the
+counts stay the same). So two clusters are kept apart only when the shares of their X-ray counts in
+the element-line windows (Fe and Co K-alpha by default) differ by at least ``min_effect`` and
+significantly (the flag's quasi-likelihood G test, :func:`streamclust.flag_stats.composition_test`,
+at ``alpha`` split over the pairs); otherwise they are merged, the most similar pair first, the
+tests repeated after each merge.
 
-Measured on the phantom (level-2 scores, 64 x 64, tuning seeds 0 and 2): neighbour-labelled ``d``
-between matrix clusters 0-1.07, between the second phase and any matrix cluster 2.3-3.4.
+Which positions stand for a cluster matters. Each position was put in the cluster its own data is
+nearest to, and its data include the line windows, so noise clusters differ in composition on
+their own positions. A phase is a region: every position is therefore labelled by the majority (at
+least 3 of 4) of its 4-neighbours, whose data are not its own, and the test compares the counts of
+the positions so labelled.
 
-The rule
---------
-Clusters closer than ``min_separation`` are merged, closest pair first, the separations recomputed
-after each merge (average rather than single linkage: a cluster of boundary positions close to both
-the matrix and the second phase is merged into one of them, it does not chain the two together).
-``min_separation = 2`` is a statement about the map, not about one phantom: two groups with
-equal spread ``d`` apart are told apart position by position with error ``Phi(-d/2)``, 16 % at 2.
-Clusters that a position's own data cannot assign with better than that are shown as one region.
-``d`` does not grow with the number of positions (it is an effect size, not a test statistic), so
-the rule means the same at 64 x 64 and at 512 x 512. A cluster with too few neighbour-labelled
-positions to measure (fewer than ``min_positions`` in a fold) is not merged: no evidence either
-way, and a small inclusion must not vanish into the matrix for lack of it.
+A structural separation was tried first and failed on a held-out phantom: the cross-fitted gap of
+the positions' own level-2 scores under neighbour labels (:func:`streamclust.separation.block_distance`)
+was 1.7-2.0 between thickness regions of the matrix (seed 0) and 1.2-1.8 between a weak second phase
+and the matrix (seed 1000): no threshold separates them. The line shares under neighbour labels
+(``benchmarks/level2_separation.py``): 0.002-0.032 between matrix clusters on seeds 0 and 1000,
+0.17-0.31 between the second phase and the matrix (docs/host-refinement.md).
+
+A cluster with too few neighbour-labelled positions to test (fewer than ``min_positions``) is kept:
+no evidence either way, and a small inclusion must not vanish into the matrix for lack of it.
+Merged clusters' memberships are summed (:func:`merge_columns`), not re-fitted: the extra centres
+model the matrix's spread (a re-fit with fewer clusters split the matrix again).
 
 Examples
 --------
@@ -43,9 +43,11 @@ Examples
 >>> ny = nx = 40
 >>> yy, xx = np.mgrid[:ny, :nx]
 >>> phase = ((yy - 20) ** 2 + (xx - 20) ** 2 < 64).ravel()      # a disc: a second phase
->>> z = rng.normal(0.0, 1.0, (ny * nx, 3)); z[phase, 0] += 4.0
+>>> fe_share = np.where(phase, 0.6, 0.33)                         # Fe of Fe + Co K-alpha counts
+>>> fe = rng.binomial(12, fe_share)
+>>> counts = np.stack([fe, 12 - fe], axis=1)                     # 12 line counts a position
 >>> labels = np.where(phase, 2, rng.integers(0, 2, ny * nx))     # the matrix split by noise
->>> merge_indistinct(z, np.arange(ny * nx), labels, (ny, nx), 3).tolist()
+>>> merge_same_composition(counts, np.arange(ny * nx), labels, (ny, nx), 3).tolist()
 [0, 0, 2]
 >>> u = np.array([[0.5, 0.3, 0.2]], np.float32)
 >>> merge_columns(u, np.array([0, 0, 2])).tolist()
@@ -58,14 +60,19 @@ import logging
 
 import numpy as np
 
-from streamclust.separation import block_distance
+from streamclust.flag_stats import composition_test, line_windows
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["merge_indistinct", "merge_columns", "neighbour_labels", "DEFAULT_MIN_SEPARATION"]
+__all__ = ["merge_same_composition", "merge_columns", "line_count_map", "neighbour_labels", "DEFAULT_MIN_EFFECT", "DEFAULT_ALPHA"]
 
-#: two clusters closer than this (cross-fitted standardised gap under neighbour labels) are one region
-DEFAULT_MIN_SEPARATION = 2.0
+#: clusters whose element-line shares differ by less than this are one composition (the flag's
+#: ``min_effect``: five percentage points of the line counts)
+DEFAULT_MIN_EFFECT = 0.05
+#: the composition test's level per level-2 fit
+DEFAULT_ALPHA = 0.01
+#: the element lines compared by default (physics.md: the Heusler film's Fe-rich second phase)
+DEFAULT_ELEMENTS = ("Fe", "Co")
 
 _FOUR = ((-1, 0), (1, 0), (0, -1), (0, 1))
 
@@ -86,68 +93,87 @@ def neighbour_labels(grid: np.ndarray, min_votes: int = 3) -> np.ndarray:
     return np.where(votes.max(axis=2) >= int(min_votes), best, -1)
 
 
-def merge_indistinct(scores: np.ndarray, positions: np.ndarray, labels: np.ndarray, scan_shape: tuple[int, int],
-                     n_clusters: int, min_separation: float = DEFAULT_MIN_SEPARATION,
-                     min_positions: int = 5) -> np.ndarray:
+def merge_same_composition(line_counts: np.ndarray, positions: np.ndarray, labels: np.ndarray,
+                           scan_shape: tuple[int, int], n_clusters: int, min_effect: float = DEFAULT_MIN_EFFECT,
+                           alpha: float = DEFAULT_ALPHA, min_positions: int = 10) -> np.ndarray:
     """The cluster each of ``n_clusters`` clusters is merged into (itself if kept): ``(n_clusters,)``.
 
     Parameters
     ----------
-    scores : ndarray (m, k)
-        Per-position scores (not neighbourhood means: the test needs each position's own data).
+    line_counts : ndarray (m, E) int
+        Each position's X-ray counts in the element-line windows
+        (:func:`streamclust.flag_stats.line_windows`).
     positions : ndarray (m,) int
         Their flat raster indices in ``scan_shape``.
     labels : ndarray (m,) int
         Their cluster (arg-max membership), in ``[0, n_clusters)``.
     scan_shape : (ny, nx)
     n_clusters : int
-    min_separation : float
-        Clusters with a smaller neighbour-labelled cross-fitted ``d`` are merged (module
-        docstring); 0 merges nothing.
+    min_effect : float
+        Two clusters are kept apart only if some window's share of their line counts differs by at
+        least this much (and significantly); 0 merges nothing.
+    alpha : float
+        Level of the composition test of one level-2 fit, Bonferroni-split over the pairs tested
+        at each step.
     min_positions : int
-        Fewest neighbour-labelled positions of a cluster in each fold for its ``d`` to count.
+        Fewest neighbour-labelled positions of a cluster for it to be tested (fewer: kept).
     """
     rep = np.arange(int(n_clusters))
-    if float(min_separation) <= 0 or n_clusters < 2 or scan_shape is None or len(scan_shape) != 2:
+    if float(min_effect) <= 0 or n_clusters < 2 or scan_shape is None or len(scan_shape) != 2:
         return rep
     ny, nx = (int(v) for v in scan_shape)
     pos = np.asarray(positions, dtype=np.intp)
     lab = np.asarray(labels, dtype=np.intp)
-    z = np.ascontiguousarray(scores, dtype=np.float32)
-    if pos.size != lab.size or z.shape[0] != pos.size:
-        raise ValueError(f"{z.shape[0]} scores, {pos.size} positions and {lab.size} labels must agree")
-    if pos.size == 0:
+    counts = np.asarray(line_counts)
+    if pos.size != lab.size or counts.shape[0] != pos.size or counts.ndim != 2:
+        raise ValueError(f"{counts.shape[0]} line-count rows, {pos.size} positions and {lab.size} labels "
+                         "must agree")
+    if pos.size == 0 or counts.shape[1] < 2:
         return rep
-    fold = (pos // nx + pos % nx) % 2 == 0
     while True:
         grid = np.full(ny * nx, -1, dtype=np.intp)
         grid[pos] = rep[lab]
         nb = neighbour_labels(grid.reshape(ny, nx)).ravel()[pos]
-        kept = np.unique(rep)
-        best = None
-        for i, a in enumerate(kept):
-            in_a = nb == a
-            if min(int((in_a & fold).sum()), int((in_a & ~fold).sum())) < int(min_positions):
-                continue
-            for b in kept[i + 1:]:
-                in_b = nb == b
-                if min(int((in_b & fold).sum()), int((in_b & ~fold).sum())) < int(min_positions):
-                    continue
-                d = block_distance(z, in_a, in_b, fold, min_per_fold=int(min_positions))
-                if best is None or d < best[0]:
-                    best = (d, int(a), int(b))
-        if best is None or best[0] >= float(min_separation):
+        tested = [int(c) for c in np.unique(rep) if int((nb == c).sum()) >= int(min_positions)]
+        pairs = [(a, b) for i, a in enumerate(tested) for b in tested[i + 1:]]
+        if not pairs:
             break
-        d, a, b = best
+        level = float(alpha) / len(pairs)
+        same = []
+        for a, b in pairs:
+            # the larger cluster is the reference: its spread is the dispersion the test charges
+            small, large = sorted((a, b), key=lambda c: int((nb == c).sum()))
+            res = composition_test(counts[nb == small], counts[nb == large])
+            if not (res.p_value < level and res.effect >= float(min_effect)):
+                same.append((res.effect, a, b))
+        if not same:
+            break
+        effect, a, b = min(same)
         size = np.bincount(rep[lab], minlength=rep.size)
         keep, gone = (a, b) if size[a] >= size[b] else (b, a)
         rep[rep == gone] = keep
-        logger.debug("clusters %d and %d merged (neighbour-labelled d = %.2f < %.2f)", gone, keep, d,
-                     float(min_separation))
+        logger.debug("clusters %d and %d merged: line shares differ by %.3f", gone, keep, effect)
     if np.unique(rep).size < rep.size:
-        logger.info("%d clusters are %d distinct regions (merged into: %s)", rep.size, np.unique(rep).size,
+        logger.info("%d clusters are %d compositions (merged into: %s)", rep.size, np.unique(rep).size,
                     rep.tolist())
     return rep
+
+
+def line_count_map(n_cbed: int, eds_energies_kev: np.ndarray, elements=DEFAULT_ELEMENTS) -> np.ndarray | None:
+    """``(n_cbed + n_eds, E)`` float32: raw feature vectors (the CBED block, then the windowed and
+    rebinned EDS block with channel centres ``eds_energies_kev``) times this map are each position's
+    counts in the element-line windows; an affine map like the level-2 projection, so the engine
+    computes both in one pass over its store. None (and merging off) when the EDS block has no
+    channel in some element's window."""
+    e = np.asarray(eds_energies_kev, dtype=np.float64)
+    try:
+        windows = line_windows(e, tuple(elements))
+    except ValueError as exc:
+        logger.warning("no composition merge of level-2 clusters: %s", exc)
+        return None
+    W = np.zeros((int(n_cbed) + e.size, windows.shape[0]), dtype=np.float32)
+    W[int(n_cbed):] = windows.T
+    return W
 
 
 def merge_columns(u: np.ndarray, merged_into: np.ndarray | None) -> np.ndarray:

@@ -295,8 +295,10 @@ class EngineSection:
                                                       "with the host join it (a film split by thickness)")
     host_mixing: float = _opt(0.5, _float(0.0, 1.0), "level-1 clusters intermixed with the host position by position "
                                                       "(this fraction of each touches the other) join it; 0: off")
-    host_min_separation: float = _opt(0.0, _float(0.0), "level-2 clusters closer than this (cross-fitted gap under "
-                                                         "neighbour labels) are shown as one region; 0: off")
+    host_merge_effect: float = _opt(0.05, _float(0.0, 0.99), "level-2 clusters whose element-line shares differ "
+                                                              "by less than this (or not significantly) are one "
+                                                              "composition, shown as one region; 0: off")
+    host_merge_elements: tuple = _opt(("Fe", "Co"), _elements, "the K-alpha lines the merge compares")
     host_spatial: bool = _opt(True, _bool, "the final level-2 memberships weighted by their 3 x 3 neighbourhood's "
                                            "(spatial fuzzy C-means step); needs the scan shape")
     host_pooling: bool = _opt(True, _bool, "live level-2 clustering on 3 x 3 neighbourhood means (the final "

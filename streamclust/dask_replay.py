@@ -67,7 +67,7 @@ from .engine import final_seed
 from .features import FrameReducer, SpectrumReducer
 from .fcm import DEFAULT_M, FuzzyCMeans
 from .fcm_kernels import predict_memberships, sq_euclidean
-from .cluster_merge import merge_columns, merge_indistinct
+from .cluster_merge import line_count_map, merge_columns, merge_same_composition
 from .host_refine import HostRefinement, compose_memberships, host_group
 from .incremental_pca import StreamingPCA
 from .flag_sums import DistancePlan, FoldSums, ProjectionMoments, eds_window, flag_features, pair_distances, scan_fold
@@ -131,7 +131,8 @@ class ReplayConfig:
     host_min_components: int = 5
     host_overlap: float = 0.1
     host_mixing: float | None = 0.5
-    host_min_separation: float = 0.0
+    host_merge_effect: float = 0.05
+    host_merge_elements: tuple = ("Fe", "Co")
     host_spatial: bool = True
     thresholds: tuple = (0.5, 0.75)
     centre_shape: tuple = (32, 32)
@@ -164,8 +165,8 @@ class ReplayConfig:
             raise ValueError(f"host_clusters must be 0 (off) or >= 2, got {self.host_clusters!r}")
         if self.host_mixing is not None and not 0.0 <= float(self.host_mixing) <= 1.0:
             raise ValueError(f"host_mixing must be in [0, 1] or None, got {self.host_mixing!r}")
-        if not float(self.host_min_separation) >= 0.0:
-            raise ValueError(f"host_min_separation must be >= 0 (0: off), got {self.host_min_separation!r}")
+        if not 0.0 <= float(self.host_merge_effect) < 1.0:
+            raise ValueError(f"host_merge_effect must be in [0, 1) (0: off), got {self.host_merge_effect!r}")
         if int(self.max_components) < 1 or int(self.fan_in) < 2 or int(self.refit_sample) < int(self.n_clusters):
             raise ValueError("max_components >= 1, fan_in >= 2 and refit_sample >= n_clusters are required")
         if self.flag_params is not None:
@@ -764,7 +765,8 @@ def _fit_fcm(backend, scores: Sequence, sizes: np.ndarray, n_clusters: int, cfg:
 
 
 def _refine_host(backend, U1: np.ndarray, src: Sequence, specs: Sequence[ChunkSpec], info_h, cfg: ReplayConfig,
-                 cfg_h, scaling_h, n_cbed: int, seed: int, scan_shape=None) -> dict[str, Any] | None:
+                 cfg_h, scaling_h, n_cbed: int, seed: int, scan_shape=None,
+                 eds_energies_kev: np.ndarray | None = None) -> dict[str, Any] | None:
     """Level 2 as :meth:`StreamingEngine._refine_host` does it at ``finalize``: the host (largest
     total membership) re-scaled, projected and clustered among its clear positions."""
     k2 = int(cfg.host_clusters)
@@ -803,14 +805,25 @@ def _refine_host(backend, U1: np.ndarray, src: Sequence, specs: Sequence[ChunkSp
     # the level-2 memberships of every position on the driver: a few floats a position, and the
     # merge and the spatial step need the scan's grid (the engine decides on the same scores)
     every = backend.gather(all_scores)
-    merged_into, u2 = _level2_memberships(every, inside, fit["centres"], cfg, k2, scan_shape)
+    lines = None
+    W = line_count_map(n_cbed, eds_energies_kev, tuple(cfg.host_merge_elements)) if (
+        scan_shape is not None and eds_energies_kev is not None and float(cfg.host_merge_effect) > 0) else None
+    if W is not None:
+        # the clear host's element-line counts (a few integers a position), as the engine reads
+        # them from its store: raw features times the line map
+        W_h, zero_h = backend.share(W), backend.share(np.zeros(W.shape[1], np.float32))
+        counted = [backend.submit(select_positions, backend.submit(chunk_affine_scores, src[i], info_h, cfg_h,
+                                                                   scaling_h, W_h, zero_h), chunk_in[i])
+                   for i in keep]
+        lines = np.clip(np.rint(np.concatenate([c.scores for c in backend.gather(counted)])), 0, None).astype(np.int64)
+    merged_into, u2 = _level2_memberships(every, inside, fit["centres"], cfg, k2, scan_shape, lines)
     logger.info("host %s refined: %d positions, %d components", group, inside.size, space.n_components_)
     return {"host": host, "group": tuple(int(h) for h in group), "n_inside": int(inside.size), "space": space,
             "centres": fit["centres"], "merged_into": merged_into, "u2": u2, "objective": fit["objective"], "n_iter": fit["n_iter"]}
 
 
 def _level2_memberships(chunks: Sequence[ChunkScores], inside: np.ndarray, centres: np.ndarray, cfg: ReplayConfig,
-                        k2: int, scan_shape) -> tuple[np.ndarray, list[ChunkScores]]:
+                        k2: int, scan_shape, lines: np.ndarray | None) -> tuple[np.ndarray, list[ChunkScores]]:
     """The final level-2 memberships per chunk, as the engine's final refresh makes them: predicted
     from the centres, sub-clusters that are one region summed (:mod:`streamclust.cluster_merge`),
     then the spatial step (:func:`streamclust.spatial_pool.spatial_memberships`)."""
@@ -819,10 +832,10 @@ def _level2_memberships(chunks: Sequence[ChunkScores], inside: np.ndarray, centr
                                 float(cfg.m))
     clear = np.isin(positions, inside)
     merged_into = np.arange(k2)
-    if scan_shape is not None and float(cfg.host_min_separation) > 0:
-        merged_into = merge_indistinct(np.concatenate([c.scores for c in chunks])[clear], positions[clear],
-                                       np.argmax(U2[clear], axis=1), tuple(scan_shape), k2,
-                                       float(cfg.host_min_separation))
+    if lines is not None:
+        # lines: the clear host's, in position order, as positions[clear]
+        merged_into = merge_same_composition(lines, positions[clear], np.argmax(U2[clear], axis=1),
+                                             tuple(scan_shape), k2, float(cfg.host_merge_effect))
     U2 = merge_columns(U2, merged_into)
     if scan_shape is not None and cfg.host_spatial:
         U2 = spatial_memberships(U2, positions, clear, tuple(scan_shape))
@@ -1045,7 +1058,7 @@ def _run(backend, info: RecordingInfo, cfg: ReplayConfig, chunk_positions: int) 
         # floor of 1 is in raw counts, so the whole-scan multiplier must not be applied first
         raw_h = backend.share({**scaling, "multiplier": np.ones_like(scaling["multiplier"])})
         host_info = _refine_host(backend, U1, src, specs, info_h, cfg, cfg_h, raw_h, n_cbed, seed,
-                                 scan_shape=info.scan_shape)
+                                 scan_shape=info.scan_shape, eds_energies_kev=sr.energies_kev_)
         if host_info is None:
             outputs = backend.map(chunk_compose, level1, [None] * k, [None] * k, [k2] * k)
         else:

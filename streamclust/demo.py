@@ -173,7 +173,9 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
                             n_clusters=n_clusters, random_state=seed_engine, refine_host=k2,
                             scan_shape=tuple(scan_shape), scan_positions=rows, host_overlap=live.engine.host_overlap,
                             host_mixing=live.engine.host_mixing or 0.0,
-                            host_min_separation=live.engine.host_min_separation,
+                            host_merge_effect=live.engine.host_merge_effect,
+                            host_merge_elements=tuple(live.engine.host_merge_elements),
+                            eds_energies_kev=live.engine.spectrum_reducer_.energies_kev_,
                             host_spatial=live.engine.host_spatial,
                             clusterer=FuzzyCMeans(n_clusters, n_init=10, random_state=seed_engine))
         results[name] = res

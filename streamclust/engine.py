@@ -73,7 +73,7 @@ from .block_balance import BlockBalancer
 from .drift import NoveltyDrift
 from .features import FrameReducer, SpectrumReducer
 from .fcm import DEFAULT_M, FuzzyCMeans, MiniBatchFuzzyCMeans
-from .cluster_merge import merge_columns, merge_indistinct
+from .cluster_merge import line_count_map, merge_columns, merge_same_composition
 from .host_refine import HostRefinement, compose_memberships, host_group, match_by_overlap
 from .incremental_pca import StreamingPCA
 from .position_store import PositionStore
@@ -218,14 +218,14 @@ class StreamingEngine:
         by noise into clusters alternating position by position, with crisp memberships, has no
         fuzzy overlap (measured: 0.009 on the phantom's film at 36 X-ray counts a spectrum) and
         the host flipped between one and both halves from refresh to refresh. None or 0: off.
-    host_min_separation : float, default=0.0
-        Level-2 clusters closer than this are one region: their memberships are summed into one
-        column (the others left at 0) (:mod:`streamclust.cluster_merge`: cross-fitted standardised
-        gap of the positions' own level-2 scores, each position labelled by its 4-neighbours; two
-        groups ``d`` apart are told apart position by position with error ``Phi(-d/2)``, 16 % at 2).
-        ``host_clusters`` is then an upper bound, the count is what the data supports. 0 (the
-        default): off. Not on by default: on a held-out phantom it merged a weak second phase into
-        the matrix (docs/host-refinement.md, "Merging level-2 clusters").
+    host_merge_effect : float, default=0.05
+        Level-2 clusters whose element-line shares (``host_merge_elements``) differ by less than
+        this, or not significantly, are one composition: their memberships are summed into one
+        column, the others left at 0 (:mod:`streamclust.cluster_merge`; each position labelled by
+        its 4-neighbours, so noise clusters do not differ on their own data). ``host_clusters`` is
+        then an upper bound; the count is what the data supports. 0: off.
+    host_merge_elements : tuple of str, default=("Fe", "Co")
+        The K-alpha lines compared (:data:`streamclust.flag_stats.LINES_KEV`).
     host_spatial : bool, default=True
         The final level-2 memberships take their neighbourhood's into account: the spatial fuzzy
         C-means membership step (:func:`~streamclust.spatial_pool.spatial_memberships`, Chuang et
@@ -307,7 +307,8 @@ class StreamingEngine:
         host_refit_growth: float = 0.5,
         host_overlap: float = 0.1,
         host_mixing: float | None = 0.5,
-        host_min_separation: float = 0.0,
+        host_merge_effect: float = 0.05,
+        host_merge_elements: tuple = ("Fe", "Co"),
         host_spatial: bool = True,
         host_pooling: bool = True,
         spill: str = "auto",
@@ -354,7 +355,8 @@ class StreamingEngine:
         self.host_refit_growth = host_refit_growth
         self.host_overlap = host_overlap
         self.host_mixing = host_mixing
-        self.host_min_separation = host_min_separation
+        self.host_merge_effect = host_merge_effect
+        self.host_merge_elements = host_merge_elements
         self.host_spatial = host_spatial
         self.host_pooling = host_pooling
         self.spill = spill
@@ -421,8 +423,8 @@ class StreamingEngine:
         if self.host_mixing is not None and not 0.0 <= float(self.host_mixing) <= 1.0:
             # below 0 every pair of clusters would count as intermixed: all would join the host
             raise ValueError(f"host_mixing must be in [0, 1] or None, got {self.host_mixing!r}")
-        if not float(self.host_min_separation) >= 0.0:
-            raise ValueError(f"host_min_separation must be >= 0 (0: off), got {self.host_min_separation!r}")
+        if not 0.0 <= float(self.host_merge_effect) < 1.0:
+            raise ValueError(f"host_merge_effect must be in [0, 1) (0: off), got {self.host_merge_effect!r}")
         self.n_output_clusters_ = int(self.n_clusters) + int(self.host_clusters)
         self.memberships_ = np.full((n, self.n_output_clusters_), np.nan, dtype=np.float32)
         self.host_cluster_: int | None = None
@@ -1042,8 +1044,18 @@ class StreamingEngine:
         # so it is not invariant to the warm multiplier): fold 1 / c_warm into the map
         A = (A * self._inv_c_warm()[:, np.newaxis]).astype(np.float32)
         # every stored position's level-2 scores, once: the host's fit uses its clear rows, and
-        # _compose_stored the whole of it right after (it used to decode the store twice)
-        Z2_all = Z2_own = self._stored_project(A, b, idx)
+        # _compose_stored the whole of it right after (it used to decode the store twice); with
+        # the element-line counts when the merge needs them: one affine map, one pass
+        W = self._line_map()
+        if W is None:
+            Z2_all = Z2_own = self._stored_project(A, b, idx)
+            lines = None
+        else:
+            both = self._stored_project(np.hstack([A, W * self._inv_c_warm()[:, np.newaxis]]),
+                                        np.concatenate([b, np.zeros(W.shape[1], b.dtype)]), idx)
+            Z2_all = Z2_own = np.ascontiguousarray(both[:, :A.shape[1]])
+            lines = np.clip(np.rint(both[:, A.shape[1]:]), 0, None).astype(np.int64)
+            del both
         if self._pooling(final):
             # live: cluster neighbourhood means (module spatial_pool); the final partition is per
             # position, as the paper's
@@ -1085,12 +1097,12 @@ class StreamingEngine:
             fcm.labels_ = np.argmax(fcm.memberships_, axis=1)
         self._host_fcm = fcm
         self._host_scorer = (A, b)
-        # which sub-clusters are one region: decided on the positions' own scores (not the live
-        # neighbourhood means, whose labels would already carry the neighbours' data)
-        own = Z2_own[clear]
-        own_labels = np.argmax(fcm.predict_memberships(own), axis=1)
-        self.host_merged_into_ = merge_indistinct(own, inside, own_labels, self.scan_shape, k2,
-                                                  float(self.host_min_separation))
+        if lines is not None:
+            # which sub-clusters are one composition: each position labelled by its own scores (not
+            # the live neighbourhood means, which already carry the neighbours' data)
+            own_labels = np.argmax(fcm.predict_memberships(Z2_own[clear]), axis=1)
+            self.host_merged_into_ = merge_same_composition(lines[clear], inside, own_labels, self.scan_shape, k2,
+                                                            float(self.host_merge_effect))
         self.host_cluster_ = host
         self.host_group_ = group
         logger.info("host %s refined: %d positions, %d components, %s", group, inside.size,
@@ -1123,6 +1135,16 @@ class StreamingEngine:
         if final and self.host_spatial and self.scan_shape is not None:
             U2 = spatial_memberships(U2, idx, self._clear_in(U, self.host_group_), self.scan_shape)
         return compose_memberships(U, U2, self.host_group_, int(self.host_clusters))
+
+    def _line_map(self) -> np.ndarray | None:
+        """Raw features to element-line counts (cluster_merge.line_count_map), or None when the
+        merge is off or impossible (no scan grid, lines outside the EDS window)."""
+        if not float(self.host_merge_effect) > 0 or self.scan_shape is None:
+            return None
+        if getattr(self, "_line_map_", False) is False:
+            self._line_map_ = line_count_map(self.n_cbed_features_, self.spectrum_reducer_.energies_kev_,
+                                             tuple(self.host_merge_elements))
+        return self._line_map_
 
     def _merged(self, U2: np.ndarray) -> np.ndarray:
         """Level-2 memberships with the sub-clusters that are one region summed (cluster_merge)."""
@@ -1165,7 +1187,8 @@ class StreamingEngine:
     def __setstate__(self, state: dict) -> None:
         # an engine pickled before a parameter existed gets the parameter's default
         state.setdefault("host_mixing", None)
-        state.setdefault("host_min_separation", 0.0)
+        state.setdefault("host_merge_effect", 0.0)
+        state.setdefault("host_merge_elements", ("Fe", "Co"))
         state.setdefault("host_spatial", False)
         state.setdefault("host_merged_into_", None)
         state.setdefault("spill", "off")

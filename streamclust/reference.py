@@ -181,7 +181,9 @@ def run_reference(
     scan_positions: np.ndarray | None = None,
     host_overlap: float = 0.1,
     host_mixing: float = 0.5,
-    host_min_separation: float = 0.0,
+    host_merge_effect: float = 0.0,
+    host_merge_elements: tuple = ("Fe", "Co"),
+    eds_energies_kev: np.ndarray | None = None,
     host_spatial: bool = False,
     rows: np.ndarray | None = None,
     sample_size: int | None = None,
@@ -210,10 +212,15 @@ def run_reference(
         The scan grid. With it the host group also takes the clusters intermixed with it position
         by position (``host_mixing``), as the engine's does (:func:`streamclust.host_refine.host_group`,
         fuzzy overlap ``host_overlap``); without it, by fuzzy overlap only.
-    host_min_separation : float, default=0.0
-        With ``scan_shape``: level-2 clusters closer than this are one region (their memberships
-        summed, as the engine's ``host_min_separation``, :mod:`streamclust.cluster_merge`). 0, the
-        default: the sub-clusters as fitted.
+    host_merge_effect : float, default=0.0
+        With ``scan_shape`` and ``eds_energies_kev``: level-2 clusters whose element-line shares
+        (``host_merge_elements``) differ by less than this, or not significantly, are one
+        composition (their memberships summed, as the engine's ``host_merge_effect``,
+        :mod:`streamclust.cluster_merge`). 0, the default: the sub-clusters as fitted.
+    host_merge_elements : tuple of str, default=("Fe", "Co")
+    eds_energies_kev : (d_eds,) float, optional
+        The centre energy of each column of ``eds`` (after windowing and rebinning), for the
+        element-line windows of the merge.
     host_spatial : bool, default=False
         With ``scan_shape``: the engine's final spatial membership step at level 2
         (:func:`streamclust.spatial_pool.spatial_memberships`). Off by default: the paper's
@@ -233,8 +240,8 @@ def run_reference(
     """
     if host_mixing is not None and not 0.0 <= float(host_mixing) <= 1.0:
         raise ValueError(f"host_mixing must be in [0, 1], got {host_mixing!r}")
-    if not float(host_min_separation) >= 0.0:
-        raise ValueError(f"host_min_separation must be >= 0, got {host_min_separation!r}")
+    if not 0.0 <= float(host_merge_effect) < 1.0:
+        raise ValueError(f"host_merge_effect must be in [0, 1), got {host_merge_effect!r}")
     if signals not in ("merged", "cbed", "eds"):
         raise ValueError(f"signals must be 'merged', 'cbed' or 'eds', got {signals!r}")
     use_cbed = signals in ("merged", "cbed")
@@ -299,7 +306,8 @@ def run_reference(
                               int(refine_host), host_threshold, host_min_components, variance_threshold,
                               random_state, scan_shape=scan_shape, scan_positions=scan_positions,
                               host_overlap=host_overlap, host_mixing=host_mixing,
-                              min_separation=host_min_separation, spatial=host_spatial, sample_size=sample_size,
+                              merge_effect=host_merge_effect, merge_elements=host_merge_elements,
+                              eds_energies_kev=eds_energies_kev, spatial=host_spatial, sample_size=sample_size,
                               chunk_rows=chunk_rows)
     return ReferenceResult(labels, z, k, pca.explained_variance_ratio_, factor, est)
 
@@ -319,10 +327,11 @@ def _read_rows(cbed, eds, rows: np.ndarray, dtype=np.float32) -> list[np.ndarray
 
 def _refine_host(cbed, eds, rows, labels, est, n_clusters, k2, threshold, min_components, variance_threshold,
                  random_state, scan_shape=None, scan_positions=None, host_overlap=0.1,
-                 host_mixing=0.5, min_separation=0.0, spatial=False, sample_size=None, chunk_rows=4096) -> np.ndarray:
+                 host_mixing=0.5, merge_effect=0.0, merge_elements=("Fe", "Co"), eds_energies_kev=None,
+                 spatial=False, sample_size=None, chunk_rows=4096) -> np.ndarray:
     """Second level on the host cluster (see ``refine_host`` of :func:`run_reference`)."""
     from streamclust.fcm import FuzzyCMeans
-    from streamclust.cluster_merge import merge_columns, merge_indistinct
+    from streamclust.cluster_merge import line_count_map, merge_columns, merge_same_composition
     from streamclust.host_refine import HostRefinement, compose_memberships, host_group
     from streamclust.spatial_pool import spatial_memberships
 
@@ -356,10 +365,17 @@ def _refine_host(cbed, eds, rows, labels, est, n_clusters, k2, threshold, min_co
                          for s0 in range(0, rows.size, int(chunk_rows))])
     fcm = FuzzyCMeans(k2, n_init=10, random_state=random_state).fit(z2[inside])
     merged_into = None
-    if scan_shape is not None and float(min_separation) > 0:
-        # sub-clusters that are one region are shown as one, as in the engine (streamclust.cluster_merge)
+    W = None
+    if scan_shape is not None and eds is not None and eds_energies_kev is not None and float(merge_effect) > 0:
+        W = line_count_map(0, eds_energies_kev, tuple(merge_elements))
+    if W is not None:
+        # sub-clusters of one composition are shown as one, as in the engine (streamclust.cluster_merge)
         where = np.flatnonzero(inside) if scan_positions is None else np.asarray(scan_positions)[inside]
-        merged_into = merge_indistinct(z2[inside], where, fcm.labels_, tuple(scan_shape), k2, float(min_separation))
+        clear_rows = rows[inside]
+        lines = np.concatenate([_read_rows(None, eds, clear_rows[s0:s0 + int(chunk_rows)])[0] @ W
+                                for s0 in range(0, clear_rows.size, int(chunk_rows))])
+        merged_into = merge_same_composition(np.rint(lines).astype(np.int64), where, fcm.labels_, tuple(scan_shape),
+                                             k2, float(merge_effect))
     u2 = merge_columns(fcm.predict_memberships(z2), merged_into)
     if scan_shape is not None and spatial:
         # the engine's final spatial step (streamclust.spatial_pool.spatial_memberships)

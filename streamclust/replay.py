@@ -252,7 +252,8 @@ def dask_config(cfg: Config) -> dict:
            "host_clusters": e.host_clusters, "host_threshold": e.host_threshold,
            "host_min_positions": e.host_min_positions, "host_sample_size": e.host_sample_size,
            "host_min_components": e.host_min_components, "host_overlap": e.host_overlap,
-           "host_mixing": e.host_mixing, "host_min_separation": e.host_min_separation,
+           "host_mixing": e.host_mixing, "host_merge_effect": e.host_merge_effect,
+           "host_merge_elements": tuple(e.host_merge_elements),
            "host_spatial": e.host_spatial,
            "final_pca_sample": e.final_pca_sample, "flag_params": dataclasses.asdict(cfg.flags)}
     if "engine.pca_method" in cfg.explicit:

@@ -145,9 +145,6 @@ def whole_scan():
         n, scan_shape=ph.scan_shape, frame_shape=ph.frame_shape, n_channels=ph.n_channels,
         energy_axis=(float(ph.energy_axis_kev[0]), ph.channel_width_kev), n_clusters=N_CLUSTERS,
         warmup_positions=512, refresh_every=512, random_state=0,
-        # the merge of indistinct level-2 clusters (off by default) on, so live and reference are
-        # compared with it too
-        host_min_separation=2.0,
     )
     cbed, spectra = [], []
     for start in range(0, n, 256):
@@ -170,8 +167,8 @@ def test_whole_lamella_second_phase_is_its_own_cluster_live(whole_scan, record_p
     live = best_f1(eng.labels_, truth)
     ref = run_reference(cbed, eds, clusterer=FuzzyCMeans(N_CLUSTERS, n_init=10, random_state=0),
                         n_clusters=N_CLUSTERS, random_state=0, refine_host=eng.host_clusters,
-                        scan_shape=eng.scan_shape, host_min_separation=eng.host_min_separation,
-                        host_spatial=eng.host_spatial)
+                        scan_shape=eng.scan_shape, host_merge_effect=eng.host_merge_effect,
+                        eds_energies_kev=eng.spectrum_reducer_.energies_kev_, host_spatial=eng.host_spatial)
     one_level = run_reference(cbed, eds, clusterer=FuzzyCMeans(N_CLUSTERS, n_init=10, random_state=0),
                               n_clusters=N_CLUSTERS, random_state=0)
     f1_ref = best_f1(ref.labels, truth).single
