@@ -258,6 +258,13 @@ class LiveView:
         self.judgements: list[dict] = []
         #: :class:`~streamclust.followup.FollowUpReport` of every follow-up done from the page
         self.followup_reports: list = []
+        #: every follow-up state change in order (``flag_id``, ``state``, ``time_unix``, and the
+        #: error of a failed one): what the operator saw, kept for the results file
+        self.followup_log: list[dict] = []
+        #: per report (same order as :attr:`followup_reports`): the live scan's summed spectrum over
+        #: the same positions, read from the position provider (None without one)
+        self.followup_scan_spectra: list = []
+        self._followup_threads: list[threading.Thread] = []
         self._evidence_cache: dict[tuple, bytes] = {}
         self._bf_png: tuple[int, bytes] | None = None
         self._bf_store: dict = {}
@@ -691,15 +698,50 @@ class LiveView:
                 return dict(current)
             act["followup"] = {"state": "sent", "dwell_s": dwell, "time_unix": time.time()}
             state = dict(act["followup"])
+            self.followup_log.append({"flag_id": fid, "state": "sent", "time_unix": state["time_unix"],
+                                      "dwell_s": dwell})
         event = {"flag_id": fid, **region}
-        threading.Thread(target=self._run_followup, args=(fid, event, dwell), daemon=True,
-                         name=f"liveview-followup-{fid}").start()
+        worker = threading.Thread(target=self._run_followup, args=(fid, event, dwell), daemon=True,
+                                  name=f"liveview-followup-{fid}")
+        self._followup_threads.append(worker)
+        worker.start()
         logger.info("live view: follow-up of flag %d requested (dwell %.3g s)", fid, dwell)
         return state
 
     def _set_followup(self, fid: int, **fields: Any) -> None:
         with self._actions_lock:
-            self._actions[fid]["followup"].update(fields)
+            fu = self._actions[fid]["followup"]
+            if fields.get("state", fu["state"]) != fu["state"]:
+                self.followup_log.append({"flag_id": fid, "state": fields["state"], "time_unix": time.time(),
+                                          **({"error": fields["error"]} if "error" in fields else {})})
+            fu.update(fields)
+
+    def wait_followups(self, timeout: float | None = None) -> bool:
+        """Wait until every follow-up requested so far has ended (done or failed), at most
+        ``timeout`` seconds (default the follow-up timeout); True when none is still running.
+        The scan commands call it before writing the results file, so a follow-up the operator
+        started at the end of a scan is in it."""
+        deadline = time.monotonic() + (self.followup_timeout_s if timeout is None else float(timeout))
+        for worker in list(self._followup_threads):
+            worker.join(max(0.0, deadline - time.monotonic()))
+        running = [w for w in self._followup_threads if w.is_alive()]
+        if running:
+            logger.warning("live view: %d follow-up(s) still running; the results file will not have them",
+                           len(running))
+        return not running
+
+    def _scan_spectrum(self, positions: Any) -> np.ndarray | None:
+        """The live scan's summed spectrum over ``positions`` (None without a position provider or
+        where a position is not acquired): the baseline a follow-up is compared with."""
+        if self.position_provider is None or positions is None:
+            return None
+        total = None
+        for p in np.asarray(positions).reshape(-1).tolist():
+            got = self.position_provider(int(p))
+            if got is None:
+                return None
+            total = np.asarray(got[0], np.float64) + (0.0 if total is None else total)
+        return None if total is None else total.round().astype(np.int64)
 
     def _run_followup(self, fid: int, event: dict, dwell: float) -> None:
         from .followup import FollowUpClient, FollowUpError, follow_up_flag
@@ -717,7 +759,10 @@ class LiveView:
             logger.exception("live view: follow-up of flag %d failed", fid)
             self._set_followup(fid, state="failed", error=repr(exc))
             return
-        self.followup_reports.append(report)
+        scan = self._scan_spectrum(report.positions)
+        with self._actions_lock:
+            self.followup_reports.append(report)
+            self.followup_scan_spectra.append(scan)
         self._set_followup(fid, state="done", fe_co_ratio=_finite_or_none(report.fe_co_ratio),
                            snr_fe=_finite_or_none(report.snr_fe), n_acquired=report.n_acquired,
                            n_flag_positions=report.n_flag_positions)
@@ -740,6 +785,46 @@ class LiveView:
             self._actions.setdefault(fid, {})["judgement"] = "dismissed"
         logger.info("live view: flag %d dismissed by the operator", fid)
         return rec
+
+    def results_entries(self) -> dict[str, Any]:
+        """The operator's actions as ``extra`` entries of the results file
+        (:meth:`streamclust.results.ResultsWriter.finalize`; docs/liveview.md): the JSON documents
+        ``liveview/judgements``, ``liveview/followups`` (one row per follow-up done) and
+        ``liveview/followup_log`` (every state change), and per follow-up the arrays
+        ``liveview/followup_spectra/<name>`` (its spectrum summed over the flag's own positions),
+        ``liveview/followup_scan_spectra/<name>`` (the live scan's over the same positions) and
+        ``liveview/followup_positions/<name>``, ``<name>`` being ``flag_<id>`` (``flag_<id>_2``
+        for a second follow-up of one flag)."""
+        from .centres import fe_co_lines
+        from .results import json_default
+
+        with self._actions_lock:
+            reports = list(zip(self.followup_reports, self.followup_scan_spectra))
+            judgements, log = list(self.judgements), list(self.followup_log)
+        out: dict[str, Any] = {}
+        rows, seen = [], {}
+        for r, scan in reports:
+            seen[r.flag_id] = seen.get(r.flag_id, 0) + 1
+            name = f"flag_{r.flag_id}" + ("" if seen[r.flag_id] == 1 else f"_{seen[r.flag_id]}")
+            row = {"name": name, "flag_id": r.flag_id, "bbox": list(r.bbox),
+                   "regions": [list(res.bbox) for res in r.results], "dwell_s": r.dwell_s,
+                   "n_flag_positions": r.n_flag_positions, "n_acquired": r.n_acquired,
+                   "counts": int(np.sum(r.spectrum)), "fe_co_ratio": r.fe_co_ratio, "snr_fe": r.snr_fe}
+            out[f"liveview/followup_spectra/{name}"] = np.asarray(r.spectrum)
+            if r.positions is not None:
+                out[f"liveview/followup_positions/{name}"] = np.asarray(r.positions, np.int64)
+            if scan is not None:
+                out[f"liveview/followup_scan_spectra/{name}"] = scan
+                row["scan_counts"] = int(scan.sum())
+                axis = r.results[0].energy_axis_kev
+                if axis.size == scan.size:
+                    lines = fe_co_lines(scan, axis)
+                    row.update(scan_fe_co_ratio=float(lines.ratio), scan_snr_fe=float(lines.snr_fe))
+            rows.append(_clean(row))
+        out["liveview/judgements"] = json.dumps(judgements, default=json_default)
+        out["liveview/followups"] = json.dumps(rows, default=json_default)
+        out["liveview/followup_log"] = json.dumps(log, default=json_default)
+        return out
 
     def authorised(self, token: str | None) -> bool:
         """May a viewer act on flags? On loopback, yes; bound elsewhere, only with the
@@ -795,9 +880,8 @@ class LiveView:
         """Virtual bright field (n,) of the positions a :class:`~streamclust.centres.ThresholdedCentres`
         stored so far (NaN elsewhere); only positions new since the last call are summed. The
         detector is the direct beam's disc in the mean of the first positions' patterns."""
-        # the store's per-position arrays are private to streamclust.centres; read, never written
-        cbed, stored = getattr(store, "_cbed", None), getattr(store, "_stored", None)
-        if cbed is None or stored is None:
+        stored = getattr(store, "stored", None)
+        if stored is None:
             return None
         st = self._bf_store
         if "bf" not in st:
@@ -805,9 +889,10 @@ class LiveView:
             st["done"] = np.zeros(stored.size, bool)
         new = np.flatnonzero(stored & ~st["done"])
         if new.size:
+            patterns = store.signals(new)[0].reshape(new.size, -1)
             if "mask" not in st:
-                st["mask"] = bright_field_mask(cbed[new].mean(axis=0).reshape(store.cbed_shape)).reshape(-1)
-            st["bf"][new] = cbed[new][:, st["mask"]].sum(axis=1)
+                st["mask"] = bright_field_mask(patterns.mean(axis=0).reshape(store.cbed_shape)).reshape(-1)
+            st["bf"][new] = patterns[:, st["mask"]].sum(axis=1)
             st["done"][new] = True
         return st["bf"]
 
@@ -817,11 +902,11 @@ def store_position_provider(store: Any) -> Callable[[int], tuple[np.ndarray, np.
     :class:`~streamclust.centres.ThresholdedCentres` store (None where nothing is stored yet)."""
 
     def provide(p: int) -> tuple[np.ndarray, np.ndarray] | None:
-        # the store's per-position arrays are private to streamclust.centres; read, never written
-        stored = getattr(store, "_stored", None)
+        stored = store.stored
         if stored is None or not stored[p]:
             return None
-        return np.asarray(store._eds[p], np.float64), np.asarray(store._cbed[p], np.float64).reshape(store.cbed_shape)
+        patterns, spectra = store.signals([p])
+        return np.asarray(spectra[0], np.float64), np.asarray(patterns[0], np.float64)
 
     return provide
 

@@ -103,7 +103,7 @@ def test_bright_field_is_incremental_and_transparent_where_not_scanned(scene, fe
     # the virtual detector sums the same pixels of every stored pattern
     mask = fed._bf_store["mask"]
     p = 700
-    assert bf[p] == pytest.approx(scene.store._cbed[p][mask].sum(), rel=1e-5)
+    assert bf[p] == pytest.approx(scene.store.signals([p])[0].reshape(-1)[mask].sum(), rel=1e-5)
     rgba = _png_rgba(fed.bf_png())
     assert rgba.shape == (64, 64, 4)
     assert (rgba[:ROWS[2], :, 3] == 255).all() and (rgba[ROWS[2]:, :, 3] == 0).all()
@@ -296,7 +296,6 @@ def test_update_from_a_live_analysis():
     assert ev["available"] and ev["region"]["n_positions"] == snap.centres["count"][k] > 0
     pos = view.position(100)
     # patterns travel with 3 significant figures: relative rounding error at most half a unit, 5e-3
-    np.testing.assert_allclose(pos["pattern"], np.sqrt(live.centres._cbed[100].reshape(live.centres.cbed_shape)),
-                               rtol=5e-3)
+    np.testing.assert_allclose(pos["pattern"], np.sqrt(live.centres.signals([100])[0][0]), rtol=5e-3)
     with pytest.raises(KeyError, match="not acquired"):
         view.position(900)
