@@ -169,6 +169,20 @@ def _progress(cfg: Config, quiet: bool, total: int, scan_shape):
 ACTION_TOKEN_ENV = "STREAMCLUST_ACTION_TOKEN"
 
 
+def action_token(cfg: Config) -> str | None:
+    """The live view's action token: ``$STREAMCLUST_ACTION_TOKEN``, else ``[liveview] action_token``
+    (when the configuration has one); bound off loopback without either, a random one for this
+    scan (acting there is otherwise refused); None on loopback (no token needed)."""
+    import secrets
+
+    from streamclust.adapters.security import is_loopback
+
+    token = os.environ.get(ACTION_TOKEN_ENV) or getattr(cfg.liveview, "action_token", None) or None
+    if token is None and not is_loopback(cfg.liveview.host):
+        token = secrets.token_urlsafe(18)  # 144 bits
+    return token
+
+
 def _liveview_factory(cfg: Config, live_flag: bool, stack: ExitStack, *, followup_endpoint: str | None = None,
                       followup_dwell_s: float | None = None):
     """A factory the session calls with the scan shape and cluster count, or None.
@@ -184,15 +198,13 @@ def _liveview_factory(cfg: Config, live_flag: bool, stack: ExitStack, *, followu
     lv = cfg.liveview
     endpoint = followup_endpoint or getattr(lv, "followup_endpoint", None) or None
     dwell = followup_dwell_s if followup_dwell_s is not None else getattr(lv, "followup_dwell_s", None)
-    token = os.environ.get(ACTION_TOKEN_ENV) or getattr(lv, "action_token", None) or None
 
     def make(scan_shape, n_clusters, title):
-        import secrets
+        from streamclust.adapters.security import is_loopback
+        from streamclust.liveview import LiveView
 
-        from streamclust.liveview import LiveView, _is_loopback
-
-        exposed = not _is_loopback(lv.host)
-        view_token = token or (secrets.token_urlsafe(18) if exposed else None)
+        exposed = not is_loopback(lv.host)
+        view_token = action_token(cfg)
         view = LiveView(host=lv.host, port=lv.port, scan_shape=scan_shape, n_clusters=n_clusters, title=title,
                         followup_endpoint=endpoint, action_token=view_token,
                         **({"followup_dwell_s": float(dwell)} if dwell is not None else {})).start()

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import hmac
 import html
-import ipaddress
 import json
 import logging
 import math
@@ -59,7 +58,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from .adapters.security import warn_if_exposed
+from .adapters.security import is_loopback, warn_if_exposed
 from .liveview_page import PAGE_TEMPLATE
 from .liveview_render import (DEFAULT_LINES_KEV, bright_field_mask, cluster_palette, encode_png,
                               fe_co_with_uncertainty, labels_and_confidence, render_gray_rgba, render_rgba,
@@ -74,14 +73,6 @@ _HISTORY_KEYS = ("score", "p_value_eds", "p_value_cbed", "effect_eds", "effect_c
 # a POST body larger than this is refused before it is read (an action is a few dozen bytes)
 _MAX_ACTION_BYTES = 4096
 
-
-def _is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 # A client that vanished mid-response is normal for a page that reloads or a laptop that sleeps:
 # counted, never a traceback in the log.
@@ -829,7 +820,7 @@ class LiveView:
     def authorised(self, token: str | None) -> bool:
         """May a viewer act on flags? On loopback, yes; bound elsewhere, only with the
         configured ``action_token`` (compared in constant time), and never without one."""
-        if _is_loopback(self.host):
+        if is_loopback(self.host.strip("[]")):
             return True
         if self.action_token is None or token is None:
             return False
