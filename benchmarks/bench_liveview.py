@@ -166,18 +166,21 @@ def analysis(scan: int, rows: int, batch: int, viewers: int, seed: int = 0, pair
             for p in pollers:
                 p.start()
         per = []
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for b in batches:
             t = time.perf_counter()
             live.process(b)
             per.append(time.perf_counter() - t)
         total = time.perf_counter() - t0
+        # CPU seconds of the whole process (analysis, server and viewer threads): what the view
+        # adds there is less sensitive than wall time to the other jobs on a shared machine
+        cpu = time.process_time() - c0
         if with_view:
             for p in pollers:
                 p.stop.set()
                 p.join()
             view.stop()
-        return np.array(per), total, feed, pollers, live
+        return np.array(per), total, feed, pollers, live, cpu
 
     # A B B A: the machine is shared, and drift over the minutes of a run is as large as the effect
     order = (False, True, True, False) * max(1, int(pairs))
@@ -185,7 +188,7 @@ def analysis(scan: int, rows: int, batch: int, viewers: int, seed: int = 0, pair
     runs = [run(w) for w in order]
     alone = [r for r, w in zip(runs, order) if not w]
     viewed = [r for r, w in zip(runs, order) if w]
-    _, _, feed, pollers, live = viewed[-1]
+    _, _, feed, pollers, live, _ = viewed[-1]
     print(f"scan {scan}x{scan}, first {m} positions, {len(batches)} batches, "
           f"{live.engine.stats_['refreshes']} refreshes, {len(feed.times)} live-view updates, {viewers} viewer(s)")
     for name, rs in (("analysis alone", alone), ("analysis + view", viewed)):
@@ -196,8 +199,10 @@ def analysis(scan: int, rows: int, batch: int, viewers: int, seed: int = 0, pair
     # the median batch is less sensitive to another job's burst than a total
     ma = np.median(np.concatenate([r[0] for r in alone]))
     mb = np.median(np.concatenate([r[0] for r in viewed]))
+    ca, cb = np.mean([r[5] for r in alone]), np.mean([r[5] for r in viewed])
     print(f"  -> view costs {slowdown:+.1f} % of the total (mean of {len(alone)} runs each), "
-          f"{100 * (mb / ma - 1):+.1f} % of the median batch")
+          f"{100 * (mb / ma - 1):+.1f} % of the median batch; process CPU {ca:.2f} s alone, {cb:.2f} s "
+          f"with view ({100 * (cb / ca - 1):+.1f} %; the viewers' client side included)")
     ft = 1e3 * np.concatenate([r[2].times for r in viewed])
     thread_pct = ft.sum() / (1e3 * sum(r[1] for r in viewed)) * 100
     print(f"update_from_analysis: {ft.mean():.2f} ms mean, {ft.max():.2f} ms max, per update; "
@@ -233,6 +238,7 @@ def analysis(scan: int, rows: int, batch: int, viewers: int, seed: int = 0, pair
             "liveview_analysis_thread_pct": round(float(thread_pct), 3),
             "liveview_slowdown_total_pct": round(float(slowdown), 2),
             "liveview_slowdown_median_batch_pct": round(float(100 * (mb / ma - 1)), 2),
+            "liveview_cpu_pct": round(float(100 * (cb / ca - 1)), 2),
             "totals_alone_s": [round(r[1], 3) for r in alone], "totals_with_view_s": [round(r[1], 3) for r in viewed],
             "evidence_json_bytes": len(body), "evidence_ms": round(1e3 * t_ev, 3), "load_avg_1min": round(load, 2)}
 
