@@ -299,3 +299,33 @@ def test_update_from_a_live_analysis():
     np.testing.assert_allclose(pos["pattern"], np.sqrt(live.centres.signals([100])[0][0]), rtol=5e-3)
     with pytest.raises(KeyError, match="not acquired"):
         view.position(900)
+
+
+def test_results_entries_keep_every_followup_with_the_scan_baseline(server):
+    """What the results file gets: a flag followed up twice keeps both (``flag_<id>``,
+    ``flag_<id>_2``), each with the live scan's spectrum over the same positions, and every state."""
+    scene = Scene()
+    view = scene.view(followup_endpoint=server.endpoint)
+    for rows in ROWS[:2]:
+        scene.feed(view, rows)
+    fid = view.snapshot.flags[0]["flag_id"]
+    for dwell in (0.1, 0.05):
+        view.request_followup(fid, dwell)
+        assert view.wait_followups()
+    view.dismiss(fid, "twice is enough")
+    e = view.results_entries()
+    rows = json.loads(e["liveview/followups"])
+    assert [r["name"] for r in rows] == [f"flag_{fid}", f"flag_{fid}_2"]
+    assert [r["dwell_s"] for r in rows] == [0.1, 0.05]
+    assert [x["state"] for x in json.loads(e["liveview/followup_log"])] == ["sent", "acknowledged", "done"] * 2
+    assert json.loads(e["liveview/judgements"])[0]["note"] == "twice is enough"
+    for r in rows:
+        pos = e[f"liveview/followup_positions/{r['name']}"]
+        assert pos.size == r["n_flag_positions"] > 0
+        scan = e[f"liveview/followup_scan_spectra/{r['name']}"]
+        # the baseline is the scan's own spectra of those positions, as stored
+        np.testing.assert_array_equal(scan, scene.spectra[pos].sum(axis=0, dtype=np.int64))
+        assert r["scan_counts"] == scan.sum() and r["counts"] == e[f"liveview/followup_spectra/{r['name']}"].sum()
+    # scan dwell 10 ms: the longer follow-up has more counts, the Fe line a higher SNR
+    assert rows[0]["counts"] > rows[1]["counts"] > rows[0]["scan_counts"]
+    assert rows[0]["snr_fe"] > rows[0]["scan_snr_fe"]
