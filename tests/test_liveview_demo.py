@@ -96,7 +96,10 @@ def test_demo_scan_flag_evidence_and_followup_from_the_page(tmp_path):
                                    " && document.getElementById('action-state').dataset.state", timeout=LIVENESS_S)
                 assert state == "done", b.evaluate("document.getElementById('action-state').textContent")
                 assert "follow-up done: Fe/Co" in b.evaluate("document.getElementById('action-state').textContent")
-            region = view._regions[fid]
+            # the flag's region as the page's request sent it (the scan goes on meanwhile, and a
+            # later assessment may grow the flag)
+            (report,) = view.followup_reports
+            region = report.event
         finally:
             release.set()
             runner.join(LIVENESS_S)
