@@ -751,12 +751,26 @@ class LiveView:
             self._set_followup(fid, state="failed", error=repr(exc))
             return
         scan = self._scan_spectrum(report.positions)
+        scan_lines = self._scan_lines(scan, report)
         with self._actions_lock:
             self.followup_reports.append(report)
             self.followup_scan_spectra.append(scan)
+        # the page shows the follow-up's Fe SNR beside the scan's over the same positions
         self._set_followup(fid, state="done", fe_co_ratio=_finite_or_none(report.fe_co_ratio),
                            snr_fe=_finite_or_none(report.snr_fe), n_acquired=report.n_acquired,
-                           n_flag_positions=report.n_flag_positions)
+                           n_flag_positions=report.n_flag_positions,
+                           scan_snr_fe=None if scan_lines is None else _finite_or_none(float(scan_lines.snr_fe)))
+
+    @staticmethod
+    def _scan_lines(scan: np.ndarray | None, report: Any):
+        """Fe/Co K-alpha lines of the scan's spectrum over a follow-up's positions (None without
+        it, or when the follow-up's energy axis has another channel count)."""
+        from .centres import fe_co_lines
+
+        axis = report.results[0].energy_axis_kev
+        if scan is None or axis.size != scan.size:
+            return None
+        return fe_co_lines(scan, axis)
 
     def dismiss(self, flag_id: int, note: str = "") -> dict:
         """Record the operator's judgement that flag ``flag_id`` is not worth following up
@@ -786,7 +800,6 @@ class LiveView:
         ``liveview/followup_scan_spectra/<name>`` (the live scan's over the same positions) and
         ``liveview/followup_positions/<name>``, ``<name>`` being ``flag_<id>`` (``flag_<id>_2``
         for a second follow-up of one flag)."""
-        from .centres import fe_co_lines
         from .results import json_default
 
         with self._actions_lock:
@@ -807,9 +820,8 @@ class LiveView:
             if scan is not None:
                 out[f"liveview/followup_scan_spectra/{name}"] = scan
                 row["scan_counts"] = int(scan.sum())
-                axis = r.results[0].energy_axis_kev
-                if axis.size == scan.size:
-                    lines = fe_co_lines(scan, axis)
+                lines = self._scan_lines(scan, r)
+                if lines is not None:
                     row.update(scan_fe_co_ratio=float(lines.ratio), scan_snr_fe=float(lines.snr_fe))
             rows.append(_clean(row))
         out["liveview/judgements"] = json.dumps(judgements, default=json_default)

@@ -454,6 +454,7 @@ PAGE_TEMPLATE = """<!DOCTYPE html>
     if (fu) {
       cls = "state-" + fu.state;
       text = "follow-up " + fu.state + (fu.state === "done" ? ": Fe/Co K\u03b1 " + fmt(fu.fe_co_ratio) + ", Fe SNR " + fmt(fu.snr_fe) +
+             (fu.scan_snr_fe != null ? " (scan: " + fmt(fu.scan_snr_fe) + ")" : "") +
              " (" + fu.n_acquired + " positions at " + fu.dwell_s + " s)" : "") + (fu.error ? ": " + fu.error : "");
     }
     if (a.judgement) { text += (text ? " \u00b7 " : "") + "operator: " + a.judgement; if (!cls) cls = "state-dismissed"; }

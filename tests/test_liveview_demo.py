@@ -95,7 +95,9 @@ def test_demo_scan_flag_evidence_and_followup_from_the_page(tmp_path):
                 state = b.wait_for("['done', 'failed'].includes(document.getElementById('action-state').dataset.state)"
                                    " && document.getElementById('action-state').dataset.state", timeout=LIVENESS_S)
                 assert state == "done", b.evaluate("document.getElementById('action-state').textContent")
-                assert "follow-up done: Fe/Co" in b.evaluate("document.getElementById('action-state').textContent")
+                text = b.evaluate("document.getElementById('action-state').textContent")
+                # the operator sees the follow-up's Fe SNR beside the scan's over the same positions
+                assert "follow-up done: Fe/Co" in text and "(scan: " in text, text
             # the flag's region as the page's request sent it (the scan goes on meanwhile, and a
             # later assessment may grow the flag)
             (report,) = view.followup_reports

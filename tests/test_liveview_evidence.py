@@ -329,3 +329,6 @@ def test_results_entries_keep_every_followup_with_the_scan_baseline(server):
     # scan dwell 10 ms: the longer follow-up has more counts, the Fe line a higher SNR
     assert rows[0]["counts"] > rows[1]["counts"] > rows[0]["scan_counts"]
     assert rows[0]["snr_fe"] > rows[0]["scan_snr_fe"]
+    # the page's state carries the last follow-up's and the scan's SNR (shown side by side)
+    fu = view.actions()[str(fid)]["followup"]
+    assert fu["snr_fe"] == pytest.approx(rows[1]["snr_fe"]) and fu["scan_snr_fe"] == pytest.approx(rows[1]["scan_snr_fe"])
