@@ -185,6 +185,9 @@ class LiveView:
         :meth:`update_from_analysis` installs one reading the live analysis's centre store.
     history_len : int, default=256
         Statistics kept per flag for the history plot (the oldest are dropped).
+    elements : sequence of str, optional
+        The flagger's ``[flags] elements``, in order: they name the line shares of a flag's
+        composition on the page (:meth:`update_from_analysis` takes them from the flagger).
 
     Attributes
     ----------
@@ -201,7 +204,8 @@ class LiveView:
                  followup_endpoint: str | None = None, followup_dwell_s: float = 0.1,
                  max_followup_dwell_s: float = 10.0, followup_timeout_s: float = 60.0,
                  action_token: str | None = None,
-                 position_provider: Callable[[int], Any] | None = None, history_len: int = 256) -> None:
+                 position_provider: Callable[[int], Any] | None = None, history_len: int = 256,
+                 elements: Sequence[str] | None = None) -> None:
         ny, nx = (int(v) for v in scan_shape)
         if ny < 1 or nx < 1:
             raise ValueError(f"scan_shape must be positive, got {scan_shape}")
@@ -237,6 +241,7 @@ class LiveView:
         self.action_token = action_token
         self.position_provider = position_provider
         self.history_len = int(history_len)
+        self.elements = None if elements is None else tuple(str(e) for e in elements)
         # per flag id: statistics over the scan, the flag's region (positions and component boxes,
         # kept here and never sent in state.json: thousands of integers per poll), operator actions
         self._hist_lock = threading.Lock()
@@ -614,6 +619,8 @@ class LiveView:
                                "lines": [{"name": n, "kev": e} for n, e in self.lines_kev]}
         if flag is not None:
             out["statistics"] = {k: flag.get(k) for k in (*_HISTORY_KEYS, "composition")}
+            if self.elements is not None:
+                out["elements"] = list(self.elements)
             out["history"] = self.flag_history(int(flag_id))
         if snap.centres is None or self.energy_axis_kev is None:
             out["available"] = False
@@ -866,6 +873,8 @@ class LiveView:
         provider on its centre store. Costs O(new positions) plus the copies of :meth:`update`."""
         if self.energy_axis_kev is None:
             self.energy_axis_kev = np.asarray(analysis.energy_axis_kev, float)
+        if self.elements is None and getattr(analysis.flagger, "elements", None):
+            self.elements = tuple(analysis.flagger.elements)
         flags = [self.flag_from_event(f) for f in analysis.flagger.active_flags]
         cs = analysis.centre_set
         centres = None if cs is None else self.centres_from_set(cs)

@@ -91,6 +91,7 @@ def test_evidence_of_a_flag_is_its_centre_against_the_matrix(scene, fed):
     st = ev["statistics"]
     assert st["p_value_eds"] <= st["level"] and st["p_value_cbed"] <= st["level"]
     assert len(st["composition"]["region_share"]) == len(scene.flagger.elements)
+    assert ev["elements"] == list(scene.flagger.elements)  # they name the shares on the page
     hist = ev["history"]
     assert [h["fraction"] for h in hist] == [rows / 64 for rows in ROWS[:3]]
     assert all(h["p_value_eds"] is not None for h in hist)
@@ -233,6 +234,10 @@ def test_browser_shows_the_evidence_and_sends_a_followup(server):
         assert "Fe/Co" in b.evaluate("document.getElementById('fe-co').textContent")
         b.wait_for("document.querySelector('#history polyline.hist-p_value_eds') !== null")
         assert b.evaluate("document.querySelectorAll('#bfboxes .bfbox').length") == 1
+        # the composition's line shares, named by the flagger's elements
+        stats = b.wait_for("document.getElementById('stats').textContent")
+        assert "Fe share region / matrix" in stats and "Co share region / matrix" in stats
+        assert "NaN" not in stats and "line " not in stats, stats
         # click a scanned position on the bright-field image: its own spectrum joins the plot
         b.evaluate("(() => { const r = document.getElementById('bf').getBoundingClientRect();"
                    "document.getElementById('bf').dispatchEvent(new MouseEvent('click', {clientX: r.left + r.width * 10.5 / 64,"
