@@ -11,8 +11,13 @@ Two parts:
   feeding one (``LiveView.update_from_analysis`` after every assessment, as the lead's wiring in
   ``LiveAnalysis._assess`` does) while ``--viewers`` clients poll it like the page (``state.json``
   every 300 ms; on a new version ``map.png``, ``bf.png`` and the selected flag's ``evidence.json``,
-  at most once a second). Prints per-batch times of both runs, the cost of each
-  ``update_from_analysis``, and bytes and server milliseconds per endpoint.
+  at most once a second; with no flag yet, the largest cluster's, as if the operator had selected
+  it: a worst case). Prints per-batch times of both runs, the cost of each
+  ``update_from_analysis``, bytes and server milliseconds per endpoint, and **per update** (what
+  one viewer downloads and what the server and the analysis thread spend for each new version),
+  and the slowdown of the analysis in % against the runs without a view in the same process
+  (``--pairs`` A B B A sequences: the machine is shared, and drift over the minutes of a run is as
+  large as the effect). ``--json`` adds one JSON object as the last line.
 
 Run: ``NUMBA_NUM_THREADS=1 .venv/bin/python benchmarks/bench_liveview.py --rows 24``
 """
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import json
+import os
 import threading
 import time
 
@@ -77,6 +84,7 @@ class Poller(threading.Thread):
         self.stop = threading.Event()
         self.bytes: dict[str, list[int]] = {}
         self.ms: dict[str, list[float]] = {}
+        self.versions = 0  # new versions this viewer displayed
 
     def get(self, conn, path: str) -> bytes:
         t = time.perf_counter()
@@ -89,7 +97,6 @@ class Poller(threading.Thread):
         return body if r.status == 200 else b""
 
     def run(self) -> None:
-        import json
         host, port = self.view.address
         conn = http.client.HTTPConnection(host, port, timeout=30)
         shown, last_ev = -1, 0.0
@@ -98,16 +105,21 @@ class Poller(threading.Thread):
             if st["version"] == shown:
                 continue
             shown = st["version"]
+            self.versions += 1
             self.get(conn, f"map.png?v={shown}")
             if st["bf_version"] is not None:
                 self.get(conn, f"bf.png?v={st['bf_version']}")
-            if st["flags"] and st["flags"][0].get("flag_id") is not None and time.monotonic() - last_ev > 1.0:
+            if st["evidence"] and time.monotonic() - last_ev > 1.0:
                 last_ev = time.monotonic()
-                self.get(conn, f"evidence.json?flag={st['flags'][0]['flag_id']}")
+                if st["flags"] and st["flags"][0].get("flag_id") is not None:
+                    self.get(conn, f"evidence.json?flag={st['flags'][0]['flag_id']}")
+                else:  # no flag yet: the largest cluster, as if selected (a worst case)
+                    k = int(np.argmax(st["cluster_counts"]))
+                    self.get(conn, f"evidence.json?cluster={k}")
         conn.close()
 
 
-def analysis(scan: int, rows: int, batch: int, viewers: int, seed: int = 0) -> None:
+def analysis(scan: int, rows: int, batch: int, viewers: int, seed: int = 0, pairs: int = 1) -> dict:
 
     from streamclust.adapters.join import Batch
     from streamclust.config import Config
@@ -154,38 +166,60 @@ def analysis(scan: int, rows: int, batch: int, viewers: int, seed: int = 0) -> N
             for p in pollers:
                 p.start()
         per = []
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for b in batches:
             t = time.perf_counter()
             live.process(b)
             per.append(time.perf_counter() - t)
         total = time.perf_counter() - t0
+        # CPU seconds of the whole process (analysis, server and viewer threads): what the view
+        # adds there is less sensitive than wall time to the other jobs on a shared machine
+        cpu = time.process_time() - c0
         if with_view:
             for p in pollers:
                 p.stop.set()
                 p.join()
             view.stop()
-        return np.array(per), total, feed, pollers, live
+        return np.array(per), total, feed, pollers, live, cpu
 
     # A B B A: the machine is shared, and drift over the minutes of a run is as large as the effect
-    runs = [run(w) for w in (False, True, True, False)]
-    alone = [r for r, w in zip(runs, (False, True, True, False)) if not w]
-    viewed = [r for r, w in zip(runs, (False, True, True, False)) if w]
-    _, _, feed, pollers, live = viewed[-1]
+    order = (False, True, True, False) * max(1, int(pairs))
+    load = os.getloadavg()[0]
+    runs = [run(w) for w in order]
+    alone = [r for r, w in zip(runs, order) if not w]
+    viewed = [r for r, w in zip(runs, order) if w]
+    _, _, feed, pollers, live, _ = viewed[-1]
     print(f"scan {scan}x{scan}, first {m} positions, {len(batches)} batches, "
           f"{live.engine.stats_['refreshes']} refreshes, {len(feed.times)} live-view updates, {viewers} viewer(s)")
     for name, rs in (("analysis alone", alone), ("analysis + view", viewed)):
         print(f"{name:16s} totals " + ", ".join(f"{r[1]:6.2f} s" for r in rs)
               + "; per batch median " + ", ".join(f"{1e3 * np.median(r[0]):6.1f} ms" for r in rs))
     ta, tb = np.mean([r[1] for r in alone]), np.mean([r[1] for r in viewed])
-    print(f"  -> view costs {100 * (tb / ta - 1):+.1f} % of the total (mean of two runs each)")
+    slowdown = 100 * (tb / ta - 1)
+    # the median batch is less sensitive to another job's burst than a total
+    ma = np.median(np.concatenate([r[0] for r in alone]))
+    mb = np.median(np.concatenate([r[0] for r in viewed]))
+    ca, cb = np.mean([r[5] for r in alone]), np.mean([r[5] for r in viewed])
+    print(f"  -> view costs {slowdown:+.1f} % of the total (mean of {len(alone)} runs each), "
+          f"{100 * (mb / ma - 1):+.1f} % of the median batch; process CPU {ca:.2f} s alone, {cb:.2f} s "
+          f"with view ({100 * (cb / ca - 1):+.1f} %; the viewers' client side included)")
     ft = 1e3 * np.concatenate([r[2].times for r in viewed])
+    thread_pct = ft.sum() / (1e3 * sum(r[1] for r in viewed)) * 100
     print(f"update_from_analysis: {ft.mean():.2f} ms mean, {ft.max():.2f} ms max, per update; "
-          f"{ft.sum() / (1e3 * sum(r[1] for r in viewed)) * 100:.2f} % of the runs in the analysis thread")
+          f"{thread_pct:.2f} % of the runs in the analysis thread")
     for key in sorted(pollers[0].bytes):
         b = np.concatenate([p.bytes[key] for r in viewed for p in r[3] if key in p.bytes])
         ms = np.concatenate([p.ms[key] for r in viewed for p in r[3] if key in p.ms])
         print(f"  GET {key:15s} {b.size:4d} x, {b.mean() / 1e3:8.1f} kB mean, {np.median(ms):7.2f} ms median, {ms.max():7.1f} ms max")
+    # per update, per viewer: everything one viewer fetched (state polls included) over the
+    # versions it displayed, and the server milliseconds those requests took
+    all_p = [p for r in viewed for p in r[3]]
+    n_versions = sum(p.versions for p in all_p)
+    per_bytes = sum(sum(sum(v) for v in p.bytes.values()) for p in all_p) / max(n_versions, 1)
+    per_ms = sum(sum(sum(v) for v in p.ms.values()) for p in all_p) / max(n_versions, 1)
+    print(f"per update and viewer: {per_bytes / 1e3:.1f} kB, {per_ms:.1f} ms of requests "
+          f"({n_versions} versions displayed by {len(all_p)} viewers over {len(viewed)} runs); "
+          f"analysis thread {ft.mean():.2f} ms per update")
     # the evidence of one cluster (no flag is raised this early at 256 x 256): its cost does not
     # grow with the scan (centres are per cluster, patterns 32 x 32)
     from streamclust.liveview import LiveView as _LV
@@ -195,6 +229,18 @@ def analysis(scan: int, rows: int, batch: int, viewers: int, seed: int = 0) -> N
     t_ev = best(lambda: view.evidence(cluster=k), 10)
     body = view.evidence_json(cluster=k)
     print(f"  evidence.json (cluster {k}): {len(body) / 1e3:.1f} kB, {1e3 * t_ev:.2f} ms to compute")
+    print(f"load average (1 min) at the start: {load:.1f} on {os.cpu_count()} cores (a shared machine: "
+          "totals drift by more than the effect; the analysis thread's share is the part measured exactly)")
+    return {"scan": scan, "positions": m, "batches": len(batches), "viewers": viewers, "runs_each": len(alone),
+            "updates_per_run": len(feed.times),
+            "liveview_update_ms_mean": round(float(ft.mean()), 3), "liveview_update_ms_max": round(float(ft.max()), 3),
+            "liveview_bytes_per_update": round(per_bytes), "liveview_request_ms_per_update": round(per_ms, 2),
+            "liveview_analysis_thread_pct": round(float(thread_pct), 3),
+            "liveview_slowdown_total_pct": round(float(slowdown), 2),
+            "liveview_slowdown_median_batch_pct": round(float(100 * (mb / ma - 1)), 2),
+            "liveview_cpu_pct": round(float(100 * (cb / ca - 1)), 2),
+            "totals_alone_s": [round(r[1], 3) for r in alone], "totals_with_view_s": [round(r[1], 3) for r in viewed],
+            "evidence_json_bytes": len(body), "evidence_ms": round(1e3 * t_ev, 3), "load_avg_1min": round(load, 2)}
 
 
 def main() -> None:
@@ -204,11 +250,15 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=24)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--viewers", type=int, default=2)
+    ap.add_argument("--pairs", type=int, default=1, help="A B B A sequences (alone / with view)")
+    ap.add_argument("--json", action="store_true", help="one JSON object as the last stdout line")
     a = ap.parse_args()
     if a.part == "producer":
         producer()
     else:
-        analysis(a.scan, a.rows, a.batch, a.viewers)
+        out = analysis(a.scan, a.rows, a.batch, a.viewers, pairs=a.pairs)
+        if a.json:
+            print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -303,6 +303,29 @@ class ThresholdedCentres:
                 release(a, s, s + 8192)
         return a
 
+    # ------------------------------------------------------------------ read access (live view)
+    @property
+    def stored(self) -> np.ndarray | None:
+        """(n_positions,) bool, read-only: positions whose signals are stored (None before the
+        first :meth:`add`)."""
+        if self._cbed is None:
+            return None
+        view = self._stored.view()
+        view.flags.writeable = False
+        return view
+
+    def signals(self, positions) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the stored signals of ``positions``: ``(patterns (n, *cbed_shape) float32,
+        spectra (n, channels) uint16)``. Positions not stored (see :attr:`stored`) read as zeros.
+        Raises RuntimeError before the first :meth:`add`, IndexError outside the scan."""
+        if self._cbed is None:
+            raise RuntimeError("no position stored yet: call add() first")
+        p = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if p.size and (p.min() < 0 or p.max() >= self.n_positions):
+            raise IndexError(f"scan positions must be in [0, {self.n_positions})")
+        # fancy indexing copies: the caller never holds a view into the (possibly spilled) store
+        return self._cbed[p].reshape(p.size, *self.cbed_shape), self._eds[p]
+
     def release(self) -> None:
         """Drop the spilled arrays' pages from the resident set (after a pass; no-op in RAM)."""
         if self.spill_dir is None or self._cbed is None:

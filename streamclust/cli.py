@@ -164,18 +164,56 @@ def _progress(cfg: Config, quiet: bool, total: int, scan_shape):
     return ProgressDisplay(total, scan_shape, enabled=not quiet, every_s=cfg.logging.progress_every_s)
 
 
-def _liveview_factory(cfg: Config, live_flag: bool, stack: ExitStack):
-    """A factory the session calls with the scan shape and cluster count, or None."""
+#: environment variable holding the live view's action token (a secret: not on the command line,
+#: where any user of the machine can read it in the process list)
+ACTION_TOKEN_ENV = "STREAMCLUST_ACTION_TOKEN"
+
+
+def action_token(cfg: Config) -> str | None:
+    """The live view's action token: ``$STREAMCLUST_ACTION_TOKEN``, else ``[liveview] action_token``
+    (when the configuration has one); bound off loopback without either, a random one for this
+    scan (acting there is otherwise refused); None on loopback (no token needed)."""
+    import secrets
+
+    from streamclust.adapters.security import is_loopback
+
+    token = os.environ.get(ACTION_TOKEN_ENV) or getattr(cfg.liveview, "action_token", None) or None
+    if token is None and not is_loopback(cfg.liveview.host):
+        token = secrets.token_urlsafe(18)  # 144 bits
+    return token
+
+
+def _liveview_factory(cfg: Config, live_flag: bool, stack: ExitStack, *, followup_endpoint: str | None = None,
+                      followup_dwell_s: float | None = None):
+    """A factory the session calls with the scan shape and cluster count, or None.
+
+    The view can act on flags (docs/liveview.md, "Acting on a flag"): ``followup_endpoint``
+    (``--followup``, else ``[liveview] followup_endpoint`` when the configuration has it) is the
+    microscope's follow-up endpoint. Bound off loopback, acting needs a token: ``$STREAMCLUST_ACTION_TOKEN``
+    (or ``[liveview] action_token``), else a random one made for this scan; the printed URL then
+    carries it in its fragment (``#token=...``, never sent in a request line).
+    """
     if not (live_flag or cfg.liveview.enabled):
         return None
+    lv = cfg.liveview
+    endpoint = followup_endpoint or getattr(lv, "followup_endpoint", None) or None
+    dwell = followup_dwell_s if followup_dwell_s is not None else getattr(lv, "followup_dwell_s", None)
 
     def make(scan_shape, n_clusters, title):
+        from streamclust.adapters.security import is_loopback
         from streamclust.liveview import LiveView
 
-        view = LiveView(host=cfg.liveview.host, port=cfg.liveview.port, scan_shape=scan_shape,
-                        n_clusters=n_clusters, title=title).start()
+        exposed = not is_loopback(lv.host)
+        view_token = action_token(cfg)
+        view = LiveView(host=lv.host, port=lv.port, scan_shape=scan_shape, n_clusters=n_clusters, title=title,
+                        followup_endpoint=endpoint, action_token=view_token,
+                        **({"followup_dwell_s": float(dwell)} if dwell is not None else {})).start()
         stack.callback(view.stop)
-        click.echo(f"live view: {view.url}", err=True)
+        # the token goes only to this terminal, in the fragment a browser keeps to itself
+        fragment = f"#token={view_token}" if exposed and view_token else ""
+        click.echo(f"live view: {view.url}{fragment}", err=True)
+        if endpoint:
+            click.echo(f"live view: follow-ups go to {endpoint}", err=True)
         return view
 
     return make
@@ -208,6 +246,10 @@ def _echo_summary(summary: dict, out_dir) -> None:
         click.echo("no second-phase flag raised")
     if summary.get("status", "complete") != "complete":
         click.echo(f"scan status: {summary['status']}")
+    lv = summary.get("liveview")
+    if lv and any(lv.values()):
+        click.echo(f"live view: {lv['followups']} follow-up(s) done, {lv['followups_failed']} failed, "
+                   f"{lv['judgements']} flag(s) dismissed (stored in the results file under liveview/)")
     rec = summary.get("recording")
     if rec is not None:
         click.echo(f"recorded {rec['frames_recorded']} frames and {rec['spectra_recorded']} spectra to "
@@ -279,11 +321,15 @@ def demo(ctx, out_dir: str, seed: int, scan: int, clusters: int | None, dwell: f
               help="also record the raw scan into this folder (MIB + .hdr + EDS), as it arrives")
 @click.option("--beam-energy", default=200.0, show_default=True, type=click.FloatRange(0.0, min_open=True),
               help="beam energy (keV) written into the EDS recording's metadata")
+@click.option("--followup", "followup_endpoint", default=None, metavar="ENDPOINT",
+              help="the microscope's follow-up endpoint: the live view's 'follow up' acts there")
+@click.option("--followup-dwell", default=None, type=click.FloatRange(0.0, min_open=True),
+              help="default dwell (s) of a follow-up from the live view [0.1]")
 @scan_options
 @config_option
 @click.pass_context
 def run(ctx, out_dir, host, data_port, control_port, eds_endpoint, scan_shape, start, record, beam_energy,
-        live, quiet, cfg: Config, verbose: int) -> None:
+        followup_endpoint, followup_dwell, live, quiet, cfg: Config, verbose: int) -> None:
     """Analyse a scan from a real instrument: Merlin data/control ports + the EDS ZeroMQ stream."""
     from streamclust.run import run_scan
 
@@ -305,7 +351,9 @@ def run(ctx, out_dir, host, data_port, control_port, eds_endpoint, scan_shape, s
         stop = stack.enter_context(_stop_on_sigterm())
         try:
             summary = run_scan(cfg, out, progress=_progress(cfg, quiet, ny * nx, (ny, nx)),
-                               liveview=_liveview_factory(cfg, live, stack), stop=stop, record=record,
+                               liveview=_liveview_factory(cfg, live, stack, followup_endpoint=followup_endpoint,
+                                                          followup_dwell_s=followup_dwell),
+                               stop=stop, record=record,
                                beam_energy_kev=beam_energy)
         except (ConnectionError, TimeoutError, socket.gaierror) as exc:
             raise _friendly(f"the instrument (Merlin data port {cfg.detector.host}:{cfg.detector.data_port}, "

@@ -245,18 +245,12 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
         "ground_truth/second_phase": phantom.truth.second_phase,
         "ground_truth/label_names": json.dumps(list(phantom.truth.label_names)),
     })
-    if view is not None and hasattr(view, "judgements"):
-        # what the operator did at the live view: dismissed flags and follow-up acquisitions (with
-        # the re-acquired, higher-dose spectrum of the flag's positions)
-        extra["liveview/judgements"] = json.dumps(list(view.judgements), default=json_default)
-        reports = list(getattr(view, "followup_reports", []))
-        extra["liveview/followups"] = json.dumps(
-            [{"flag_id": r.flag_id, "bbox": list(r.bbox), "n_flag_positions": r.n_flag_positions,
-              "n_acquired": r.n_acquired, "fe_co_ratio": r.fe_co_ratio, "snr_fe": r.snr_fe} for r in reports],
-            default=json_default)
-        for r in reports:
-            extra[f"liveview/followup_spectra/flag_{r.flag_id}"] = np.asarray(r.spectrum)
     if followup is not None:
+        # the operator's follow-ups (the live view's actions, stored by session.finish) end
+        # before the simulated microscope's endpoint goes; what the microscope was asked to do
+        # is kept beside them
+        view.wait_followups()
+        extra["demo/followup_acquisitions"] = json.dumps(list(followup.acquisitions), default=json_default)
         followup.stop()
     session.finish(report, status="complete" if report.complete else "partial", extra=extra)
     _write_pictures(out, phantom, labels, vbf, eds, both)

@@ -77,8 +77,9 @@ class FollowUpResult:
 @dataclass(frozen=True)
 class FollowUpReport:
     """What the consumer did for one raised flag: ``spectrum`` is the follow-up spectrum summed
-    over the flag's own positions (``n_flag_positions``), ``n_acquired`` the positions
-    re-acquired, ``results`` one :class:`FollowUpResult` per requested region."""
+    over the flag's own positions (``n_flag_positions``; flat indices in ``positions``, sorted),
+    ``n_acquired`` the positions re-acquired, ``results`` one :class:`FollowUpResult` per
+    requested region, ``dwell_s`` the follow-up's dwell."""
 
     flag_id: int
     bbox: tuple
@@ -89,6 +90,8 @@ class FollowUpReport:
     spectrum: np.ndarray = field(repr=False)
     results: tuple = field(repr=False)
     event: dict = field(repr=False)
+    positions: np.ndarray | None = field(default=None, repr=False)
+    dwell_s: float | None = None
 
 
 class FollowUpClient:
@@ -217,6 +220,7 @@ def follow_up_flag(client: FollowUpClient, event: dict, dwell_s: float, *,
         flag_id=int(event["flag_id"]), bbox=tuple(event["bbox"]), n_flag_positions=len(taken),
         n_acquired=int(sum(r.positions.size for r in results)), fe_co_ratio=float(lines.ratio),
         snr_fe=float(lines.snr_fe), spectrum=spectrum, results=results, event=event,
+        positions=np.array(sorted(taken), np.int64), dwell_s=float(dwell_s),
     )
     logger.info("flag %d followed up (%d regions, %d positions at %.3g s): Fe/Co %.2f, Fe Ka SNR %.1f",
                 report.flag_id, len(results), report.n_acquired, dwell_s, report.fe_co_ratio, report.snr_fe)

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import hmac
 import html
-import ipaddress
 import json
 import logging
 import math
@@ -59,7 +58,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from .adapters.security import warn_if_exposed
+from .adapters.security import is_loopback, warn_if_exposed
 from .liveview_page import PAGE_TEMPLATE
 from .liveview_render import (DEFAULT_LINES_KEV, bright_field_mask, cluster_palette, encode_png,
                               fe_co_with_uncertainty, labels_and_confidence, render_gray_rgba, render_rgba,
@@ -74,14 +73,6 @@ _HISTORY_KEYS = ("score", "p_value_eds", "p_value_cbed", "effect_eds", "effect_c
 # a POST body larger than this is refused before it is read (an action is a few dozen bytes)
 _MAX_ACTION_BYTES = 4096
 
-
-def _is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 # A client that vanished mid-response is normal for a page that reloads or a laptop that sleeps:
 # counted, never a traceback in the log.
@@ -194,6 +185,9 @@ class LiveView:
         :meth:`update_from_analysis` installs one reading the live analysis's centre store.
     history_len : int, default=256
         Statistics kept per flag for the history plot (the oldest are dropped).
+    elements : sequence of str, optional
+        The flagger's ``[flags] elements``, in order: they name the line shares of a flag's
+        composition on the page (:meth:`update_from_analysis` takes them from the flagger).
 
     Attributes
     ----------
@@ -210,7 +204,8 @@ class LiveView:
                  followup_endpoint: str | None = None, followup_dwell_s: float = 0.1,
                  max_followup_dwell_s: float = 10.0, followup_timeout_s: float = 60.0,
                  action_token: str | None = None,
-                 position_provider: Callable[[int], Any] | None = None, history_len: int = 256) -> None:
+                 position_provider: Callable[[int], Any] | None = None, history_len: int = 256,
+                 elements: Sequence[str] | None = None) -> None:
         ny, nx = (int(v) for v in scan_shape)
         if ny < 1 or nx < 1:
             raise ValueError(f"scan_shape must be positive, got {scan_shape}")
@@ -246,6 +241,7 @@ class LiveView:
         self.action_token = action_token
         self.position_provider = position_provider
         self.history_len = int(history_len)
+        self.elements = None if elements is None else tuple(str(e) for e in elements)
         # per flag id: statistics over the scan, the flag's region (positions and component boxes,
         # kept here and never sent in state.json: thousands of integers per poll), operator actions
         self._hist_lock = threading.Lock()
@@ -258,6 +254,13 @@ class LiveView:
         self.judgements: list[dict] = []
         #: :class:`~streamclust.followup.FollowUpReport` of every follow-up done from the page
         self.followup_reports: list = []
+        #: every follow-up state change in order (``flag_id``, ``state``, ``time_unix``, and the
+        #: error of a failed one): what the operator saw, kept for the results file
+        self.followup_log: list[dict] = []
+        #: per report (same order as :attr:`followup_reports`): the live scan's summed spectrum over
+        #: the same positions, read from the position provider (None without one)
+        self.followup_scan_spectra: list = []
+        self._followup_threads: list[threading.Thread] = []
         self._evidence_cache: dict[tuple, bytes] = {}
         self._bf_png: tuple[int, bytes] | None = None
         self._bf_store: dict = {}
@@ -616,6 +619,8 @@ class LiveView:
                                "lines": [{"name": n, "kev": e} for n, e in self.lines_kev]}
         if flag is not None:
             out["statistics"] = {k: flag.get(k) for k in (*_HISTORY_KEYS, "composition")}
+            if self.elements is not None:
+                out["elements"] = list(self.elements)
             out["history"] = self.flag_history(int(flag_id))
         if snap.centres is None or self.energy_axis_kev is None:
             out["available"] = False
@@ -691,15 +696,50 @@ class LiveView:
                 return dict(current)
             act["followup"] = {"state": "sent", "dwell_s": dwell, "time_unix": time.time()}
             state = dict(act["followup"])
+            self.followup_log.append({"flag_id": fid, "state": "sent", "time_unix": state["time_unix"],
+                                      "dwell_s": dwell})
         event = {"flag_id": fid, **region}
-        threading.Thread(target=self._run_followup, args=(fid, event, dwell), daemon=True,
-                         name=f"liveview-followup-{fid}").start()
+        worker = threading.Thread(target=self._run_followup, args=(fid, event, dwell), daemon=True,
+                                  name=f"liveview-followup-{fid}")
+        self._followup_threads.append(worker)
+        worker.start()
         logger.info("live view: follow-up of flag %d requested (dwell %.3g s)", fid, dwell)
         return state
 
     def _set_followup(self, fid: int, **fields: Any) -> None:
         with self._actions_lock:
-            self._actions[fid]["followup"].update(fields)
+            fu = self._actions[fid]["followup"]
+            if fields.get("state", fu["state"]) != fu["state"]:
+                self.followup_log.append({"flag_id": fid, "state": fields["state"], "time_unix": time.time(),
+                                          **({"error": fields["error"]} if "error" in fields else {})})
+            fu.update(fields)
+
+    def wait_followups(self, timeout: float | None = None) -> bool:
+        """Wait until every follow-up requested so far has ended (done or failed), at most
+        ``timeout`` seconds (default the follow-up timeout); True when none is still running.
+        The scan commands call it before writing the results file, so a follow-up the operator
+        started at the end of a scan is in it."""
+        deadline = time.monotonic() + (self.followup_timeout_s if timeout is None else float(timeout))
+        for worker in list(self._followup_threads):
+            worker.join(max(0.0, deadline - time.monotonic()))
+        running = [w for w in self._followup_threads if w.is_alive()]
+        if running:
+            logger.warning("live view: %d follow-up(s) still running; the results file will not have them",
+                           len(running))
+        return not running
+
+    def _scan_spectrum(self, positions: Any) -> np.ndarray | None:
+        """The live scan's summed spectrum over ``positions`` (None without a position provider or
+        where a position is not acquired): the baseline a follow-up is compared with."""
+        if self.position_provider is None or positions is None:
+            return None
+        total = None
+        for p in np.asarray(positions).reshape(-1).tolist():
+            got = self.position_provider(int(p))
+            if got is None:
+                return None
+            total = np.asarray(got[0], np.float64) + (0.0 if total is None else total)
+        return None if total is None else total.round().astype(np.int64)
 
     def _run_followup(self, fid: int, event: dict, dwell: float) -> None:
         from .followup import FollowUpClient, FollowUpError, follow_up_flag
@@ -717,10 +757,27 @@ class LiveView:
             logger.exception("live view: follow-up of flag %d failed", fid)
             self._set_followup(fid, state="failed", error=repr(exc))
             return
-        self.followup_reports.append(report)
+        scan = self._scan_spectrum(report.positions)
+        scan_lines = self._scan_lines(scan, report)
+        with self._actions_lock:
+            self.followup_reports.append(report)
+            self.followup_scan_spectra.append(scan)
+        # the page shows the follow-up's Fe SNR beside the scan's over the same positions
         self._set_followup(fid, state="done", fe_co_ratio=_finite_or_none(report.fe_co_ratio),
                            snr_fe=_finite_or_none(report.snr_fe), n_acquired=report.n_acquired,
-                           n_flag_positions=report.n_flag_positions)
+                           n_flag_positions=report.n_flag_positions,
+                           scan_snr_fe=None if scan_lines is None else _finite_or_none(float(scan_lines.snr_fe)))
+
+    @staticmethod
+    def _scan_lines(scan: np.ndarray | None, report: Any):
+        """Fe/Co K-alpha lines of the scan's spectrum over a follow-up's positions (None without
+        it, or when the follow-up's energy axis has another channel count)."""
+        from .centres import fe_co_lines
+
+        axis = report.results[0].energy_axis_kev
+        if scan is None or axis.size != scan.size:
+            return None
+        return fe_co_lines(scan, axis)
 
     def dismiss(self, flag_id: int, note: str = "") -> dict:
         """Record the operator's judgement that flag ``flag_id`` is not worth following up
@@ -741,10 +798,48 @@ class LiveView:
         logger.info("live view: flag %d dismissed by the operator", fid)
         return rec
 
+    def results_entries(self) -> dict[str, Any]:
+        """The operator's actions as ``extra`` entries of the results file
+        (:meth:`streamclust.results.ResultsWriter.finalize`; docs/liveview.md): the JSON documents
+        ``liveview/judgements``, ``liveview/followups`` (one row per follow-up done) and
+        ``liveview/followup_log`` (every state change), and per follow-up the arrays
+        ``liveview/followup_spectra/<name>`` (its spectrum summed over the flag's own positions),
+        ``liveview/followup_scan_spectra/<name>`` (the live scan's over the same positions) and
+        ``liveview/followup_positions/<name>``, ``<name>`` being ``flag_<id>`` (``flag_<id>_2``
+        for a second follow-up of one flag)."""
+        from .results import json_default
+
+        with self._actions_lock:
+            reports = list(zip(self.followup_reports, self.followup_scan_spectra))
+            judgements, log = list(self.judgements), list(self.followup_log)
+        out: dict[str, Any] = {}
+        rows, seen = [], {}
+        for r, scan in reports:
+            seen[r.flag_id] = seen.get(r.flag_id, 0) + 1
+            name = f"flag_{r.flag_id}" + ("" if seen[r.flag_id] == 1 else f"_{seen[r.flag_id]}")
+            row = {"name": name, "flag_id": r.flag_id, "bbox": list(r.bbox),
+                   "regions": [list(res.bbox) for res in r.results], "dwell_s": r.dwell_s,
+                   "n_flag_positions": r.n_flag_positions, "n_acquired": r.n_acquired,
+                   "counts": int(np.sum(r.spectrum)), "fe_co_ratio": r.fe_co_ratio, "snr_fe": r.snr_fe}
+            out[f"liveview/followup_spectra/{name}"] = np.asarray(r.spectrum)
+            if r.positions is not None:
+                out[f"liveview/followup_positions/{name}"] = np.asarray(r.positions, np.int64)
+            if scan is not None:
+                out[f"liveview/followup_scan_spectra/{name}"] = scan
+                row["scan_counts"] = int(scan.sum())
+                lines = self._scan_lines(scan, r)
+                if lines is not None:
+                    row.update(scan_fe_co_ratio=float(lines.ratio), scan_snr_fe=float(lines.snr_fe))
+            rows.append(_clean(row))
+        out["liveview/judgements"] = json.dumps(judgements, default=json_default)
+        out["liveview/followups"] = json.dumps(rows, default=json_default)
+        out["liveview/followup_log"] = json.dumps(log, default=json_default)
+        return out
+
     def authorised(self, token: str | None) -> bool:
         """May a viewer act on flags? On loopback, yes; bound elsewhere, only with the
         configured ``action_token`` (compared in constant time), and never without one."""
-        if _is_loopback(self.host):
+        if is_loopback(self.host.strip("[]")):
             return True
         if self.action_token is None or token is None:
             return False
@@ -778,6 +873,8 @@ class LiveView:
         provider on its centre store. Costs O(new positions) plus the copies of :meth:`update`."""
         if self.energy_axis_kev is None:
             self.energy_axis_kev = np.asarray(analysis.energy_axis_kev, float)
+        if self.elements is None and getattr(analysis.flagger, "elements", None):
+            self.elements = tuple(analysis.flagger.elements)
         flags = [self.flag_from_event(f) for f in analysis.flagger.active_flags]
         cs = analysis.centre_set
         centres = None if cs is None else self.centres_from_set(cs)
@@ -795,9 +892,8 @@ class LiveView:
         """Virtual bright field (n,) of the positions a :class:`~streamclust.centres.ThresholdedCentres`
         stored so far (NaN elsewhere); only positions new since the last call are summed. The
         detector is the direct beam's disc in the mean of the first positions' patterns."""
-        # the store's per-position arrays are private to streamclust.centres; read, never written
-        cbed, stored = getattr(store, "_cbed", None), getattr(store, "_stored", None)
-        if cbed is None or stored is None:
+        stored = getattr(store, "stored", None)
+        if stored is None:
             return None
         st = self._bf_store
         if "bf" not in st:
@@ -805,9 +901,10 @@ class LiveView:
             st["done"] = np.zeros(stored.size, bool)
         new = np.flatnonzero(stored & ~st["done"])
         if new.size:
+            patterns = store.signals(new)[0].reshape(new.size, -1)
             if "mask" not in st:
-                st["mask"] = bright_field_mask(cbed[new].mean(axis=0).reshape(store.cbed_shape)).reshape(-1)
-            st["bf"][new] = cbed[new][:, st["mask"]].sum(axis=1)
+                st["mask"] = bright_field_mask(patterns.mean(axis=0).reshape(store.cbed_shape)).reshape(-1)
+            st["bf"][new] = patterns[:, st["mask"]].sum(axis=1)
             st["done"][new] = True
         return st["bf"]
 
@@ -817,11 +914,11 @@ def store_position_provider(store: Any) -> Callable[[int], tuple[np.ndarray, np.
     :class:`~streamclust.centres.ThresholdedCentres` store (None where nothing is stored yet)."""
 
     def provide(p: int) -> tuple[np.ndarray, np.ndarray] | None:
-        # the store's per-position arrays are private to streamclust.centres; read, never written
-        stored = getattr(store, "_stored", None)
+        stored = store.stored
         if stored is None or not stored[p]:
             return None
-        return np.asarray(store._eds[p], np.float64), np.asarray(store._cbed[p], np.float64).reshape(store.cbed_shape)
+        patterns, spectra = store.signals([p])
+        return np.asarray(spectra[0], np.float64), np.asarray(patterns[0], np.float64)
 
     return provide
 

@@ -73,6 +73,8 @@ PAGE_TEMPLATE = """<!DOCTYPE html>
                      display: block; }
   .patterns figure { margin: 0; display: inline-block; margin-right: 8px; }
   .patterns figcaption { font-size: 11px; color: #9aa0a6; line-height: 16px; }
+  /* the action line wraps under the patterns rather than pushing them under the spectrum */
+  #actions { max-width: 420px; }
   button { background: #2f3440; color: #e6e6e6; border: 1px solid #555; border-radius: 4px;
            padding: 4px 10px; font: inherit; cursor: pointer; margin-right: 6px; }
   button:disabled { opacity: .45; cursor: default; }
@@ -313,8 +315,10 @@ PAGE_TEMPLATE = """<!DOCTYPE html>
                   ["score", s.score == null ? "\u2013" : fmt(s.score)]];
     const c = s.composition;
     if (c && c.region_share && c.matrix_share) {
-      ["Fe", "Co", "Si"].forEach((n, i) => rows.push([n + " share region / matrix",
-        (100 * c.region_share[i]).toFixed(1) + " / " + (100 * c.matrix_share[i]).toFixed(1) + " %"]));
+      // the flagger's [flags] elements name the shares, in their order
+      const names = evidence.elements || [];
+      c.region_share.forEach((v, i) => rows.push([(names[i] || "line " + (i + 1)) + " share region / matrix",
+        (100 * v).toFixed(1) + " / " + (100 * c.matrix_share[i]).toFixed(1) + " %"]));
     }
     rows.forEach((r) => { const tr = el("tr"); tr.appendChild(el("th", {}, r[0])); tr.appendChild(el("td", {"class": "num"}, r[1])); t.appendChild(tr); });
   }
@@ -454,6 +458,7 @@ PAGE_TEMPLATE = """<!DOCTYPE html>
     if (fu) {
       cls = "state-" + fu.state;
       text = "follow-up " + fu.state + (fu.state === "done" ? ": Fe/Co K\u03b1 " + fmt(fu.fe_co_ratio) + ", Fe SNR " + fmt(fu.snr_fe) +
+             (fu.scan_snr_fe != null ? " (scan: " + fmt(fu.scan_snr_fe) + ")" : "") +
              " (" + fu.n_acquired + " positions at " + fu.dwell_s + " s)" : "") + (fu.error ? ": " + fu.error : "");
     }
     if (a.judgement) { text += (text ? " \u00b7 " : "") + "operator: " + a.judgement; if (!cls) cls = "state-dismissed"; }

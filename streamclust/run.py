@@ -162,8 +162,18 @@ class ScanSession:
         summary = self.summary(ingest, status=status)
         if recording is not None:
             summary["recording"] = dict(recording)
+        extra = dict(extra or {})
+        view = self.live.liveview
+        if view is not None and hasattr(view, "results_entries"):
+            # what the operator did at the live view (dismissed flags, follow-ups with their
+            # spectra): a follow-up still running at the end of the scan is waited for
+            view.wait_followups()
+            extra = {**view.results_entries(), **extra}
+            summary["liveview"] = {"judgements": len(view.judgements),
+                                   "followups": len(view.followup_reports),
+                                   "followups_failed": sum(e["state"] == "failed" for e in view.followup_log)}
         if self.writer is not None:
-            self.writer.finalize(self.live, counters, status=status, extra=dict(extra or {}))
+            self.writer.finalize(self.live, counters, status=status, extra=extra)
             if pictures and self.config.results.pictures:
                 from streamclust.pictures import write_pictures
 

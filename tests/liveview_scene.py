@@ -42,7 +42,8 @@ class Scene:
 
     def view(self, **kw) -> LiveView:
         return LiveView(scan_shape=SCAN, n_clusters=self.n_clusters, energy_axis_kev=self.phantom.energy_axis_kev,
-                        position_provider=store_position_provider(self.store), title="lamella phantom, seed 0", **kw)
+                        position_provider=store_position_provider(self.store), title="lamella phantom, seed 0",
+                        elements=self.flagger.elements, **kw)
 
     def feed(self, view: LiveView, rows: int) -> int:
         """Acquire up to ``rows`` rows, re-assess, publish to ``view``; returns the view's version."""

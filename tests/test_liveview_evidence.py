@@ -91,6 +91,7 @@ def test_evidence_of_a_flag_is_its_centre_against_the_matrix(scene, fed):
     st = ev["statistics"]
     assert st["p_value_eds"] <= st["level"] and st["p_value_cbed"] <= st["level"]
     assert len(st["composition"]["region_share"]) == len(scene.flagger.elements)
+    assert ev["elements"] == list(scene.flagger.elements)  # they name the shares on the page
     hist = ev["history"]
     assert [h["fraction"] for h in hist] == [rows / 64 for rows in ROWS[:3]]
     assert all(h["p_value_eds"] is not None for h in hist)
@@ -103,7 +104,7 @@ def test_bright_field_is_incremental_and_transparent_where_not_scanned(scene, fe
     # the virtual detector sums the same pixels of every stored pattern
     mask = fed._bf_store["mask"]
     p = 700
-    assert bf[p] == pytest.approx(scene.store._cbed[p][mask].sum(), rel=1e-5)
+    assert bf[p] == pytest.approx(scene.store.signals([p])[0].reshape(-1)[mask].sum(), rel=1e-5)
     rgba = _png_rgba(fed.bf_png())
     assert rgba.shape == (64, 64, 4)
     assert (rgba[:ROWS[2], :, 3] == 255).all() and (rgba[ROWS[2]:, :, 3] == 0).all()
@@ -233,6 +234,10 @@ def test_browser_shows_the_evidence_and_sends_a_followup(server):
         assert "Fe/Co" in b.evaluate("document.getElementById('fe-co').textContent")
         b.wait_for("document.querySelector('#history polyline.hist-p_value_eds') !== null")
         assert b.evaluate("document.querySelectorAll('#bfboxes .bfbox').length") == 1
+        # the composition's line shares, named by the flagger's elements
+        stats = b.wait_for("document.getElementById('stats').textContent")
+        assert "Fe share region / matrix" in stats and "Co share region / matrix" in stats
+        assert "NaN" not in stats and "line " not in stats, stats
         # click a scanned position on the bright-field image: its own spectrum joins the plot
         b.evaluate("(() => { const r = document.getElementById('bf').getBoundingClientRect();"
                    "document.getElementById('bf').dispatchEvent(new MouseEvent('click', {clientX: r.left + r.width * 10.5 / 64,"
@@ -296,7 +301,39 @@ def test_update_from_a_live_analysis():
     assert ev["available"] and ev["region"]["n_positions"] == snap.centres["count"][k] > 0
     pos = view.position(100)
     # patterns travel with 3 significant figures: relative rounding error at most half a unit, 5e-3
-    np.testing.assert_allclose(pos["pattern"], np.sqrt(live.centres._cbed[100].reshape(live.centres.cbed_shape)),
-                               rtol=5e-3)
+    np.testing.assert_allclose(pos["pattern"], np.sqrt(live.centres.signals([100])[0][0]), rtol=5e-3)
     with pytest.raises(KeyError, match="not acquired"):
         view.position(900)
+
+
+def test_results_entries_keep_every_followup_with_the_scan_baseline(server):
+    """What the results file gets: a flag followed up twice keeps both (``flag_<id>``,
+    ``flag_<id>_2``), each with the live scan's spectrum over the same positions, and every state."""
+    scene = Scene()
+    view = scene.view(followup_endpoint=server.endpoint)
+    for rows in ROWS[:2]:
+        scene.feed(view, rows)
+    fid = view.snapshot.flags[0]["flag_id"]
+    for dwell in (0.1, 0.05):
+        view.request_followup(fid, dwell)
+        assert view.wait_followups()
+    view.dismiss(fid, "twice is enough")
+    e = view.results_entries()
+    rows = json.loads(e["liveview/followups"])
+    assert [r["name"] for r in rows] == [f"flag_{fid}", f"flag_{fid}_2"]
+    assert [r["dwell_s"] for r in rows] == [0.1, 0.05]
+    assert [x["state"] for x in json.loads(e["liveview/followup_log"])] == ["sent", "acknowledged", "done"] * 2
+    assert json.loads(e["liveview/judgements"])[0]["note"] == "twice is enough"
+    for r in rows:
+        pos = e[f"liveview/followup_positions/{r['name']}"]
+        assert pos.size == r["n_flag_positions"] > 0
+        scan = e[f"liveview/followup_scan_spectra/{r['name']}"]
+        # the baseline is the scan's own spectra of those positions, as stored
+        np.testing.assert_array_equal(scan, scene.spectra[pos].sum(axis=0, dtype=np.int64))
+        assert r["scan_counts"] == scan.sum() and r["counts"] == e[f"liveview/followup_spectra/{r['name']}"].sum()
+    # scan dwell 10 ms: the longer follow-up has more counts, the Fe line a higher SNR
+    assert rows[0]["counts"] > rows[1]["counts"] > rows[0]["scan_counts"]
+    assert rows[0]["snr_fe"] > rows[0]["scan_snr_fe"]
+    # the page's state carries the last follow-up's and the scan's SNR (shown side by side)
+    fu = view.actions()[str(fid)]["followup"]
+    assert fu["snr_fe"] == pytest.approx(rows[1]["snr_fe"]) and fu["scan_snr_fe"] == pytest.approx(rows[1]["scan_snr_fe"])
