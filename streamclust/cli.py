@@ -177,7 +177,7 @@ def action_token(cfg: Config) -> str | None:
 
     from streamclust.adapters.security import is_loopback
 
-    token = os.environ.get(ACTION_TOKEN_ENV) or getattr(cfg.liveview, "action_token", None) or None
+    token = os.environ.get(ACTION_TOKEN_ENV) or cfg.liveview.action_token or None
     if token is None and not is_loopback(cfg.liveview.host):
         token = secrets.token_urlsafe(18)  # 144 bits
     return token
@@ -188,7 +188,7 @@ def _liveview_factory(cfg: Config, live_flag: bool, stack: ExitStack, *, followu
     """A factory the session calls with the scan shape and cluster count, or None.
 
     The view can act on flags (docs/liveview.md, "Acting on a flag"): ``followup_endpoint``
-    (``--followup``, else ``[liveview] followup_endpoint`` when the configuration has it) is the
+    (``--followup``, else ``[liveview] followup_endpoint``) is the
     microscope's follow-up endpoint. Bound off loopback, acting needs a token: ``$STREAMCLUST_ACTION_TOKEN``
     (or ``[liveview] action_token``), else a random one made for this scan; the printed URL then
     carries it in its fragment (``#token=...``, never sent in a request line).
@@ -196,8 +196,8 @@ def _liveview_factory(cfg: Config, live_flag: bool, stack: ExitStack, *, followu
     if not (live_flag or cfg.liveview.enabled):
         return None
     lv = cfg.liveview
-    endpoint = followup_endpoint or getattr(lv, "followup_endpoint", None) or None
-    dwell = followup_dwell_s if followup_dwell_s is not None else getattr(lv, "followup_dwell_s", None)
+    endpoint = followup_endpoint or lv.followup_endpoint or None
+    dwell = followup_dwell_s if followup_dwell_s is not None else lv.followup_dwell_s
 
     def make(scan_shape, n_clusters, title):
         from streamclust.adapters.security import is_loopback

@@ -404,6 +404,12 @@ class LiveViewSection:
     enabled: bool = _opt(False, _bool, "serve the live view (also --live)")
     host: str = _opt("127.0.0.1", _text, "address to bind")
     port: int = _opt(0, _int(0, 65535), "0 picks a free port (the URL is printed)")
+    followup_endpoint: str = _opt("", _text, "the microscope's follow-up endpoint the page's follow-up button "
+                                             "sends to (also --followup); empty: no follow-up control")
+    followup_dwell_s: float = _opt(0.1, _float(0.0, lo_open=True), "dwell a follow-up acquisition asks for, "
+                                                                   "seconds a position (also --followup-dwell)")
+    action_token: str = _opt("", _text, "token the page's actions need off loopback (also "
+                                        "$STREAMCLUST_ACTION_TOKEN); empty: made per scan when bound off loopback")
 
 
 @dataclass(frozen=True)
