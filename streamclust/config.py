@@ -138,6 +138,13 @@ def _text(v):
     return v
 
 
+def _optional_text(v):
+    # an empty string means "not set" (TOML has no null)
+    if not isinstance(v, str):
+        raise ValueError("must be a string (empty: not set)")
+    return v
+
+
 def _endpoint(v):
     if not isinstance(v, str) or not v.startswith(("tcp://", "ipc://", "inproc://")):
         raise ValueError('must be a ZeroMQ endpoint such as "tcp://127.0.0.1:6343"')
@@ -404,11 +411,11 @@ class LiveViewSection:
     enabled: bool = _opt(False, _bool, "serve the live view (also --live)")
     host: str = _opt("127.0.0.1", _text, "address to bind")
     port: int = _opt(0, _int(0, 65535), "0 picks a free port (the URL is printed)")
-    followup_endpoint: str = _opt("", _text, "the microscope's follow-up endpoint the page's follow-up button "
+    followup_endpoint: str = _opt("", _optional_text, "the microscope's follow-up endpoint the page's follow-up button "
                                              "sends to (also --followup); empty: no follow-up control")
     followup_dwell_s: float = _opt(0.1, _float(0.0, lo_open=True), "dwell a follow-up acquisition asks for, "
                                                                    "seconds a position (also --followup-dwell)")
-    action_token: str = _opt("", _text, "token the page's actions need off loopback (also "
+    action_token: str = _opt("", _optional_text, "token the page's actions need off loopback (also "
                                         "$STREAMCLUST_ACTION_TOKEN); empty: made per scan when bound off loopback")
 
 
