@@ -190,11 +190,11 @@ def summarise(rows: list[dict]) -> dict:
     }
 
 
-def phantoms(which: str, n: int) -> list[tuple[int, dict, bool]]:
+def phantoms(which: str, n: int, first: int = 0) -> list[tuple[int, dict, bool]]:
     if which == "tune":
         return ([(s, {}, True) for s in TUNE_WITH_INCLUSIONS] + [(s, {}, False) for s in TUNE_SINGLE_PHASE])
     out = []
-    for i in range(n):
+    for i in range(int(first), int(first) + n):
         setting = VARIETY[i % len(VARIETY)]
         out.append((HELD_OUT_BASE + i, setting, True))
         out.append((HELD_OUT_BASE + i, setting, False))
@@ -206,6 +206,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=64, help="scan positions a side")
     ap.add_argument("--n", type=int, default=40, help="held-out phantoms of each kind")
     ap.add_argument("--set", choices=("held-out", "tune"), default="held-out")
+    ap.add_argument("--first", type=int, default=0,
+                    help="start at held-out phantom FIRST (seed 1000 + FIRST): runs split over sessions add up")
     ap.add_argument("--json", action="store_true", help="the summary as one JSON object on the last line")
     ap.add_argument("--flag", action="append", default=[], metavar="KEY=VALUE",
                     help="a [flags] setting for this run, e.g. --flag method=test --flag alpha=0.01")
@@ -220,7 +222,7 @@ def main(argv=None) -> int:
         except json.JSONDecodeError:
             flags[key] = value
     rows = []
-    for seed, setting, inclusions in phantoms(args.set, args.n):
+    for seed, setting, inclusions in phantoms(args.set, args.n, args.first):
         if args.only != "both" and inclusions != (args.only == "two"):
             continue
         row = run_phantom(args.size, seed, setting, inclusions, flags=flags)

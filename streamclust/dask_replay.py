@@ -63,11 +63,11 @@ from streamclust.adapters.errors import ProtocolError
 from streamclust.adapters.mib import MibFile
 
 from .block_balance import BlockBalancer
+from .cluster_merge import line_count_map, merge_columns, merge_same_composition
 from .engine import final_seed
 from .features import FrameReducer, SpectrumReducer
 from .fcm import DEFAULT_M, FuzzyCMeans
 from .fcm_kernels import predict_memberships, sq_euclidean
-from .cluster_merge import line_count_map, merge_columns, merge_same_composition
 from .host_refine import HostRefinement, compose_memberships, host_group
 from .incremental_pca import StreamingPCA
 from .flag_sums import DistancePlan, FoldSums, ProjectionMoments, eds_window, flag_features, pair_distances, scan_fold

@@ -70,10 +70,10 @@ from threadpoolctl import threadpool_limits
 
 from . import fcm_kernels
 from .block_balance import BlockBalancer
+from .cluster_merge import line_count_map, merge_columns, merge_same_composition
 from .drift import NoveltyDrift
 from .features import FrameReducer, SpectrumReducer
 from .fcm import DEFAULT_M, FuzzyCMeans, MiniBatchFuzzyCMeans
-from .cluster_merge import line_count_map, merge_columns, merge_same_composition
 from .host_refine import HostRefinement, compose_memberships, host_group, match_by_overlap
 from .incremental_pca import StreamingPCA
 from .position_store import PositionStore
@@ -433,8 +433,14 @@ class StreamingEngine:
         self.level1_memberships_ = np.full((n, int(self.n_clusters)), np.nan, dtype=np.float32)
         self.host_: HostRefinement | None = None
         self._host_fcm: FuzzyCMeans | None = None
-        # the level-2 cluster each sub-cluster is merged into (itself if kept; cluster_merge)
+        # the level-2 cluster each sub-cluster is merged into (itself if kept; cluster_merge), and
+        # the map from raw features to element-line counts its composition test reads (None: off,
+        # or no scan grid, or the lines outside the EDS window)
         self.host_merged_into_: np.ndarray | None = None
+        self._line_map = None
+        if float(self.host_merge_effect) > 0 and self.scan_shape is not None and int(self.host_clusters):
+            self._line_map = line_count_map(self.n_cbed_features_, self.spectrum_reducer_.energies_kev_,
+                                            tuple(self.host_merge_elements))
         self._host_scorer: tuple[np.ndarray, np.ndarray] | None = None
         self._host_fit_size = 0
         self._host_scores: tuple[np.ndarray, np.ndarray] | None = None  # (positions, level-2 scores) of a refresh
@@ -1046,7 +1052,7 @@ class StreamingEngine:
         # every stored position's level-2 scores, once: the host's fit uses its clear rows, and
         # _compose_stored the whole of it right after (it used to decode the store twice); with
         # the element-line counts when the merge needs them: one affine map, one pass
-        W = self._line_map()
+        W = self._line_map
         if W is None:
             Z2_all = Z2_own = self._stored_project(A, b, idx)
             lines = None
@@ -1136,16 +1142,6 @@ class StreamingEngine:
             U2 = spatial_memberships(U2, idx, self._clear_in(U, self.host_group_), self.scan_shape)
         return compose_memberships(U, U2, self.host_group_, int(self.host_clusters))
 
-    def _line_map(self) -> np.ndarray | None:
-        """Raw features to element-line counts (cluster_merge.line_count_map), or None when the
-        merge is off or impossible (no scan grid, lines outside the EDS window)."""
-        if not float(self.host_merge_effect) > 0 or self.scan_shape is None:
-            return None
-        if getattr(self, "_line_map_", False) is False:
-            self._line_map_ = line_count_map(self.n_cbed_features_, self.spectrum_reducer_.energies_kev_,
-                                             tuple(self.host_merge_elements))
-        return self._line_map_
-
     def _merged(self, U2: np.ndarray) -> np.ndarray:
         """Level-2 memberships with the sub-clusters that are one region summed (cluster_merge)."""
         return merge_columns(U2, self.host_merged_into_)
@@ -1191,6 +1187,7 @@ class StreamingEngine:
         state.setdefault("host_merge_elements", ("Fe", "Co"))
         state.setdefault("host_spatial", False)
         state.setdefault("host_merged_into_", None)
+        state.setdefault("_line_map", None)
         state.setdefault("spill", "off")
         self.__dict__.update(state)
         # wall-clock refresh timing restarts in the new process
