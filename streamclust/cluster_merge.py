@@ -169,7 +169,8 @@ def line_count_map(n_cbed: int, eds_energies_kev: np.ndarray, elements=DEFAULT_E
     try:
         windows = line_windows(e, tuple(elements))
     except ValueError as exc:
-        logger.warning("no composition merge of level-2 clusters: %s", exc)
+        # not a warning: a configuration whose EDS window holds no such line simply has no merge
+        logger.info("no composition merge of level-2 clusters: %s", exc)
         return None
     W = np.zeros((int(n_cbed) + e.size, windows.shape[0]), dtype=np.float32)
     W[int(n_cbed):] = windows.T
