@@ -84,7 +84,15 @@ class ScanJoiner:
     batch_size : int
         Rows per batch (the last batch of :meth:`flush` may be shorter).
     max_pending : int
-        Most unpaired items (frames + spectra) held; beyond it the oldest is evicted and counted.
+        Most unpaired *frames* held; beyond it the oldest frame is evicted and counted.
+    max_pending_spectra : int
+        Most unpaired *spectra* held; beyond it the oldest spectrum is evicted and counted. A
+        separate, larger bound because a spectrum is small (4 KiB at 2,048 uint16 channels, against
+        0.5 MiB for a quad frame) and it is the frame stream that falls behind when the analysis or
+        the network is slow: with one shared bound, a 256 x 256 demo whose frames ran 90 s behind
+        evicted 39,822 of 65,536 spectra and the engine saw those positions as two halves. The
+        default, 65,536, is 256 MiB at 2,048 channels and covers a frame stream 131 s behind at 2 ms
+        dwell.
     timeout_s : float
         An unpaired item older than this (by its arrival time ``t``) is given up at :meth:`poll`,
         but only once its partner stream can no longer bring the partner: that stream has already
@@ -127,18 +135,19 @@ class ScanJoiner:
     """
 
     def __init__(self, n_positions: int, *, batch_size: int = 64, max_pending: int = 4096,
-                 timeout_s: float = 2.0, spectrum_timeout_s: float | None = None,
+                 max_pending_spectra: int = 65536, timeout_s: float = 2.0, spectrum_timeout_s: float | None = None,
                  on_missing: str = "drop", frame_shape: tuple | None = None,
                  n_channels: int | None = None, frame_dtype=None, spectrum_dtype=None):
         if n_positions < 0:
             raise ValueError(f"n_positions must be >= 0, got {n_positions}")
-        if batch_size < 1 or max_pending < 1:
-            raise ValueError("batch_size and max_pending must be >= 1")
+        if batch_size < 1 or max_pending < 1 or max_pending_spectra < 1:
+            raise ValueError("batch_size, max_pending and max_pending_spectra must be >= 1")
         if on_missing not in ("drop", "emit"):
             raise ValueError(f"on_missing must be 'drop' or 'emit', got {on_missing!r}")
         self.n_positions = int(n_positions)
         self.batch_size = int(batch_size)
         self.max_pending = int(max_pending)
+        self.max_pending_spectra = int(max_pending_spectra)
         self.timeout_s = float(timeout_s)
         self.spectrum_timeout_s = (max(30.0, self.timeout_s) if spectrum_timeout_s is None
                                    else float(spectrum_timeout_s))
@@ -211,9 +220,10 @@ class ScanJoiner:
             # the partner came and was already given up (expired, evicted): this one is late
             self._give_up(kind, position, array, "late")
             return True
-        self._pending[kind][position] = (array, now)
-        if len(self._pending[0]) + len(self._pending[1]) > self.max_pending:
-            self._evict_oldest()
+        store = self._pending[kind]
+        store[position] = (array, now)
+        if len(store) > (self.max_pending if kind == _FRAME else self.max_pending_spectra):
+            self._evict_oldest(kind)
         return True
 
     def _shape_ok(self, kind: int, array: np.ndarray) -> bool:
@@ -251,18 +261,13 @@ class ScanJoiner:
                 c["emitted_spectrum_only"] += 1
                 self._push_row(position, None, array)
 
-    def _evict_oldest(self) -> None:
-        frames, spectra = self._pending
-        # the oldest of the two insertion-ordered stores' heads
-        kf = next(iter(frames), None)
-        ks = next(iter(spectra), None)
-        if ks is None or (kf is not None and frames[kf][1] <= spectra[ks][1]):
-            kind, position = _FRAME, kf
-        else:
-            kind, position = _SPECTRUM, ks
-        array, _ = self._pending[kind].pop(position)
-        logger.debug("pending store full (%d): evicting %s at position %d", self.max_pending,
-                     "frame" if kind == _FRAME else "spectrum", position)
+    def _evict_oldest(self, kind: int) -> None:
+        """Hand on the oldest unpaired item of ``kind`` (its store is over its bound)."""
+        store = self._pending[kind]
+        position = next(iter(store))  # dicts keep arrival order
+        array, _ = store.pop(position)
+        logger.debug("pending %s store full (%d): evicting position %d", "frame" if kind == _FRAME else "spectrum",
+                     self.max_pending if kind == _FRAME else self.max_pending_spectra, position)
         self._give_up(kind, position, array, "evicted")
 
     @property

@@ -125,7 +125,8 @@ def acquire_scan(
     batch_size: int = 256,
     join_timeout_s: float = 2.0,
     on_missing: str = "emit",
-    max_pending: int = 8192,
+    max_pending: int = 2048,
+    max_pending_spectra: int = 65536,
     queue_size: int = 256,
     on_full: str = "block",
     ring_slots: int = 64,
@@ -156,8 +157,12 @@ def acquire_scan(
         A frame whose spectrum never arrives (or the reverse): deliver it with the missing half
         marked in the batch masks (default: no frame is wasted), or drop it; counted either way.
     max_pending : int
-        Unpaired items held while one stream runs ahead of the other (spectra are small; frames
-        are 0.5 MiB each at quad 12-bit). Beyond it the oldest is handed on unpaired, counted.
+        Unpaired frames held while the EDS stream runs behind (0.5 MiB each at quad 12-bit: the
+        default holds at most 1 GiB, 4 s of a 2 ms scan). Beyond it the oldest is handed on
+        unpaired, counted.
+    max_pending_spectra : int
+        Unpaired spectra held while the frame stream runs behind (4 KiB each at 2,048 channels:
+        256 MiB, 131 s of a 2 ms scan). Beyond it the oldest is handed on unpaired, counted.
     queue_size : int
         Items between the receiving threads and the joiner. With ``ring_slots`` and
         ``batch_size`` it bounds the frames held while ``on_batch`` is slow.
@@ -204,6 +209,7 @@ def acquire_scan(
                     timeout_s=join_timeout_s,
                     on_missing=on_missing,
                     max_pending=max_pending,
+                    max_pending_spectra=max_pending_spectra,
                     queue_size=queue_size,
                 )
                 batches = iter(stream)

@@ -104,19 +104,24 @@ def test_timeout_expires_partners_and_late_arrivals_are_counted_late():
     j.check_invariants()
 
 
-def test_capacity_evicts_the_oldest_item_of_either_kind():
-    j = ScanJoiner(100, max_pending=3, timeout_s=1e9)
-    j.add_frame(0, frame(0), t=1.0)
+def test_capacity_evicts_the_oldest_item_of_its_own_kind():
+    # frames and spectra have their own bounds: a frame stream running behind must not push the
+    # waiting spectra out (measured at 256 x 256: 39,822 positions analysed as two halves)
+    j = ScanJoiner(100, max_pending=3, max_pending_spectra=2, timeout_s=1e9)
     j.add_spectrum(50, spectrum(50), t=0.5)
+    j.add_frame(0, frame(0), t=1.0)
     j.add_frame(1, frame(1), t=2.0)
-    j.add_frame(2, frame(2), t=3.0)  # 4 pending > 3: the spectrum (t=0.5) goes
+    j.add_frame(2, frame(2), t=3.0)
+    j.add_frame(3, frame(3), t=4.0)  # 4 frames > 3: frame 0 goes, the older spectrum stays
     s = j.stats
-    assert s["evicted_spectra"] == 1 and s["evicted_at_capacity"] == 1
-    assert s["pending_frames"] == 3 and s["pending_spectra"] == 0
-    j.add_frame(3, frame(3), t=4.0)  # now frame 0 (t=1.0) goes
-    assert j.stats["evicted_frames"] == 1
-    assert j.n_pending == 3
-    j.add_frame(50, frame(50), t=5.0)  # partner was evicted: late, not pending
+    assert s["evicted_frames"] == 1 and s["evicted_spectra"] == 0 and s["evicted_at_capacity"] == 1
+    assert s["pending_frames"] == 3 and s["pending_spectra"] == 1
+    j.add_spectrum(60, spectrum(60), t=5.0)
+    j.add_spectrum(61, spectrum(61), t=6.0)  # 3 spectra > 2: spectrum 50 goes
+    s = j.stats
+    assert s["evicted_spectra"] == 1 and s["pending_spectra"] == 2 and s["pending_frames"] == 3
+    assert j.n_pending == 5
+    j.add_frame(50, frame(50), t=7.0)  # partner was evicted: late, not pending
     assert j.stats["late_frames"] == 1
     j.check_invariants()
 
@@ -165,10 +170,11 @@ def scenarios(draw):
 
 @settings(max_examples=150, deadline=None)
 @given(scenarios(), st.sampled_from(["drop", "emit"]), st.integers(1, 9), st.sampled_from([2, 5, 10_000]),
-       st.sampled_from([3.0, 1e9]))
-def test_every_item_is_accounted_for(scenario, on_missing, batch_size, max_pending, timeout_s):
+       st.sampled_from([3.0, 1e9]), st.sampled_from([1, 4, 10_000]))
+def test_every_item_is_accounted_for(scenario, on_missing, batch_size, max_pending, timeout_s, max_spectra):
     n, order, polls = scenario
-    j = ScanJoiner(n, batch_size=batch_size, max_pending=max_pending, timeout_s=timeout_s, on_missing=on_missing)
+    j = ScanJoiner(n, batch_size=batch_size, max_pending=max_pending, max_pending_spectra=max_spectra,
+                   timeout_s=timeout_s, on_missing=on_missing)
     out = []
     for t, (kind, p) in enumerate(order):
         if t in polls:
@@ -177,7 +183,7 @@ def test_every_item_is_accounted_for(scenario, on_missing, batch_size, max_pendi
             j.add_frame(p, frame(p), t=float(t))
         else:
             j.add_spectrum(p, spectrum(p), t=float(t))
-        assert j.n_pending <= max_pending
+        assert j.stats["pending_frames"] <= max_pending and j.stats["pending_spectra"] <= max_spectra
         j.check_invariants()
     out += j.flush()
     s = j.stats
@@ -200,7 +206,7 @@ def test_every_item_is_accounted_for(scenario, on_missing, batch_size, max_pendi
     for p, b, i in rows:  # with its own data
         assert not b.has_frame[i] or (b.frames[i] == p).all()
         assert not b.has_spectrum[i] or (b.spectra[i] == p + 1000).all()
-    if max_pending >= 2 * n and timeout_s > len(order):  # nothing can be given up early: all pairs join
+    if min(max_pending, max_spectra) >= 2 * n and timeout_s > len(order):  # nothing can be given up early: all pairs join
         assert set(joined) == frames_given & spectra_given
     if on_missing == "emit":  # every accepted item leaves, paired or not
         assert set(positions) == frames_given | spectra_given
