@@ -312,6 +312,8 @@ class EngineSection:
                                            "one per position); needs the scan shape")
     spill: str = _opt("auto", _text, "where the position store lives: auto (a temporary file when larger than "
                                      "256 MiB), off (RAM), or a folder")
+    kernel_threads: int = _opt(1, _int(0), "threads of the engine's Numba kernels (0: one per core); 1 leaves "
+                                           "the other core to the receiver")
     random_state: int = _opt(0, _int(0), "seed of every random choice (same seed, same result)")
 
     def resolved(self, n_positions: int) -> dict:
