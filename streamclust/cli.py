@@ -273,11 +273,13 @@ def _echo_summary(summary: dict, out_dir) -> None:
               help="second-phase inclusions in the phantom (0 = a single-phase control sample)")
 @click.option("--dose", default=1.0, show_default=True, type=click.FloatRange(0.0, min_open=True),
               help="beam current, a multiple of the phantom's default")
+@click.option("--simulator", default="process", show_default=True, type=click.Choice(["process", "thread"]),
+              help="run the simulated microscope in its own process or in threads of this one")
 @scan_options
 @config_option
 @click.pass_context
 def demo(ctx, out_dir: str, seed: int, scan: int, clusters: int | None, dwell: float, inclusions: int | None,
-         dose: float, live: bool, quiet: bool, cfg: Config, verbose: int) -> None:
+         dose: float, simulator: str, live: bool, quiet: bool, cfg: Config, verbose: int) -> None:
     """Simulated live scan end to end: results.hspy, pictures and summary.json in OUT."""
     from streamclust.demo import run_demo
 
@@ -288,7 +290,7 @@ def demo(ctx, out_dir: str, seed: int, scan: int, clusters: int | None, dwell: f
     with ExitStack() as stack:
         summary = run_demo(out_dir, seed=seed, scan_shape=(scan, scan), n_clusters=clusters, dwell_s=dwell,
                            progress=_progress(cfg, quiet, scan * scan, (scan, scan)), config=cfg,
-                           liveview=_liveview_factory(cfg, live, stack), **sample)
+                           liveview=_liveview_factory(cfg, live, stack), simulator=simulator, **sample)
     f1 = summary["second_phase_f1"]
     click.echo(
         f"{summary['frames_received']} frames received, {summary['frames_processed']} processed, "

@@ -10,6 +10,7 @@ signal alone against the phantom's ground truth.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -37,7 +38,7 @@ REFERENCE_SAMPLE = 8192
 def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] = (64, 64),
              n_clusters: int | None = None, dwell_s: float = 0.0, bin_factor: int | None = None,
              progress=None, config=None, liveview=None, inclusions: int | None = None,
-             dose: float = 1.0) -> dict:
+             dose: float = 1.0, simulator: str = "process") -> dict:
     """Run the demo and write ``results.hspy``, pictures and ``summary.json`` into ``out_dir``.
 
     Parameters
@@ -64,6 +65,10 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
         ``[engine]``, ``[centres]``, ``[flags]``, ``[events]`` and ``[scan]`` batching apply; the
         demo binds its event socket on a free port unless ``[events] endpoint`` is set.
     liveview : LiveView, optional
+    simulator : {"process", "thread"}
+        Where the simulated microscope runs: in a process of its own (default; a real microscope is
+        another machine, and in this process its threads competed with the analysis for the
+        interpreter: :mod:`streamclust.simulators.microscope_process`), or in threads of this one.
 
     Returns the summary dictionary (also written as ``summary.json``).
     """
@@ -77,14 +82,20 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
     from streamclust.reference import best_f1, eds_window, run_reference
     from streamclust.run import ScanSession
     from streamclust.simulators.microscope import MicroscopeConfig, SimulatedMicroscope
+    from streamclust.simulators.microscope_process import MicroscopeProcess
     from streamclust.simulators.phantom import LamellaPhantom
 
     if not dose > 0:
         raise ValueError(f"dose must be > 0, got {dose!r}")
+    if simulator not in ("process", "thread"):
+        raise ValueError(f"simulator must be 'process' or 'thread', got {simulator!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    phantom = LamellaPhantom(scan_shape=tuple(scan_shape), seed=seed, n_inclusions=inclusions,
-                             beam_current_pa=4.0 * float(dose))
+    phantom_kwargs = {"scan_shape": [int(v) for v in scan_shape], "seed": int(seed), "n_inclusions": inclusions,
+                      "beam_current_pa": 4.0 * float(dose)}
+    # the sample's truth (and the follow-up server's sample) here; with simulator="process" the
+    # detectors serve the same phantom, built from the same settings, in their own process
+    phantom = LamellaPhantom(**{**phantom_kwargs, "scan_shape": tuple(phantom_kwargs["scan_shape"])})
     n = phantom.n_positions
     # the scan's reduced features (for the offline yardstick) and raw spectra (for the pictures) go
     # to memory-mapped scratch files beside the results, not RAM: 22 kB a position, 1.4 GB at
@@ -147,10 +158,19 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
         followup = FollowUpServer(phantom).start()
         followup.wait_for_listen()
         view.followup_endpoint = followup.endpoint
-    t0 = time.perf_counter()
-    with SimulatedMicroscope(phantom, config) as scope:
-        host, port = scope.merlin.data_address
-        report = acquire_scan((host, port), scope.eds.endpoint, n, on_batch, batch_size=cfg.scan.batch_size,
+    if simulator == "process":
+        scope_cm = MicroscopeProcess(phantom_kwargs, dataclasses.asdict(config))
+    else:
+        scope_cm = SimulatedMicroscope(phantom, config)
+    with scope_cm as scope:
+        if simulator == "process":
+            address, eds_endpoint = scope.data_address, scope.eds_endpoint
+        else:
+            address, eds_endpoint = scope.merlin.data_address, scope.eds.endpoint
+        # the scan starts when the receiver connects (a headless detector): the microscope's own
+        # start-up (building the phantom, compiling its kernels) is not acquisition time
+        t0 = time.perf_counter()
+        report = acquire_scan(tuple(address), eds_endpoint, n, on_batch, batch_size=cfg.scan.batch_size,
                               join_timeout_s=cfg.scan.join_timeout_s, on_missing=cfg.scan.on_missing)
     elapsed = time.perf_counter() - t0  # the last position acquired *and* analysed
     t_end = time.perf_counter()
