@@ -77,10 +77,10 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
     from streamclust.acquisition import acquire_scan
     from streamclust.config import load_config
     from streamclust.fcm import FuzzyCMeans
-    from streamclust.features import FrameReducer
     from streamclust.progress import ProgressDisplay
-    from streamclust.reference import best_f1, eds_window, run_reference
+    from streamclust.reference import best_f1, run_reference
     from streamclust.run import ScanSession
+    from streamclust.threads import kernel_threads
     from streamclust.simulators.microscope import MicroscopeConfig, SimulatedMicroscope
     from streamclust.simulators.microscope_process import MicroscopeProcess
     from streamclust.simulators.phantom import LamellaPhantom
@@ -112,14 +112,7 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
                        random_state=None if "engine.random_state" in cfg.explicit else seed)
     cfg = cfg.override("scan", shape=list(phantom.scan_shape))
     n_clusters = cfg.engine.n_clusters
-    bin_factor = cfg.engine.bin_factor
     seed_engine = cfg.engine.random_state
-    reducer = FrameReducer(bin_factor=bin_factor, frame_shape=phantom.frame_shape).fit()
-    n_feat = (phantom.frame_shape[0] // bin_factor) * (phantom.frame_shape[1] // bin_factor)
-    cbed = _scratch(scratch.name, "cbed", (n, n_feat), np.float32)
-    window = (phantom.energy_axis_kev >= 0.2) & (phantom.energy_axis_kev < 10.0)
-    n_eds_feat = int(window.sum()) // 2
-    eds_feat = _scratch(scratch.name, "eds_features", (n, n_eds_feat), np.float32)
     display = progress if isinstance(progress, ProgressDisplay) else None
     session = ScanSession(cfg, scan_shape=phantom.scan_shape, frame_shape=phantom.frame_shape,
                           energy_axis_kev=phantom.energy_axis_kev, out_dir=out, scan_id=f"demo-{seed}",
@@ -128,20 +121,32 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
                           events_endpoint=None if "events.endpoint" in cfg.explicit else "tcp://127.0.0.1:0")
     live = session.live
     session.warm_up()  # JIT before the detector is armed, never on the first live frame
+    # the offline yardstick clusters the features the engine reduced (same binning, same EDS
+    # window): kept as the engine makes them, so no frame is binned twice
+    engine = live.engine
+    cbed = _scratch(scratch.name, "cbed", (n, engine.n_cbed_features_), np.float32)
+    eds_feat = _scratch(scratch.name, "eds_features", (n, engine.n_eds_features_), np.float32)
+
+    def keep_features(pos, cb, ed, hf, hs) -> None:
+        if hf.any():
+            cbed[pos[hf]] = cb[hf]
+        if hs.any():
+            eds_feat[pos[hs]] = ed[hs]
+
+    engine.on_features = keep_features
 
     def on_batch(batch) -> None:
         session.on_batch(batch)
         p = batch.positions
         fm = batch.has_frame
         if fm.any():
-            cbed[p[fm]] = reducer.transform(batch.frames[fm])
             # virtual bright field: counts in the central 8x8-binned pixels around the direct beam
-            vbf[p[fm]] = batch.frames[fm][:, 236:276, 236:276].sum(axis=(1, 2))
+            # (the window first: indexing the rows first copied every whole frame, 0.5 MiB each)
+            vbf[p[fm]] = batch.frames[:, 236:276, 236:276][fm].sum(axis=(1, 2))
             have_frame[p[fm]] = True
         sm = batch.has_spectrum
         if sm.any():
             eds[p[sm]] = batch.spectra[sm]
-            eds_feat[p[sm]] = eds_window(batch.spectra[sm], phantom.energy_axis_kev, (0.2, 10.0), rebin=2)
             eds_sum[:] += batch.spectra[sm].sum(axis=0, dtype=np.float64)
             have_spectrum[p[sm]] = True
         if progress is not None and display is None:
@@ -178,36 +183,39 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, scan_shape: tuple[int, int] 
     finalize_s = time.perf_counter() - t_end
     t_offline = time.perf_counter()
 
-    both = have_frame & have_spectrum
-    truth = phantom.truth.second_phase.ravel()
-    rows = np.flatnonzero(both)
-    scores = {}
-    labels = {}
-    # The offline yardstick is the paper's batch pipeline with the same second level as the engine
-    # (host refinement, streamclust.host_refine), fuzzy C-means with 10 restarts; the paper's single
-    # level is reported beside it (on a whole lamella it finds no second phase: docs/engine.md).
-    k2 = int(live.engine.host_clusters)
-    results = {}
-    for name, sig in (("merged", "merged"), ("eds_only", "eds"), ("cbed_only", "cbed")):
-        res = run_reference(cbed, eds_feat, rows=rows, sample_size=REFERENCE_SAMPLE, signals=sig,
-                            n_clusters=n_clusters, random_state=seed_engine, refine_host=k2,
-                            scan_shape=tuple(scan_shape), scan_positions=rows, host_overlap=live.engine.host_overlap,
-                            host_mixing=live.engine.host_mixing or 0.0,
-                            host_merge_effect=live.engine.host_merge_effect,
-                            host_merge_elements=tuple(live.engine.host_merge_elements),
-                            eds_energies_kev=live.engine.spectrum_reducer_.energies_kev_,
-                            host_spatial=live.engine.host_spatial,
-                            clusterer=FuzzyCMeans(n_clusters, n_init=10, random_state=seed_engine))
-        results[name] = res
-        lab = np.full(n, -1, np.int64)
-        lab[both] = res.labels
-        labels[name] = lab
-        scores[name] = float(best_f1(res.labels, truth[both]).single)
-        logger.info("%s: %d components, second-phase F1 %.3f", name, res.n_components, scores[name])
-    single = run_reference(cbed, eds_feat, rows=rows, sample_size=REFERENCE_SAMPLE, signals="merged",
-                           n_clusters=n_clusters, random_state=seed_engine,
-                           clusterer=FuzzyCMeans(n_clusters, n_init=10, random_state=seed_engine))
-    f1_single_level = float(best_f1(single.labels, truth[both]).single)
+    # the yardstick's kernels with the engine's thread count: on a busy 2-core machine a parallel
+    # FCM pass waited for a descheduled worker (173 s for the 128 x 128 yardstick; streamclust.threads)
+    with kernel_threads(cfg.engine.kernel_threads):
+        both = have_frame & have_spectrum
+        truth = phantom.truth.second_phase.ravel()
+        rows = np.flatnonzero(both)
+        scores = {}
+        labels = {}
+        # The offline yardstick is the paper's batch pipeline with the same second level as the engine
+        # (host refinement, streamclust.host_refine), fuzzy C-means with 10 restarts; the paper's single
+        # level is reported beside it (on a whole lamella it finds no second phase: docs/engine.md).
+        k2 = int(live.engine.host_clusters)
+        results = {}
+        for name, sig in (("merged", "merged"), ("eds_only", "eds"), ("cbed_only", "cbed")):
+            res = run_reference(cbed, eds_feat, rows=rows, sample_size=REFERENCE_SAMPLE, signals=sig,
+                                n_clusters=n_clusters, random_state=seed_engine, refine_host=k2,
+                                scan_shape=tuple(scan_shape), scan_positions=rows, host_overlap=live.engine.host_overlap,
+                                host_mixing=live.engine.host_mixing or 0.0,
+                                host_merge_effect=live.engine.host_merge_effect,
+                                host_merge_elements=tuple(live.engine.host_merge_elements),
+                                eds_energies_kev=live.engine.spectrum_reducer_.energies_kev_,
+                                host_spatial=live.engine.host_spatial,
+                                clusterer=FuzzyCMeans(n_clusters, n_init=10, random_state=seed_engine))
+            results[name] = res
+            lab = np.full(n, -1, np.int64)
+            lab[both] = res.labels
+            labels[name] = lab
+            scores[name] = float(best_f1(res.labels, truth[both]).single)
+            logger.info("%s: %d components, second-phase F1 %.3f", name, res.n_components, scores[name])
+        single = run_reference(cbed, eds_feat, rows=rows, sample_size=REFERENCE_SAMPLE, signals="merged",
+                               n_clusters=n_clusters, random_state=seed_engine,
+                               clusterer=FuzzyCMeans(n_clusters, n_init=10, random_state=seed_engine))
+        f1_single_level = float(best_f1(single.labels, truth[both]).single)
 
     offline_s = time.perf_counter() - t_offline
     live_labels = np.asarray(live.engine.labels_)

@@ -248,6 +248,10 @@ class StreamingEngine:
     blas_threads : int or None, default=1
         BLAS threads while processing (None: leave BLAS alone). One thread avoids BLAS spinning
         against Numba's threads (docs/streaming-statistics.md).
+    on_features : callable or None, default=None
+        Called as ``on_features(positions, cbed, eds, has_frame, has_spectrum)`` with every batch's
+        reduced features before they are analysed (read-only; copy what you keep): the demo's
+        offline yardstick keeps them instead of binning every frame a second time.
     kernel_threads : int or None, default=1
         Threads of the Numba kernels the engine launches (None or 0: Numba's default, one per
         core). One by default: the receiver's threads hold the other core of an acquisition PC,
@@ -259,6 +263,10 @@ class StreamingEngine:
     ----------
     memberships_ : ndarray (n_positions, n_clusters) float32
         NaN for positions not yet clustered (unseen, or still in the warm-up buffer).
+    last_features_ : tuple (positions, cbed, eds, has_frame, has_spectrum)
+        The reduced features of the last batch given to :meth:`partial_fit` (the engine's own
+        arrays, not copies: rows without their signal hold imputed medians). A caller that keeps
+        features reads them here instead of reducing the frames again.
     labels_ : ndarray (n_positions,) int
         Arg-max membership, -1 where unknown.
     cluster_centers_ : ndarray (n_clusters, n_components_)
@@ -320,6 +328,7 @@ class StreamingEngine:
         spill: str = "auto",
         blas_threads: int | None = 1,
         kernel_threads: int | None = 1,
+        on_features=None,
         random_state: int | None = None,
     ) -> None:
         self.n_positions = n_positions
@@ -369,6 +378,7 @@ class StreamingEngine:
         self.spill = spill
         self.blas_threads = blas_threads
         self.kernel_threads = kernel_threads
+        self.on_features = on_features
         self.random_state = random_state
         self._init_state()
 
@@ -590,6 +600,11 @@ class StreamingEngine:
                                      f"got {sp.shape}")
                 eds[hs] = self.spectrum_reducer_.transform(sp[hs] if not hs.all() else sp)
             self._times["reduce_spectra"] += time.perf_counter() - t
+            # for callers that keep reduced features (the centres, the demo's offline yardstick):
+            # a 512 x 512 frame is binned once, not once per consumer (0.36 ms a frame on one core)
+            self.last_features_ = (pos, cbed, eds, hf, hs)
+            if self.on_features is not None:
+                self.on_features(pos, cbed, eds, hf, hs)
             self._ingest(pos, cbed, eds, hf, hs)
         self._busy += time.perf_counter() - t0
         return self
@@ -1187,7 +1202,11 @@ class StreamingEngine:
         return compose_memberships(U, U2, self.host_group_, int(self.host_clusters))
 
     def __getstate__(self) -> dict:
-        return dict(self.__dict__)
+        state = dict(self.__dict__)
+        # a caller's callback and the last batch's arrays are not the engine's state
+        state["on_features"] = None
+        state.pop("last_features_", None)
+        return state
 
     def __setstate__(self, state: dict) -> None:
         # an engine pickled before a parameter existed gets the parameter's default
@@ -1196,6 +1215,7 @@ class StreamingEngine:
         state.setdefault("host_merge_elements", ("Fe", "Co"))
         state.setdefault("host_spatial", False)
         state.setdefault("kernel_threads", 1)
+        state.setdefault("on_features", None)
         state.setdefault("host_merged_into_", None)
         state.setdefault("_line_map", None)
         state.setdefault("spill", "off")

@@ -80,3 +80,25 @@ def test_pieces_are_cut_at_multiples_of_the_cadence_over_the_scan(phantom):
         ones = np.ones(pos.size, bool)
         live.process(Batch(pos, frames[pos], spectra[pos], ones, ones))
     assert ends == [256, 384, 512, 768, 1024]
+
+
+def test_centre_patterns_from_the_engine_features_equal_binning_the_frames(phantom):
+    # the centres' 32 x 32 patterns are block sums of the engine's 64 x 64 features (a frame is
+    # binned once); they must equal binning the raw frames directly, bit for bit, including
+    # positions whose spectrum is missing (rows the engine fills with imputed values)
+    from streamclust.features import FrameReducer
+
+    ph, frames, spectra = phantom
+    live = LiveAnalysis(ph.scan_shape, ph.frame_shape, ph.energy_axis_kev, random_state=0)
+    pos = np.arange(40)
+    hf = np.ones(40, bool)
+    hs = np.ones(40, bool)
+    hs[::7] = False
+    hf[3] = False
+    live.process(Batch(pos, frames[pos], spectra[pos], hf, hs))
+    rows = hf & hs
+    got = live._centre_patterns(frames[pos], rows)
+    direct = FrameReducer(bin_factor=live._centre_bin, frame_shape=ph.frame_shape).fit().transform(frames[pos][rows])
+    assert got.dtype == np.float32 and got.shape == (rows.sum(), *live._centre_shape)
+    assert np.array_equal(got, direct.reshape(got.shape))
+    assert live.engine.frame_reducer_.bin_factor < live._centre_bin  # the shortcut was taken
