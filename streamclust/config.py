@@ -276,7 +276,9 @@ class EngineSection:
     warmup_positions: int | str = _opt(AUTO, _int(2, auto=True),
                                        '"auto": min(512, positions / 4)')
     refresh_every: int | str = _opt(AUTO, _int(1, auto=True),
-                                    '"auto": max(256, positions / 16)')
+                                    'fewest positions between refreshes; "auto": 256')
+    refresh_growth: float = _opt(0.25, _float(0.0), "a refresh also waits until the positions seen grew by "
+                                                      "this fraction (amortised O(1) a position; 0: off)")
     max_components: int = _opt(20, _int(1), "cap of the explained-variance rule")
     min_explained_ratio: float = _opt(0.01, _float(0.0, 1.0, lo_open=True, hi_open=True),
                                       "the 1 % rule")
@@ -323,9 +325,11 @@ class EngineSection:
         if kw["warmup_positions"] == AUTO:
             kw["warmup_positions"] = max(int(self.n_clusters), min(512, n // 4))
         if kw["refresh_every"] == AUTO:
-            # refreshes are where a new phase gets its cluster: every 256 positions on a 64 x 64
-            # scan (docs/events.md: flag timing; 512 flagged 3 of 9 phantoms late or never)
-            kw["refresh_every"] = max(256, n // 16)
+            # refreshes are where a new phase gets its cluster: every 256 positions early in a scan
+            # (docs/events.md: flag timing; 512 flagged 3 of 9 phantoms late or never), then at
+            # refresh_growth steps of the positions seen, whatever the scan size (a fraction of the
+            # scan, n / 16, made 22 refreshes cost 44 s of a 256 x 256 scan's 131 s)
+            kw["refresh_every"] = 256
         kw["energy_window_kev"] = tuple(kw["energy_window_kev"])
         # a key the installed engine does not know (an older engine) is left out, with a warning
         import inspect

@@ -88,7 +88,8 @@ def test_auto_values_resolve_from_the_scan_size():
     kw = e.resolved(64 * 64)
     assert kw["warmup_positions"] == 512 and kw["refresh_every"] == 256
     kw = e.resolved(256 * 256)
-    assert kw["warmup_positions"] == 512 and kw["refresh_every"] == 4096
+    # a count, not a fraction of the scan: the geometric refresh_growth bounds the cost instead
+    assert kw["warmup_positions"] == 512 and kw["refresh_every"] == 256 and kw["refresh_growth"] == 0.25
     assert e.resolved(16)["warmup_positions"] == e.n_clusters  # never below the cluster count
     assert load_config().centres.resolved_assess_every(64 * 64) == 128
     fixed = load_config({"engine": {"refresh_every": 1000}}).engine.resolved(4096)
