@@ -77,7 +77,7 @@ def run_one(size: int, dwell: float, seed: int, extra: list[str] | None = None, 
     return row
 
 
-COLUMNS = ("size", "dwell_s", "seed", "acquisition_rate", "analysis_rate", "keepup", "lag_at_scan_end_s",
+COLUMNS = ("size", "dwell_s", "seed", "control", "acquisition_rate", "analysis_rate", "keepup", "lag_at_scan_end_s",
            "frames_dropped", "peak_rss_gb", "first_flag_fraction", "n_flags", "f1_live", "f1_offline",
            "ari_live_vs_offline", "finalize_s", "offline_s", "wall_s")
 
@@ -97,6 +97,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dwells", type=float, nargs="+", default=[0.002, 0.001])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--full", action="store_true", help="add 512 x 512")
+    ap.add_argument("--controls", action="store_true",
+                    help="also run each seed as a single-phase control (--inclusions 0): any flag there is a false alarm")
     ap.add_argument("--json", action="store_true", help="one JSON object on the last line")
     args = ap.parse_args(argv)
     sizes = list(args.sizes) + ([512] if args.full and 512 not in args.sizes else [])
@@ -104,9 +106,11 @@ def main(argv=None) -> int:
     for size in sizes:
         for dwell in args.dwells:
             for seed in args.seeds:
-                row = run_one(size, dwell, seed)
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
+                for inclusions in ((None, 0) if args.controls else (None,)):
+                    row = run_one(size, dwell, seed, None if inclusions is None else ["--inclusions", "0"])
+                    row["control"] = inclusions == 0
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
     print_table(rows)
     failed = [r for r in rows if "error" in r]
     if args.json:
