@@ -36,6 +36,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from streamclust.adapters.join import Batch
 from streamclust.fcm import FuzzyCMeans
+from streamclust.flags import SecondPhaseFlagger
 from streamclust.live import LiveAnalysis
 from streamclust.reference import best_f1, bin_frames, eds_window, run_reference
 from streamclust.simulators.phantom import LamellaPhantom
@@ -51,12 +52,14 @@ def run_seed(seed: int, inclusions: bool = True, flag_params: dict | None = None
     ph = LamellaPhantom(SCAN, seed=seed, **({} if inclusions else {"n_inclusions": 0}))
     n, nx = ph.n_positions, SCAN[1]
     truth = ph.truth.second_phase.ravel()
-    live = LiveAnalysis(ph.scan_shape, ph.frame_shape, ph.energy_axis_kev, random_state=seed, assess_every=128,
-                        engine_params={"warmup_positions": 512, "refresh_every": 256})
+    defaults = SecondPhaseFlagger()  # the types of the what-if values
+    flags = {}
     for key, value in (flag_params or {}).items():  # what-if runs of the flagger's parameters
-        if not hasattr(live.flagger, key):
+        if not hasattr(defaults, key):
             raise ValueError(f"SecondPhaseFlagger has no parameter {key!r}")
-        setattr(live.flagger, key, type(getattr(live.flagger, key))(value))
+        flags[key] = type(getattr(defaults, key))(value)
+    live = LiveAnalysis(ph.scan_shape, ph.frame_shape, ph.energy_axis_kev, random_state=seed, assess_every=128,
+                        engine_params={"warmup_positions": 512, "refresh_every": 256}, flags=flags)
     raised_positions = record_raised_positions(live.flagger)
     cbed, spectra = [], []
     t0 = time.perf_counter()

@@ -32,7 +32,9 @@ def bench(scan, k=6, host=0, reps=5, out=Path(tempfile.mkdtemp(dir="/tmp"))):
     counters = {"merlin": {"frames_received": n}, "join": {"joined": n}}
     times = []
     for _ in range(reps):
-        t = time.perf_counter(); w.checkpoint(live, counters, force=True); times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        w.checkpoint(live.scan_result(counters), force=True)
+        times.append(time.perf_counter() - t)
     base = []
     for _ in range(reps):
         t = time.perf_counter()

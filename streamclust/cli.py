@@ -392,9 +392,10 @@ def replay(ctx, source, eds_h5, out_dir, dask, live, quiet, cfg: Config, verbose
         raise CliError(str(exc), EXIT_BAD_INPUT) from None
     if dask is not None:
         try:
-            from streamclust.dask_replay import replay_dask
+            import distributed  # noqa: F401  (an optional dependency: only --dask needs it)
         except ImportError as exc:
-            raise click.ClickException(f"--dask needs streamclust.dask_replay and dask[distributed]: {exc}") from None
+            raise click.ClickException(f"--dask needs dask[distributed]: {exc}") from None
+        from streamclust.dask_replay import replay_dask
         from streamclust.replay import dask_config
 
         try:

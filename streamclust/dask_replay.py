@@ -43,7 +43,6 @@ retracted is not in the replay's log; a flag kept only by hysteresis is not rais
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -51,7 +50,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import wraps
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import h5py
@@ -73,8 +71,9 @@ from .incremental_pca import StreamingPCA
 from .flag_sums import DistancePlan, FoldSums, ProjectionMoments, eds_window, flag_features, pair_distances, scan_fold
 from .mergeable import CentreSums, FCMSums, merge_all, merge_into
 from .spatial_pool import membership_mixing, spatial_memberships
-from .results import RESULTS_NAME
+from .results import RESULTS_NAME, ResultsWriter
 from .robust_scaling import FeatureMoments
+from .scan_result import ScanResult, summarise_flags
 from .validity import ValidityAccumulator
 
 logger = logging.getLogger(__name__)
@@ -883,12 +882,7 @@ def _sample_pca(backend, src: Sequence, specs: Sequence[ChunkSpec], info_h, cfg_
                 cfg: ReplayConfig, seed: int) -> dict | None:
     """The PCA as the engine's final refresh takes it (``final_pca_sample``): a randomized PCA of at
     most ``final_pca_sample`` complete positions (the same seeded sample as the engine draws) at
-    the final scales, gathered on one worker; None when :mod:`streamclust.sample_pca` is missing."""
-    try:
-        from . import sample_pca  # noqa: F401
-    except ImportError:
-        logger.warning("streamclust.sample_pca is not available: PCA of all positions instead")
-        return None
+    the final scales, gathered on one worker; None with fewer than two complete positions."""
     pool = np.flatnonzero(complete)
     size = int(cfg.final_pca_sample)
     if pool.size < 2:
@@ -1099,6 +1093,7 @@ def _run(backend, info: RecordingInfo, cfg: ReplayConfig, chunk_positions: int) 
     counters.update(chunks=len(specs), fcm_passes=fit["n_iter"] + 1, workers=backend.n_workers)
     return {
         "memberships": U,
+        "level1_memberships": U1 if k2 else None,
         "cluster_centers": centres,
         "objective": fit["objective"],
         "n_iter": fit["n_iter"],
@@ -1117,44 +1112,25 @@ def _run(backend, info: RecordingInfo, cfg: ReplayConfig, chunk_positions: int) 
     }
 
 
-class _CentresView:
-    """What :class:`~streamclust.results.ResultsWriter` reads of the live centre store."""
+def _scan_result(info: RecordingInfo, cfg: ReplayConfig, res: dict) -> ScanResult:
+    """The replay's final state as the value the live analysis produces (the results file's input).
 
-    def __init__(self, centre_set) -> None:
-        self._set = centre_set
-        self.stats: dict = {}
-
-    def centres(self):
-        if self._set is None:
-            raise RuntimeError("no position with both signals: no centres")
-        return self._set
-
-
-class _ReplayView:
-    """The replay's final state with the face of a :class:`~streamclust.live.LiveAnalysis`, so the
-    single-process replay's :class:`~streamclust.results.ResultsWriter` writes the same file."""
-
-    def __init__(self, info: RecordingInfo, res: dict) -> None:
-        from types import SimpleNamespace
-
-        U = res["memberships"]
-        self.scan_shape = tuple(info.scan_shape)
-        self.seen = np.isfinite(U).all(axis=1)
-        self.n_seen = int(self.seen.sum())
-        stats = dict(res["counters"])
-        stats["seconds"] = dict(res["seconds"])
-        self.engine = SimpleNamespace(
-            memberships_=U, n_components_=int(res["pca"]["n_components"]),
-            explained_variance_ratio_=res["pca"]["explained_variance_ratio"],
-            cluster_centers_=res["cluster_centers"], validity_=dict(res["validity"]), stats_=stats)
-        self.centres = _CentresView(res["centre_set"])
-        self.flag_log: list = list(res.get("flag_log", []))
-
-    def flags_summary(self) -> list:
-        # the live analysis' summary of the same log (one entry per flag id)
-        from .live import LiveAnalysis
-
-        return LiveAnalysis.flags_summary(self)
+    ``seen`` is the positions with memberships: the passes do not return which positions
+    delivered a signal but were left unclustered.
+    """
+    U = res["memberships"]
+    stats = dict(res["counters"])
+    stats["seconds"] = dict(res["seconds"])
+    host = res["host"]
+    return ScanResult(
+        scan_shape=info.scan_shape, memberships=U, seen=np.isfinite(U).all(axis=1),
+        level1_memberships=res.get("level1_memberships"),
+        n_components=int(res["pca"]["n_components"]), explained_variance_ratio=res["pca"]["explained_variance_ratio"],
+        cluster_centers=res["cluster_centers"], validity=res["validity"],
+        host_cluster=-1 if host is None else int(host["host"]), host_clusters=int(cfg.host_clusters),
+        host_group=() if host is None else host["group"],
+        centres=res["centre_set"], flag_log=res.get("flag_log", ()), engine_stats=stats,
+        counters={"replay": dict(res["counters"])})
 
 
 def _extra(res: dict) -> dict[str, Any]:
@@ -1184,76 +1160,12 @@ def _extra(res: dict) -> dict[str, Any]:
 
 def _write_results(path: Path, info: RecordingInfo, cfg: ReplayConfig, res: dict) -> None:
     """Write with :class:`streamclust.results.ResultsWriter` (the single-process replay's file)
-    plus ``/replay``; without that module, :func:`_write_minimal`."""
-    try:
-        from streamclust.results import ResultsWriter
-    except ImportError:
-        _write_minimal(path, info, cfg, res)
-        return
+    plus ``/replay``."""
     writer = ResultsWriter(path, scan_shape=info.scan_shape, frame_shape=info.frame_shape,
                            energy_axis_kev=np.asarray(info.energy_axis_kev), n_clusters=int(cfg.n_clusters),
                            thresholds=tuple(cfg.thresholds), config={"replay_dask": asdict(cfg)},
                            scan_id=f"replay-dask-{Path(info.mib_path).stem}", source=str(info.mib_path))
-    writer.finalize(_ReplayView(info, res), {"replay": dict(res["counters"])}, extra=_extra(res))
-
-
-def _write_minimal(path: Path, info: RecordingInfo, cfg: ReplayConfig, res: dict) -> None:
-    """A minimal results file (when :mod:`streamclust.results` is not available)."""
-    ny, nx = info.scan_shape
-    U = res["memberships"]
-    known = ~np.isnan(U[:, 0])
-    labels = np.full(U.shape[0], -1, dtype=np.int64)
-    labels[known] = np.argmax(U[known], axis=1)
-    tmp = path.with_suffix(".h5.partial")
-    with h5py.File(tmp, "w") as f:
-        f.attrs["format"] = "streamclust-replay"
-        f.attrs["version"] = 1
-        f.attrs["mib_path"] = info.mib_path
-        f.attrs["eds_path"] = info.eds_path
-        f.attrs["config"] = json.dumps(asdict(cfg), default=list)
-        f.attrs["counters"] = json.dumps(res["counters"])
-        f.attrs["seconds"] = json.dumps(res["seconds"])
-        f.attrs["validity"] = json.dumps(res["validity"])
-        f.attrs["flags"] = json.dumps(_ReplayView.flags_summary(SimpleNamespace(flag_log=res["flag_log"])),
-                                      default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
-        f.attrs["n_clusters"] = int(cfg.n_clusters)
-        f.attrs["host_clusters"] = int(cfg.host_clusters)
-        f.create_dataset("memberships", data=U.reshape(ny, nx, -1), compression="gzip")
-        f.create_dataset("labels", data=labels.reshape(ny, nx), compression="gzip")
-        f.create_dataset("cluster_centers", data=res["cluster_centers"])
-        f.attrs["objective"] = res["objective"]
-        g = f.create_group("pca")
-        g.attrs["n_components"] = res["pca"]["n_components"]
-        g.attrs["method"] = res["pca"]["method"]
-        g.create_dataset("components", data=res["pca"]["components"])
-        g.create_dataset("mean", data=res["pca"]["mean"])
-        g.create_dataset("explained_variance_ratio", data=res["pca"]["explained_variance_ratio"])
-        g = f.create_group("scaling")
-        g.create_dataset("multiplier", data=res["scaling"]["multiplier"])
-        g.create_dataset("centre", data=res["scaling"]["centre"])
-        g.attrs["block_weights"] = json.dumps(res["scaling"]["weights"])
-        host = res["host"]
-        if host is not None:
-            g = f.create_group("host")
-            g.attrs["host_cluster"] = host["host"]
-            g.attrs["n_inside"] = host["n_inside"]
-            g.attrs["n_components"] = host["space"].n_components_
-            g.attrs["objective"] = host["objective"]
-            g.create_dataset("cluster_centers", data=host["centres"])
-            g.create_dataset("components", data=host["space"].components_)
-            g.create_dataset("multiplier", data=host["space"].multiplier_)
-            g.create_dataset("mean", data=host["space"].mean_)
-            g.create_dataset("explained_variance_ratio", data=host["space"].explained_variance_ratio_)
-        cs = res["centre_set"]
-        if cs is not None:
-            g = f.create_group("centres")
-            g.create_dataset("thresholds", data=np.asarray(cs.thresholds))
-            g.create_dataset("cbed", data=cs.cbed)
-            g.create_dataset("eds", data=cs.eds)
-            g.create_dataset("weight", data=cs.weight)
-            g.create_dataset("count", data=cs.count)
-            g.create_dataset("energy_axis_kev", data=np.asarray(info.energy_axis_kev))
-    os.replace(tmp, path)
+    writer.finalize(_scan_result(info, cfg, res), extra=_extra(res))
 
 
 def _summary(path: Path, res: dict, n_positions: int) -> dict[str, Any]:
@@ -1276,7 +1188,7 @@ def _summary(path: Path, res: dict, n_positions: int) -> dict[str, Any]:
             "n_components": int(res["host"]["space"].n_components_), "objective": float(res["host"]["objective"]),
             "fcm_iterations": int(res["host"]["n_iter"])},
         "n_output_clusters": int(res["memberships"].shape[1]),
-        "flags": _ReplayView.flags_summary(SimpleNamespace(flag_log=res["flag_log"])),
+        "flags": summarise_flags(res["flag_log"]),
     }
 
 
@@ -1342,7 +1254,7 @@ def replay_flags(mib_path, eds_path, memberships: np.ndarray, *, client=None, ch
                                              final.centres.centres(), outputs, specs,
                                              n_seen=int(np.count_nonzero(finite)), t_start=t_start,
                                              matrix_clusters=matrix)
-    return {"flag_log": log, "flags": _ReplayView.flags_summary(SimpleNamespace(flag_log=log)),
+    return {"flag_log": log, "flags": summarise_flags(log),
             "assessments": assessments}
 
 

@@ -45,19 +45,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .flags import shape_difference
+from .flags import FLAG_EDS_REBIN, FLAG_EDS_WINDOW_KEV, eds_window, shape_difference
 
 __all__ = ["FLAG_EDS_REBIN", "FLAG_EDS_WINDOW_KEV", "FoldSums", "ProjectionMoments", "DistancePlan",
            "pair_distances", "flag_features", "eds_window", "scan_fold"]
-
-#: EDS window and rebinning of the flagger's EDS block (as :class:`~streamclust.live.LiveAnalysis`)
-FLAG_EDS_WINDOW_KEV = (0.2, 10.0)
-FLAG_EDS_REBIN = 8
-
-
-def eds_window(energy_axis_kev: np.ndarray) -> slice:
-    """The channels of the flagger's EDS window (``LiveAnalysis._window``)."""
-    return slice(*np.searchsorted(np.asarray(energy_axis_kev, dtype=float), FLAG_EDS_WINDOW_KEV))
 
 
 def flag_features(binned: np.ndarray, spectra: np.ndarray, window: slice,

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from collections.abc import Mapping
+from dataclasses import asdict, is_dataclass
+from typing import Any
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,7 +23,8 @@ from streamclust.centres import ThresholdedCentres, centre_signals
 from streamclust.engine import StreamingEngine
 from streamclust.features import FrameReducer
 from streamclust.flag_stats import line_windows, window_counts
-from streamclust.flags import SecondPhaseFlagger
+from streamclust.flags import FLAG_EDS_REBIN, SecondPhaseFlagger, eds_window
+from streamclust.scan_result import ScanResult, summarise_flags
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +48,18 @@ class LiveAnalysis:
         Positions between flag assessments when no engine refresh happened in between.
     engine_params : dict, optional
         Extra :class:`~streamclust.engine.StreamingEngine` parameters.
+    flags : FlagsConfig or mapping, optional
+        The :class:`~streamclust.flags.SecondPhaseFlagger`'s parameters (``[flags]``; default its
+        defaults). The flagger is built here, once: the line windows of its elements are made
+        from it, so it is not replaced afterwards (:attr:`flagger` is read-only).
     """
 
     def __init__(self, scan_shape, frame_shape, energy_axis_kev, *, n_clusters: int = 6,
                  thresholds=(0.5, 0.75), events=None, liveview=None, assess_every: int = 1024,
-                 random_state: int | None = 0, engine_params: dict | None = None, flagger=None):
+                 random_state: int | None = 0, engine_params: dict | None = None,
+                 flags: Mapping | Any | None = None):
+        # first: bad [flags] parameters fail before the engine's stores are allocated
+        self._flagger = SecondPhaseFlagger(**(asdict(flags) if is_dataclass(flags) else dict(flags or {})))
         self.scan_shape = tuple(int(v) for v in scan_shape)
         self.n_positions = int(np.prod(self.scan_shape))
         axis = np.asarray(energy_axis_kev, dtype=float)
@@ -73,16 +83,13 @@ class LiveAnalysis:
         self.centres = ThresholdedCentres(self.n_output_clusters, tuple(thresholds), n_positions=self.n_positions,
                                           cbed_shape=self._centre_shape,
                                           spill_dir=self.engine.spill_dir_for(centre_bytes))
-        self.flagger = flagger if flagger is not None else SecondPhaseFlagger()
         self.events = events
         self.liveview = liveview
         self.assess_every = int(assess_every)
-        self._window = slice(*np.searchsorted(axis, (0.2, 10.0)))
+        self._window = eds_window(axis)
         # element-line window counts of every position, for the flagger's composition test
-        # ([flags] method = "test"; 2 bytes a position and element), made at the first batch for
-        # the flagger's elements then (the configured flagger replaces the default before it)
-        self._line_windows = None
-        self._lines = None
+        # ([flags] method = "test"; 2 bytes a position and element)
+        self._make_line_windows()
         self._seen = np.zeros(self.n_positions, bool)
         self._last_assess = 0
         self._analysed = 0  # positions handed to the engine (where large batches are cut)
@@ -105,7 +112,12 @@ class LiveAnalysis:
                    thresholds=config.centres.thresholds, events=events, liveview=liveview,
                    assess_every=config.centres.resolved_assess_every(n),
                    random_state=seed if random_state == "config" else random_state,
-                   engine_params=engine_params, flagger=SecondPhaseFlagger(**asdict(config.flags)))
+                   engine_params=engine_params, flags=config.flags)
+
+    @property
+    def flagger(self) -> SecondPhaseFlagger:
+        """The second-phase flagger, built from ``flags`` at construction."""
+        return self._flagger
 
     @property
     def seen(self) -> np.ndarray:
@@ -151,8 +163,6 @@ class LiveAnalysis:
         both = batch.has_frame & batch.has_spectrum
         if both.any():
             self.centres.add(batch.positions[both], self._centre_patterns(batch.frames, both), batch.spectra[both])
-        if self._lines is None:
-            self._make_line_windows()
         if self._line_windows is not None and batch.has_spectrum.any():
             hs = batch.has_spectrum
             counts = window_counts(batch.spectra[hs], self._line_windows)
@@ -177,7 +187,7 @@ class LiveAnalysis:
         return self._centre_reducer.transform(frames[rows]).reshape(-1, *self._centre_shape)
 
     def _make_line_windows(self) -> None:
-        elements = getattr(self.flagger, "elements", ("Fe", "Co"))
+        elements = self.flagger.elements
         try:
             self._line_windows = line_windows(self.energy_axis_kev, elements)
         except ValueError as exc:  # an energy axis without those lines: no composition test
@@ -206,13 +216,13 @@ class LiveAnalysis:
             return []
         self.centre_set = self.centres.update(u)
         signals = centre_signals(self.centre_set, self.energy_axis_kev)
-        cbed, eds = self.centres.features(eds_rebin=8, eds_channels=self._window)
+        cbed, eds = self.centres.features(eds_rebin=FLAG_EDS_REBIN, eds_channels=self._window)
         # the host's sub-clusters are the matrix an inclusion is embedded in (flags docs)
         lines = None
-        if getattr(self.flagger, "method", "rules") == "test":
+        if self.flagger.method == "test":
             if self._line_windows is None:
                 logger.warning("[flags] method = test needs the line windows of %s on the energy axis",
-                               getattr(self.flagger, "elements", ()))
+                               self.flagger.elements)
                 return []
             lines = self._lines
         events = self.flagger.update(u, self.scan_shape, cbed, eds, signals=signals,
@@ -247,20 +257,27 @@ class LiveAnalysis:
         self.assess()
 
     def flags_summary(self) -> list[dict]:
-        """One entry per flag id: first raised (with its scan fraction) and its last state."""
-        out: dict[int, dict] = {}
-        for rec in self.flag_log:
-            fid = rec["flag_id"]
-            if fid not in out:
-                if rec["kind"] != "raised":
-                    continue
-                out[fid] = {"flag_id": fid, "scan_fraction_at_first_flag": rec["scan_fraction"],
-                            "seconds_at_first_flag": rec["elapsed_s"]}
-            out[fid].update(cluster=rec["cluster"], score=rec["score"], bbox=list(rec["bbox"]),
-                            n_positions=rec["n_positions"], last_kind=rec["kind"],
-                            fe_co_ratio=rec.get("signals", {}).get("fe_co_ratio"))
-            if rec["kind"] == "raised" and rec.get("p_value_eds") is not None:
-                # the statistics at the moment the flag was raised ([flags] method = "test")
-                out[fid].update({k: rec[k] for k in ("p_value_eds", "p_value_cbed", "effect_eds",
-                                                     "effect_cbed", "level")})
-        return list(out.values())
+        """One entry per flag id: first raised (with its scan fraction) and its last state
+        (:func:`~streamclust.scan_result.summarise_flags` of :attr:`flag_log`)."""
+        return summarise_flags(self.flag_log)
+
+    def scan_result(self, counters: Mapping | None = None) -> ScanResult:
+        """The scan as analysed so far, as a value (copies; the analysis may go on).
+
+        ``counters``: the acquisition's counters (ingest, join) to carry with it.
+        """
+        eng = self.engine
+        try:
+            cs = self.centres.centres()
+        except RuntimeError:  # nothing stored yet (before the first joined position)
+            cs = None
+        return ScanResult(
+            scan_shape=self.scan_shape, memberships=eng.memberships_, seen=self._seen,
+            level1_memberships=eng.level1_memberships_ if eng.host_clusters else None,
+            n_components=eng.n_components_, explained_variance_ratio=eng.explained_variance_ratio_,
+            cluster_centers=eng.cluster_centers_, validity=eng.validity_ or {},
+            # the level-1 cluster refined into the last host_clusters columns (-1: none yet)
+            host_cluster=-1 if eng.host_cluster_ is None else eng.host_cluster_,
+            host_clusters=eng.host_clusters, host_group=eng.host_group_ or (),
+            centres=cs, centre_stats=self.centres.stats, flag_log=self.flag_log,
+            engine_stats=eng.stats_, counters=counters or {})

@@ -6,6 +6,11 @@ socket and never waits on a browser, so a slow or dead viewer cannot slow acquis
 (PNG, JSON) happens in the HTTP server's own threads, on request, once per version however many
 viewers poll (the PNG is cached per version).
 
+This module holds the view's state and what it shows; the HTTP server and request handler are in
+:mod:`streamclust.liveview_http`, the operator's actions on a flag (follow-ups, dismissals) in
+:mod:`streamclust.liveview_actions`, drawing and JSON encoding in :mod:`streamclust.liveview_render`
+and the page in :mod:`streamclust.liveview_page`.
+
 Endpoints (all on ``127.0.0.1`` by default: never the instrument network unless asked for):
 
 ``/``
@@ -39,44 +44,30 @@ b'\\x89PNG'
 
 from __future__ import annotations
 
-import hmac
 import html
 import json
 import logging
-import math
-import socket
-import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from .adapters.security import is_loopback, warn_if_exposed
+from .adapters.security import warn_if_exposed
+from .liveview_actions import HISTORY_KEYS, OperatorActions
+from .liveview_http import ViewHandler, ViewServer
 from .liveview_page import PAGE_TEMPLATE
 from .liveview_render import (DEFAULT_LINES_KEV, bright_field_mask, cluster_palette, encode_png,
-                              fe_co_with_uncertainty, labels_and_confidence, render_gray_rgba, render_rgba,
-                              spectrum_for_plot)
+                              fe_co_with_uncertainty, finite_or_none, json_ready, jsonable, labels_and_confidence,
+                              render_gray_rgba, render_rgba, rounded, spectrum_for_plot)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LiveView", "Snapshot", "store_position_provider"]
-
-# flag statistics ([flags] method = "test") kept per flag over the scan, for the page's history plot
-_HISTORY_KEYS = ("score", "p_value_eds", "p_value_cbed", "effect_eds", "effect_cbed", "level")
-# a POST body larger than this is refused before it is read (an action is a few dozen bytes)
-_MAX_ACTION_BYTES = 4096
-
-
-# A client that vanished mid-response is normal for a page that reloads or a laptop that sleeps:
-# counted, never a traceback in the log.
-_CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -109,44 +100,7 @@ class _Rendered:
     invalid_labels: int
 
 
-def _finite_or_none(value: Any) -> Any:
-    """NaN and infinities become null: browsers' ``JSON.parse`` rejects them."""
-    if isinstance(value, (float, np.floating)) and not math.isfinite(float(value)):
-        return None
-    return value
-
-
-def _jsonable(obj: Any) -> Any:
-    """``json.dumps`` fallback for NumPy scalars and arrays in flags and counters."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)
-
-
-def _clean(obj: Any) -> Any:
-    """A JSON-ready copy of nested dicts/lists/arrays with NaN and infinities as None."""
-    if isinstance(obj, Mapping):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [_clean(v) for v in (obj.tolist() if isinstance(obj, np.ndarray) else obj)]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    return _finite_or_none(obj)
-
-
-def _rounded(a: np.ndarray, digits: int = 4) -> list:
-    """Array as a nested list with ``digits`` significant figures and NaN as None: the page needs
-    no more, and the JSON is a third of full precision's."""
-    a = np.asarray(a, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mag = np.where(np.isfinite(a) & (a != 0), 10 ** (digits - 1 - np.floor(np.log10(np.abs(a)))), 1.0)
-        r = np.round(a * mag) / mag
-    return _clean(r)
-
-
-class LiveView:
+class LiveView(OperatorActions):
     """Serve a live membership map, flags, progress and counters to web browsers.
 
     Parameters
@@ -272,11 +226,11 @@ class LiveView:
             raise RuntimeError("LiveView already started")
         view = self
 
-        class Handler(_Handler):
+        class Handler(ViewHandler):
             live_view = view
             timeout = view.client_timeout
 
-        server = _Server((self.host, self.port), Handler)
+        server = ViewServer((self.host, self.port), Handler)
         server.live_view = self
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
@@ -449,9 +403,9 @@ class LiveView:
                 fid = f.get("flag_id")
                 if fid is None:
                     continue
-                rec = {k: f.get(k) for k in _HISTORY_KEYS}
+                rec = {k: f.get(k) for k in HISTORY_KEYS}
                 hist = self._history.setdefault(int(fid), deque(maxlen=self.history_len))
-                if hist and all(hist[-1][k] == rec[k] for k in _HISTORY_KEYS):
+                if hist and all(hist[-1][k] == rec[k] for k in HISTORY_KEYS):
                     continue
                 hist.append({"fraction": done / total, "version": snap.version, **rec})
 
@@ -476,13 +430,13 @@ class LiveView:
             if components:
                 region["components"] = [[int(v) for v in b] for b in components]
             self._regions[fid] = region
-        out = {str(k): (v if isinstance(v, (dict, list, tuple)) else _finite_or_none(v)) for k, v in flag.items()}
+        out = {str(k): (v if isinstance(v, (dict, list, tuple)) else finite_or_none(v)) for k, v in flag.items()}
         if isinstance(out.get("composition"), dict):
-            out["composition"] = _clean(out["composition"])
-        for k in _HISTORY_KEYS:
+            out["composition"] = json_ready(out["composition"])
+        for k in HISTORY_KEYS:
             if out.get(k) is not None:
                 try:
-                    out[k] = _finite_or_none(float(out[k]))
+                    out[k] = finite_or_none(float(out[k]))
                 except (TypeError, ValueError):
                     raise ValueError(f"flag {i}: {k} {out[k]!r} is not a number") from None
         out["cluster"], out["bbox"] = cluster, (y0, x0, y1, x1)
@@ -543,7 +497,7 @@ class LiveView:
             "n_clusters": self.n_clusters,
             "palette": ["#%02x%02x%02x" % tuple(int(v) for v in c) for c in self.palette],
             "progress": {"done": done, "total": total, "fraction": done / total},
-            "counters": {str(k): _finite_or_none(v) for k, v in snap.counters.items()},
+            "counters": {str(k): finite_or_none(v) for k, v in snap.counters.items()},
             "flags": flags,
             "cluster_counts": rendered.cluster_counts,
             "invalid_labels": rendered.invalid_labels,
@@ -598,8 +552,8 @@ class LiveView:
         except ValueError:  # an axis without the Fe/Co windows
             fe_co = None
         # patterns shown on a square-root scale: the direct beam would otherwise hide the reflections
-        return {"n_positions": int(n), "counts": _rounded(counts), "fe_co": _clean(fe_co),
-                "pattern": _rounded(np.sqrt(np.clip(pattern, 0, None)), 3), "_energy": e}
+        return {"n_positions": int(n), "counts": rounded(counts), "fe_co": json_ready(fe_co),
+                "pattern": rounded(np.sqrt(np.clip(pattern, 0, None)), 3), "_energy": e}
 
     def evidence(self, flag_id: int | None = None, cluster: int | None = None) -> dict:
         """What ``/evidence.json`` returns for a flag (by id) or a cluster: the centre spectrum and
@@ -618,7 +572,7 @@ class LiveView:
         out: dict[str, Any] = {"version": snap.version, "flag_id": flag_id, "cluster": cluster,
                                "lines": [{"name": n, "kev": e} for n, e in self.lines_kev]}
         if flag is not None:
-            out["statistics"] = {k: flag.get(k) for k in (*_HISTORY_KEYS, "composition")}
+            out["statistics"] = {k: flag.get(k) for k in (*HISTORY_KEYS, "composition")}
             if self.elements is not None:
                 out["elements"] = list(self.elements)
             out["history"] = self.flag_history(int(flag_id))
@@ -629,13 +583,13 @@ class LiveView:
         matrix = self._matrix_of(snap, cluster, flag)
         region = self._series(c["eds"][cluster], c["cbed"][cluster], int(c["count"][cluster]))
         out.update(available=True, threshold=c.get("threshold"), matrix_cluster=matrix, region=region)
-        out["energy_kev"] = _rounded(region.pop("_energy"), 5)
+        out["energy_kev"] = rounded(region.pop("_energy"), 5)
         if matrix is not None:
             mat = self._series(c["eds"][matrix], c["cbed"][matrix], int(c["count"][matrix]))
             mat.pop("_energy")
             out["matrix"] = mat
             diff = np.sqrt(np.clip(c["cbed"][cluster], 0, None)) - np.sqrt(np.clip(c["cbed"][matrix], 0, None))
-            out["pattern_difference"] = _rounded(diff, 3)
+            out["pattern_difference"] = rounded(diff, 3)
         return out
 
     def evidence_json(self, flag_id: int | None = None, cluster: int | None = None) -> bytes:
@@ -644,7 +598,7 @@ class LiveView:
         key = (self._snapshot.version, flag_id, cluster)
         body = self._evidence_cache.get(key)
         if body is None:
-            body = json.dumps(self.evidence(flag_id, cluster), default=_jsonable, allow_nan=False).encode()
+            body = json.dumps(self.evidence(flag_id, cluster), default=jsonable, allow_nan=False).encode()
             # only the newest version's entries are worth keeping
             self._evidence_cache = {k: v for k, v in list(self._evidence_cache.items()) if k[0] == key[0]}
             self._evidence_cache[key] = body
@@ -665,185 +619,8 @@ class LiveView:
         series = self._series(np.asarray(spectrum, np.float64), np.asarray(pattern, np.float64), 1)
         energy = series.pop("_energy")
         return {"position": p, "y": p // self.scan_shape[1], "x": p % self.scan_shape[1],
-                "energy_kev": _rounded(energy, 5), "lines": [{"name": a, "kev": e} for a, e in self.lines_kev],
+                "energy_kev": rounded(energy, 5), "lines": [{"name": a, "kev": e} for a, e in self.lines_kev],
                 **series}
-
-    # ------------------------------------------------------------------ acting on a flag
-    def actions(self) -> dict[str, dict]:
-        """Per flag id (as a string, JSON's keys): ``followup`` (``state`` sent / acknowledged /
-        done / failed, ``dwell_s``, and when done ``fe_co_ratio``, ``snr_fe``, ``n_acquired``)
-        and ``judgement`` (the operator's, e.g. ``dismissed``)."""
-        with self._actions_lock:
-            return {str(k): json.loads(json.dumps(v, default=_jsonable)) for k, v in self._actions.items()}
-
-    def request_followup(self, flag_id: int, dwell_s: float | None = None) -> dict:
-        """Ask the microscope to re-acquire flag ``flag_id``'s regions at ``dwell_s`` (a worker
-        thread does it through :func:`streamclust.followup.follow_up_flag`); returns its state.
-        A follow-up already under way for that flag is not sent twice."""
-        if self.followup_endpoint is None:
-            raise PermissionError("no follow-up endpoint configured for this live view")
-        dwell = self.followup_dwell_s if dwell_s is None else float(dwell_s)
-        if not (math.isfinite(dwell) and 0 < dwell <= self.max_followup_dwell_s):
-            raise ValueError(f"dwell_s must be in (0, {self.max_followup_dwell_s}], got {dwell_s!r}")
-        fid = int(flag_id)
-        region = self._regions.get(fid)
-        if region is None:
-            raise KeyError(f"no flag {fid} with a region in this live view")
-        with self._actions_lock:
-            act = self._actions.setdefault(fid, {})
-            current = act.get("followup")
-            if current is not None and current["state"] in ("sent", "acknowledged"):
-                return dict(current)
-            act["followup"] = {"state": "sent", "dwell_s": dwell, "time_unix": time.time()}
-            state = dict(act["followup"])
-            self.followup_log.append({"flag_id": fid, "state": "sent", "time_unix": state["time_unix"],
-                                      "dwell_s": dwell})
-        event = {"flag_id": fid, **region}
-        worker = threading.Thread(target=self._run_followup, args=(fid, event, dwell), daemon=True,
-                                  name=f"liveview-followup-{fid}")
-        self._followup_threads.append(worker)
-        worker.start()
-        logger.info("live view: follow-up of flag %d requested (dwell %.3g s)", fid, dwell)
-        return state
-
-    def _set_followup(self, fid: int, **fields: Any) -> None:
-        with self._actions_lock:
-            fu = self._actions[fid]["followup"]
-            if fields.get("state", fu["state"]) != fu["state"]:
-                self.followup_log.append({"flag_id": fid, "state": fields["state"], "time_unix": time.time(),
-                                          **({"error": fields["error"]} if "error" in fields else {})})
-            fu.update(fields)
-
-    def wait_followups(self, timeout: float | None = None) -> bool:
-        """Wait until every follow-up requested so far has ended (done or failed), at most
-        ``timeout`` seconds (default the follow-up timeout); True when none is still running.
-        The scan commands call it before writing the results file, so a follow-up the operator
-        started at the end of a scan is in it."""
-        deadline = time.monotonic() + (self.followup_timeout_s if timeout is None else float(timeout))
-        for worker in list(self._followup_threads):
-            worker.join(max(0.0, deadline - time.monotonic()))
-        running = [w for w in self._followup_threads if w.is_alive()]
-        if running:
-            logger.warning("live view: %d follow-up(s) still running; the results file will not have them",
-                           len(running))
-        return not running
-
-    def _scan_spectrum(self, positions: Any) -> np.ndarray | None:
-        """The live scan's summed spectrum over ``positions`` (None without a position provider or
-        where a position is not acquired): the baseline a follow-up is compared with."""
-        if self.position_provider is None or positions is None:
-            return None
-        total = None
-        for p in np.asarray(positions).reshape(-1).tolist():
-            got = self.position_provider(int(p))
-            if got is None:
-                return None
-            total = np.asarray(got[0], np.float64) + (0.0 if total is None else total)
-        return None if total is None else total.round().astype(np.int64)
-
-    def _run_followup(self, fid: int, event: dict, dwell: float) -> None:
-        from .followup import FollowUpClient, FollowUpError, follow_up_flag
-
-        try:
-            with FollowUpClient(self.followup_endpoint, timeout_s=self.followup_timeout_s) as client:
-                report = follow_up_flag(client, event, dwell,
-                                        on_reply=lambda i, n: self._set_followup(
-                                            fid, state="acknowledged", regions_done=i + 1, regions=n))
-        except (FollowUpError, ValueError, KeyError) as exc:
-            logger.warning("live view: follow-up of flag %d failed: %s", fid, exc)
-            self._set_followup(fid, state="failed", error=str(exc))
-            return
-        except Exception as exc:  # a worker thread must not die silently
-            logger.exception("live view: follow-up of flag %d failed", fid)
-            self._set_followup(fid, state="failed", error=repr(exc))
-            return
-        scan = self._scan_spectrum(report.positions)
-        scan_lines = self._scan_lines(scan, report)
-        with self._actions_lock:
-            self.followup_reports.append(report)
-            self.followup_scan_spectra.append(scan)
-        # the page shows the follow-up's Fe SNR beside the scan's over the same positions
-        self._set_followup(fid, state="done", fe_co_ratio=_finite_or_none(report.fe_co_ratio),
-                           snr_fe=_finite_or_none(report.snr_fe), n_acquired=report.n_acquired,
-                           n_flag_positions=report.n_flag_positions,
-                           scan_snr_fe=None if scan_lines is None else _finite_or_none(float(scan_lines.snr_fe)))
-
-    @staticmethod
-    def _scan_lines(scan: np.ndarray | None, report: Any):
-        """Fe/Co K-alpha lines of the scan's spectrum over a follow-up's positions (None without
-        it, or when the follow-up's energy axis has another channel count)."""
-        from .centres import fe_co_lines
-
-        axis = report.results[0].energy_axis_kev
-        if scan is None or axis.size != scan.size:
-            return None
-        return fe_co_lines(scan, axis)
-
-    def dismiss(self, flag_id: int, note: str = "") -> dict:
-        """Record the operator's judgement that flag ``flag_id`` is not worth following up
-        (appended to :attr:`judgements`, with the flag's statistics at that moment)."""
-        fid = int(flag_id)
-        snap = self._snapshot
-        flag = next((f for f in snap.flags if f.get("flag_id") == fid), None)
-        if flag is None and fid not in self._regions:
-            raise KeyError(f"no flag {fid} in this live view")
-        done, total = snap.progress if snap.progress is not None else (0, 1)
-        rec = {"flag_id": fid, "judgement": "dismissed", "time_unix": time.time(),
-               "scan_fraction": done / total, "note": str(note)[:500]}
-        if flag is not None:
-            rec.update({k: flag.get(k) for k in ("cluster", "score", *_HISTORY_KEYS[1:])})
-        with self._actions_lock:
-            self.judgements.append(rec)
-            self._actions.setdefault(fid, {})["judgement"] = "dismissed"
-        logger.info("live view: flag %d dismissed by the operator", fid)
-        return rec
-
-    def results_entries(self) -> dict[str, Any]:
-        """The operator's actions as ``extra`` entries of the results file
-        (:meth:`streamclust.results.ResultsWriter.finalize`; docs/liveview.md): the JSON documents
-        ``liveview/judgements``, ``liveview/followups`` (one row per follow-up done) and
-        ``liveview/followup_log`` (every state change), and per follow-up the arrays
-        ``liveview/followup_spectra/<name>`` (its spectrum summed over the flag's own positions),
-        ``liveview/followup_scan_spectra/<name>`` (the live scan's over the same positions) and
-        ``liveview/followup_positions/<name>``, ``<name>`` being ``flag_<id>`` (``flag_<id>_2``
-        for a second follow-up of one flag)."""
-        from .results import json_default
-
-        with self._actions_lock:
-            reports = list(zip(self.followup_reports, self.followup_scan_spectra))
-            judgements, log = list(self.judgements), list(self.followup_log)
-        out: dict[str, Any] = {}
-        rows, seen = [], {}
-        for r, scan in reports:
-            seen[r.flag_id] = seen.get(r.flag_id, 0) + 1
-            name = f"flag_{r.flag_id}" + ("" if seen[r.flag_id] == 1 else f"_{seen[r.flag_id]}")
-            row = {"name": name, "flag_id": r.flag_id, "bbox": list(r.bbox),
-                   "regions": [list(res.bbox) for res in r.results], "dwell_s": r.dwell_s,
-                   "n_flag_positions": r.n_flag_positions, "n_acquired": r.n_acquired,
-                   "counts": int(np.sum(r.spectrum)), "fe_co_ratio": r.fe_co_ratio, "snr_fe": r.snr_fe}
-            out[f"liveview/followup_spectra/{name}"] = np.asarray(r.spectrum)
-            if r.positions is not None:
-                out[f"liveview/followup_positions/{name}"] = np.asarray(r.positions, np.int64)
-            if scan is not None:
-                out[f"liveview/followup_scan_spectra/{name}"] = scan
-                row["scan_counts"] = int(scan.sum())
-                lines = self._scan_lines(scan, r)
-                if lines is not None:
-                    row.update(scan_fe_co_ratio=float(lines.ratio), scan_snr_fe=float(lines.snr_fe))
-            rows.append(_clean(row))
-        out["liveview/judgements"] = json.dumps(judgements, default=json_default)
-        out["liveview/followups"] = json.dumps(rows, default=json_default)
-        out["liveview/followup_log"] = json.dumps(log, default=json_default)
-        return out
-
-    def authorised(self, token: str | None) -> bool:
-        """May a viewer act on flags? On loopback, yes; bound elsewhere, only with the
-        configured ``action_token`` (compared in constant time), and never without one."""
-        if is_loopback(self.host.strip("[]")):
-            return True
-        if self.action_token is None or token is None:
-            return False
-        return hmac.compare_digest(token.encode(), self.action_token.encode())
 
     # ------------------------------------------------------------------ feeding from the analysis
     @staticmethod
@@ -921,187 +698,3 @@ def store_position_provider(store: Any) -> Callable[[int], tuple[np.ndarray, np.
         return np.asarray(spectra[0], np.float64), np.asarray(patterns[0], np.float64)
 
     return provide
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    live_view: LiveView
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._open: set[socket.socket] = set()
-        self._open_lock = threading.Lock()
-        super().__init__(*args, **kwargs)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._open_lock:
-            self._open.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._open_lock:
-            self._open.discard(request)
-        super().shutdown_request(request)
-
-    def close_connections(self) -> None:
-        """End every open connection: a kept-alive browser must not be served after stop()."""
-        with self._open_lock:
-            open_now = list(self._open)
-        for request in open_now:
-            try:
-                request.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already gone
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        exc = sys.exc_info()[1]
-        if isinstance(exc, _CLIENT_GONE):
-            self.live_view._count("client_errors")
-            logger.debug("live view client %s went away: %r", client_address, exc)
-        else:
-            self.live_view._count("server_errors")
-            logger.exception("live view: error serving %s", client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    live_view: LiveView
-    server_version = "streamclust-liveview"
-    # keep-alive: a polling page reuses one connection instead of a new one every 300 ms
-    # (every response carries Content-Length; idle connections close after client_timeout)
-    protocol_version = "HTTP/1.1"
-
-    def handle(self) -> None:
-        try:
-            super().handle()
-        except _CLIENT_GONE as exc:
-            self.live_view._count("client_errors")
-            logger.debug("live view client %s went away: %r", self.client_address, exc)
-            self.close_connection = True
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        except _CLIENT_GONE:
-            pass  # already counted by handle(), or the client left after a complete response
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
-        logger.debug("live view %s: " + format, self.address_string(), *args)
-
-    def do_GET(self) -> None:  # noqa: N802 (stdlib name)
-        view = self.live_view
-        view._count("requests")
-        path = urlsplit(self.path).path
-        try:
-            if path in ("/", "/index.html"):
-                self._send(view._page, "text/html; charset=utf-8")
-            elif path == "/state.json":
-                body = json.dumps(view.state(), default=_jsonable, allow_nan=False).encode("utf-8")
-                self._send(body, "application/json")
-            elif path == "/map.png":
-                self._send(view.map_png(), "image/png")
-            elif path == "/bf.png":
-                png = view.bf_png()
-                if png is None:
-                    self._not_found("no bright-field image yet")
-                else:
-                    self._send(png, "image/png")
-            elif path in ("/evidence.json", "/position.json"):
-                query = parse_qs(urlsplit(self.path).query)
-                try:
-                    if path == "/position.json":
-                        body = view.position(int(query["p"][0]))
-                        self._send(json.dumps(body, default=_jsonable, allow_nan=False).encode(), "application/json")
-                    else:
-                        fid = int(query["flag"][0]) if "flag" in query else None
-                        cluster = int(query["cluster"][0]) if "cluster" in query else None
-                        self._send(view.evidence_json(fid, cluster), "application/json")
-                except (KeyError, ValueError, IndexError) as exc:
-                    self._not_found(str(exc))
-            else:
-                self._not_found("no such page")
-        except _CLIENT_GONE as exc:
-            # counted here: the stdlib would swallow a write timeout as "request timed out"
-            view._count("client_errors")
-            logger.debug("live view client %s went away: %r", self.client_address, exc)
-            self.close_connection = True
-        except Exception:
-            view._count("server_errors")
-            logger.exception("live view: error answering %s", self.path)
-            self.send_error(HTTPStatus.INTERNAL_SERVER_ERROR)
-
-    def _not_found(self, message: str) -> None:
-        self.live_view._count("not_found")
-        self.send_error(HTTPStatus.NOT_FOUND, message.encode("ascii", "replace").decode("ascii")[:200])
-
-    def do_POST(self) -> None:  # noqa: N802 (stdlib name)
-        """``/action``: a JSON object ``{"action": "followup", "flag_id": 3, "dwell_s": 0.2}`` or
-        ``{"action": "dismiss", "flag_id": 3, "note": "..."}``; answers the flag's action state."""
-        view = self.live_view
-        view._count("requests")
-        try:
-            status, body = self._action()
-        except _CLIENT_GONE as exc:
-            view._count("client_errors")
-            logger.debug("live view client %s went away: %r", self.client_address, exc)
-            self.close_connection = True
-            return
-        except Exception:
-            view._count("server_errors")
-            logger.exception("live view: error answering POST %s", self.path)
-            status, body = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}
-        if status != HTTPStatus.OK:
-            view._count("actions_refused")
-            # the body was not read: a client that sent one must not have it taken as a request
-            self.close_connection = True
-        self._send(json.dumps(body, default=_jsonable).encode(), "application/json", status)
-
-    def _action(self) -> tuple[HTTPStatus, dict]:
-        view = self.live_view
-        if urlsplit(self.path).path != "/action":
-            return HTTPStatus.NOT_FOUND, {"error": "no such action endpoint"}
-        if not view.authorised(self.headers.get("X-Streamclust-Token")):
-            return HTTPStatus.FORBIDDEN, {"error": "acting on flags needs the action token here (docs/liveview.md)"}
-        # a JSON content type makes a browser preflight a cross-site request, which this server
-        # never approves: another web page open in the operator's browser cannot act on flags
-        if self.headers.get_content_type() != "application/json":
-            return HTTPStatus.UNSUPPORTED_MEDIA_TYPE, {"error": "Content-Type must be application/json"}
-        origin = self.headers.get("Origin")
-        if origin is not None and urlsplit(origin).netloc != self.headers.get("Host"):
-            return HTTPStatus.FORBIDDEN, {"error": f"cross-origin request from {origin!r} refused"}
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            return HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length required"}
-        if not 0 < length <= _MAX_ACTION_BYTES:
-            return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"body of {length} bytes; 1 .. {_MAX_ACTION_BYTES}"}
-        raw = self.rfile.read(length)
-        try:
-            req = json.loads(raw.decode("utf-8"))
-            action, fid = req["action"], int(req["flag_id"])
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-            return HTTPStatus.BAD_REQUEST, {"error": f"expected {{'action', 'flag_id'}} JSON: {exc}"}
-        try:
-            if action == "followup":
-                dwell = req.get("dwell_s")
-                state = view.request_followup(fid, None if dwell is None else float(dwell))
-                return HTTPStatus.OK, {"flag_id": fid, "followup": state}
-            if action == "dismiss":
-                return HTTPStatus.OK, {"flag_id": fid, "judgement": view.dismiss(fid, str(req.get("note", "")))}
-        except PermissionError as exc:
-            return HTTPStatus.CONFLICT, {"error": str(exc)}
-        except KeyError as exc:
-            return HTTPStatus.NOT_FOUND, {"error": str(exc)}
-        except (TypeError, ValueError) as exc:
-            return HTTPStatus.BAD_REQUEST, {"error": str(exc)}
-        return HTTPStatus.BAD_REQUEST, {"error": f"unknown action {action!r} (followup, dismiss)"}
-
-    def _send(self, body: bytes, content_type: str, status: HTTPStatus = HTTPStatus.OK) -> None:
-        self.live_view._count("responses_in_flight")
-        try:  # headers too: they are the first write to block when a client stopped reading
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(body)
-        finally:
-            self.live_view._count("responses_in_flight", -1)

@@ -24,12 +24,16 @@ b'\\x89PNG\\r\\n\\x1a\\n'
 from __future__ import annotations
 
 import colorsys
+import math
 import struct
 import zlib
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-__all__ = ["cluster_palette", "render_rgba", "encode_png", "labels_and_confidence"]
+__all__ = ["cluster_palette", "render_rgba", "encode_png", "labels_and_confidence", "finite_or_none", "jsonable",
+           "json_ready", "rounded"]
 
 # Okabe-Ito-like, distinguishable by most colour-blind viewers and bright enough to be scaled
 # down by membership; beyond these, hues are spread by the golden angle.
@@ -254,3 +258,43 @@ def render_gray_rgba(values: np.ndarray, scan_shape: tuple[int, int]) -> np.ndar
         rgba[known, :3] = np.rint(40 + 215 * g).astype(np.uint8)[:, None]
         rgba[known, 3] = 255
     return rgba.reshape(*scan_shape, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON for the page (state.json, evidence.json, position.json)
+# ---------------------------------------------------------------------------------------------
+def finite_or_none(value: Any) -> Any:
+    """NaN and infinities become null: browsers' ``JSON.parse`` rejects them."""
+    if isinstance(value, (float, np.floating)) and not math.isfinite(float(value)):
+        return None
+    return value
+
+
+def jsonable(obj: Any) -> Any:
+    """``json.dumps`` fallback for NumPy scalars and arrays in flags and counters."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def json_ready(obj: Any) -> Any:
+    """A JSON-ready copy of nested dicts/lists/arrays with NaN and infinities as None."""
+    if isinstance(obj, Mapping):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [json_ready(v) for v in (obj.tolist() if isinstance(obj, np.ndarray) else obj)]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    return finite_or_none(obj)
+
+
+def rounded(a: np.ndarray, digits: int = 4) -> list:
+    """Array as a nested list with ``digits`` significant figures and NaN as None: the page needs
+    no more, and the JSON is a third of full precision's."""
+    a = np.asarray(a, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mag = np.where(np.isfinite(a) & (a != 0), 10 ** (digits - 1 - np.floor(np.log10(np.abs(a)))), 1.0)
+        r = np.round(a * mag) / mag
+    return json_ready(r)

@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -258,11 +258,7 @@ def dask_config(cfg: Config) -> dict:
            "final_pca_sample": e.final_pca_sample, "flag_params": dataclasses.asdict(cfg.flags)}
     if "engine.pca_method" in cfg.explicit:
         out["pca_method"] = e.pca_method
-    try:
-        from dataclasses import fields
+    from streamclust.dask_replay import ReplayConfig
 
-        from streamclust.dask_replay import ReplayConfig
-    except ImportError:
-        return out
     known = {f.name for f in fields(ReplayConfig)}
     return {k: v for k, v in out.items() if k in known}

@@ -1,7 +1,8 @@
 """The results file of one scan: HDF5, written incrementally, crash-safe, a calibrated HyperSpy file.
 
-:class:`ResultsWriter` turns the state of a :class:`~streamclust.live.LiveAnalysis` and the ingest
-counters into one HDF5 file per scan (layout in docs/results.md):
+:class:`ResultsWriter` turns a :class:`~streamclust.scan_result.ScanResult` (what the live
+analysis, the replay and the Dask replay produce) into one HDF5 file per scan (layout in
+docs/results.md):
 
 ``/``                 attrs: ``status`` (partial / complete / aborted), ``scan_id``, ``positions_seen``,
                       ``n_positions``, ``checkpoint``, ``written_utc``, format versions
@@ -74,10 +75,11 @@ from streamclust.results_format import (
     to_json,
 )
 from streamclust.results_read import find_results, read_results, validate_results
+from streamclust.scan_result import ScanResult
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RESULTS_FORMAT_VERSION", "RESULTS_NAME", "LEGACY_RESULTS_NAME", "STATUSES", "ResultsWriter",
+__all__ = ["RESULTS_FORMAT_VERSION", "RESULTS_NAME", "LEGACY_RESULTS_NAME", "STATUSES", "ResultsWriter", "ScanResult",
            "find_results", "read_results", "validate_results", "flatten_counters", "json_default"]
 
 #: the Merlin pixel pitch (Medipix3), the default of ``[instrument] pixel_size_um``
@@ -102,21 +104,6 @@ def versions() -> dict[str, str]:
         except ImportError:  # an optional dependency missing is recorded, not fatal
             out[mod] = "not installed"
     return out
-
-
-def _seen_mask(live, n_positions: int) -> np.ndarray:
-    """Positions that delivered a frame or a spectrum.
-
-    LiveAnalysis keeps this mask privately (``_seen``); its public face is ``n_seen``. Without the
-    mask, the positions with finite memberships are the best available lower bound.
-    """
-    seen = getattr(live, "seen", None)
-    if seen is None:
-        seen = getattr(live, "_seen", None)
-    if seen is None:
-        u = np.asarray(live.engine.memberships_)
-        return np.isfinite(u).all(axis=1) if u.ndim == 2 else np.zeros(n_positions, bool)
-    return np.asarray(seen, dtype=bool).reshape(-1).copy()
 
 
 _INSTRUMENT_NUMBERS = ("beam_energy_kev", "dwell_s", "camera_length_mm", "mrad_per_px", "pixel_size_um",
@@ -214,8 +201,8 @@ class ResultsWriter:
 
     Notes
     -----
-    Call :meth:`checkpoint` from the thread that drives :meth:`LiveAnalysis.process`, between
-    batches: the writer reads the live state without a lock.
+    The writer reads nothing but the :class:`ScanResult` it is given (a copy the producer made),
+    so a checkpoint written in another thread than the analysis' sees one consistent moment.
     """
 
     def __init__(self, path, *, scan_shape, frame_shape, energy_axis_kev, n_clusters: int, thresholds,
@@ -260,19 +247,23 @@ class ResultsWriter:
             stale.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ public
-    def checkpoint(self, live, counters: dict, *, force: bool = False) -> bool:
-        """Write a complete file marked ``status="partial"`` if ``checkpoint_every_s`` has passed
-        since the last one (or ``force``); return whether a file was written."""
+    def due(self) -> bool:
+        """Whether ``checkpoint_every_s`` has passed since the last file (a producer asks before it
+        builds the :class:`ScanResult` of a checkpoint: building one copies the memberships)."""
+        return self._last_time is None or time.monotonic() - self._last_time >= self.checkpoint_every_s
+
+    def checkpoint(self, result: ScanResult, *, force: bool = False) -> bool:
+        """Write a complete file of ``result`` marked ``status="partial"`` if it is :meth:`due` (or
+        ``force``); return whether a file was written."""
         if self._finalized:
             raise RuntimeError(f"{self.path} is finalised; no more checkpoints")
-        now = time.monotonic()
-        if not force and self._last_time is not None and now - self._last_time < self.checkpoint_every_s:
+        if not force and not self.due():
             return False
-        self._write(live, counters, status="partial", extra=None)
+        self._write(result, status="partial", extra=None)
         return True
 
-    def finalize(self, live, counters: dict, *, status: str = "complete", extra: dict | None = None) -> Path:
-        """Write the final file with ``status`` in {"complete", "partial", "aborted"}.
+    def finalize(self, result: ScanResult, *, status: str = "complete", extra: dict | None = None) -> Path:
+        """Write the final file of ``result`` with ``status`` in {"complete", "partial", "aborted"}.
 
         ``extra`` maps ``"group/name"`` paths to arrays or scalars written beside the results (for
         example ``{"ground_truth/labels": truth}`` from the demo); they may not go into the
@@ -284,47 +275,39 @@ class ResultsWriter:
             top = str(key).strip("/").split("/")[0]
             if not str(key).strip("/") or top in _RESERVED:
                 raise ValueError(f"extra entry {key!r} would overwrite the writer's group {top!r}")
-        self._write(live, counters, status=status, extra=extra)
+        self._write(result, status=status, extra=extra)
         self._finalized = True
         return self.path
 
     # ------------------------------------------------------------------ snapshot
-    def _snapshot(self, live, counters: Mapping) -> dict[str, Any]:
-        """Copy what the file needs out of the live state (cheap; no HDF5 yet)."""
+    def _snapshot(self, result: ScanResult) -> dict[str, Any]:
+        """What the file holds of ``result``, in the file's shapes (cheap; no HDF5 yet)."""
+        if not isinstance(result, ScanResult):
+            raise TypeError(f"the results file is written from a ScanResult, got {type(result).__name__}")
         ny, nx = self.scan_shape
-        n = ny * nx
-        if tuple(live.scan_shape) != self.scan_shape:
-            raise ValueError(f"live scan_shape {tuple(live.scan_shape)} != writer's {self.scan_shape}")
-        eng = live.engine
-        u = np.array(eng.memberships_, dtype=np.float32, copy=True)
-        if u.ndim != 2 or u.shape[0] != n:
-            raise ValueError(f"memberships of shape {u.shape} do not cover {n} positions")
-        known = np.isfinite(u).all(axis=1)
-        labels = np.full(n, -1, np.int16)
-        labels[known] = np.argmax(u[known], axis=1)
-        seen = _seen_mask(live, n)
+        if result.scan_shape != self.scan_shape:
+            raise ValueError(f"the result's scan_shape {result.scan_shape} != writer's {self.scan_shape}")
+        cs = result.centres
         snap: dict[str, Any] = {
-            "memberships": u.reshape(ny, nx, -1),
-            "labels": labels.reshape(ny, nx),
-            "seen": seen.reshape(ny, nx),
-            "positions_seen": int(live.n_seen),
-            "positions_clustered": int(known.sum()),
-            "n_components": int(eng.n_components_),
-            # the level-1 cluster refined into the last host_clusters columns (-1: none yet)
-            "host_cluster": -1 if getattr(eng, "host_cluster_", None) is None else int(eng.host_cluster_),
-            "host_clusters": int(getattr(eng, "host_clusters", 0)),
-            "host_group": [int(h) for h in (getattr(eng, "host_group_", None) or ())],
-            "explained_variance_ratio": np.asarray(eng.explained_variance_ratio_, np.float64).copy(),
-            "cluster_centers": (None if eng.cluster_centers_ is None
-                                else np.asarray(eng.cluster_centers_, np.float64).copy()),
-            "validity": dict(eng.validity_ or {}),
-            "engine_stats": dict(eng.stats_),
+            "memberships": result.memberships.reshape(ny, nx, -1),
+            "labels": result.labels.reshape(ny, nx),
+            "seen": result.seen.reshape(ny, nx),
+            "positions_seen": result.n_seen,
+            "positions_clustered": result.n_clustered,
+            "n_components": result.n_components,
+            "host_cluster": result.host_cluster,
+            "host_clusters": result.host_clusters,
+            "host_group": list(result.host_group),
+            "explained_variance_ratio": result.explained_variance_ratio,
+            "cluster_centers": result.cluster_centers,
+            "validity": result.validity,
+            "engine_stats": result.engine_stats,
+            "centres": cs,
+            "flags_summary": result.flags_summary,
+            "flag_log": list(result.flag_log),
+            "counters": result.counters,
+            "centre_stats": result.centre_stats,
         }
-        try:
-            cs = live.centres.centres()
-        except RuntimeError:  # nothing stored yet (before the first joined position)
-            cs = None
-        snap["centres"] = cs
         if cs is not None:
             from streamclust.centres import fe_co_ratio
 
@@ -335,16 +318,12 @@ class ResultsWriter:
                 logger.debug("no Fe/Co ratio: %s", exc)
                 ratio = np.full(cs.count.shape, np.nan)
             snap["fe_co_ratio"] = ratio
-        snap["flags_summary"] = [dict(r) for r in live.flags_summary()]
-        snap["flag_log"] = [dict(r) for r in live.flag_log]
-        snap["counters"] = dict(counters or {})
-        snap["centre_stats"] = dict(getattr(live.centres, "stats", {}) or {})
         return snap
 
     # ------------------------------------------------------------------ file
-    def _write(self, live, counters: Mapping, *, status: str, extra: Mapping | None) -> None:
+    def _write(self, result: ScanResult, *, status: str, extra: Mapping | None) -> None:
         t0 = time.perf_counter()
-        snap = self._snapshot(live, counters)
+        snap = self._snapshot(result)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             self._write_hdf5(tmp, snap, status, extra)

@@ -124,8 +124,8 @@ class ScanSession:
         if self.progress is not None:
             self.progress.update(c["positions"], {k: c[k] for k in
                                                   ("missing frames", "missing spectra", "flags active")})
-        if self.writer is not None:
-            self.writer.checkpoint(self.live, self._counters_now())
+        if self.writer is not None and self.writer.due():
+            self.writer.checkpoint(self.live.scan_result(self._counters_now()))
 
     def _counters_now(self) -> dict:
         return {"live": dict(self.counters)}
@@ -173,7 +173,7 @@ class ScanSession:
                                    "followups": len(view.followup_reports),
                                    "followups_failed": sum(e["state"] == "failed" for e in view.followup_log)}
         if self.writer is not None:
-            self.writer.finalize(self.live, counters, status=status, extra=extra)
+            self.writer.finalize(self.live.scan_result(counters), status=status, extra=extra)
             if pictures and self.config.results.pictures:
                 from streamclust.pictures import write_pictures
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from streamclust.centres import ThresholdedCentres, centre_signals
 from streamclust.flag_stats import line_windows, window_counts
-from streamclust.flags import SecondPhaseFlagger
+from streamclust.flags import FLAG_EDS_REBIN, SecondPhaseFlagger, eds_window
 from streamclust.liveview import LiveView, store_position_provider
 from streamclust.simulators.phantom import LamellaPhantom
 
@@ -36,7 +36,7 @@ class Scene:
         self.store = ThresholdedCentres(self.n_clusters, n_positions=n, cbed_shape=(32, 32))
         self.flagger = SecondPhaseFlagger(method="test")
         self.lines = window_counts(self.spectra, line_windows(ph.energy_axis_kev, self.flagger.elements))
-        self._window = slice(*np.searchsorted(ph.energy_axis_kev, (0.2, 10.0)))
+        self._window = eds_window(ph.energy_axis_kev)
         self.done = 0
         self.events: list = []
 
@@ -54,7 +54,7 @@ class Scene:
         u = self.memberships.copy()
         u[m:] = np.nan
         cs = self.store.update(u)
-        cbed, eds = self.store.features(eds_rebin=8, eds_channels=self._window)
+        cbed, eds = self.store.features(eds_rebin=FLAG_EDS_REBIN, eds_channels=self._window)
         self.events += self.flagger.update(u, SCAN, cbed, eds, signals=centre_signals(cs, ph.energy_axis_kev),
                                            line_counts=self.lines)
         return view.update(memberships=u, flags=[view.flag_from_event(f) for f in self.flagger.active_flags],

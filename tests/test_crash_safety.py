@@ -49,7 +49,7 @@ CHILD = textwrap.dedent('''
         live.process(batch)
         counters["batches"] += 1
         counters["positions_delivered"] += len(batch.positions)
-        if writer.checkpoint(live, counters):
+        if writer.checkpoint(live.scan_result(counters)):
             print("checkpoint", writer.n_checkpoints_, live.n_seen, flush=True)
 
     cfg = MicroscopeConfig(data_port=0, control_port=0, eds_port=0, dwell_s=dwell)
@@ -57,7 +57,7 @@ CHILD = textwrap.dedent('''
         report = acquire_scan(scope.merlin.data_address, scope.eds.endpoint, ph.n_positions, on_batch,
                               batch_size=16)
     live.finish()
-    writer.finalize(live, report.as_dict(), status="complete" if report.complete else "aborted")
+    writer.finalize(live.scan_result(report.as_dict()), status="complete" if report.complete else "aborted")
     print("done", flush=True)
 ''')
 
@@ -134,7 +134,7 @@ def test_abort_mid_scan_gives_an_aborted_consistent_file(tmp_path):
         def on_batch(batch):
             live.process(batch)
             delivered["positions_delivered"] += len(batch.positions)
-            writer.checkpoint(live, delivered)
+            writer.checkpoint(live.scan_result(delivered))
 
         def operator():
             # the operator (or the microscope) stops the scan at position 200 of 256 by the scan
@@ -150,7 +150,7 @@ def test_abort_mid_scan_gives_an_aborted_consistent_file(tmp_path):
                               batch_size=16, timeout_s=1.0, join_timeout_s=0.5)
     assert report.complete is False
     live.finish()
-    writer.finalize(live, report.as_dict(), status="complete" if report.complete else "aborted")
+    writer.finalize(live.scan_result(report.as_dict()), status="complete" if report.complete else "aborted")
 
     res = read_results(path)
     assert validate_results(res) == []

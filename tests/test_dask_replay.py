@@ -22,7 +22,7 @@ from streamclust.config import load_config
 from streamclust.dask_replay import ReplayConfig, probe_recording, replay_dask, replay_flags, replay_local
 from streamclust.engine import StreamingEngine
 from streamclust.features import FrameReducer
-from streamclust.flag_sums import eds_window
+from streamclust.flag_sums import FLAG_EDS_REBIN, eds_window
 from streamclust.flags import SecondPhaseFlagger
 from streamclust.live import LiveAnalysis
 from streamclust.replay import dask_config, replay_scan
@@ -108,7 +108,7 @@ def single_process(recording, tmp_path_factory):
     """(b) the single-process replay, `streamclust replay` with the default configuration."""
     out = tmp_path_factory.mktemp("single")
     replay_scan(recording.mib, recording.eds, out, config=CONFIG)
-    return _read(out / "results.hspy")
+    return {**_read(out / "results.hspy"), "path": out / "results.hspy"}
 
 
 def test_local_cluster_matches_in_process_and_single_process_replay(recording, in_process, single_process,
@@ -152,6 +152,53 @@ def test_local_cluster_matches_in_process_and_single_process_replay(recording, i
     np.testing.assert_allclose(got["centres"]["cbed"], ref_c.cbed, rtol=rtol, equal_nan=True)
 
 
+def _layout(path) -> tuple[dict, dict]:
+    """Every dataset of a results file as ``path -> (dtype kind, ndim)`` and every group's attribute
+    names, without the groups whose content is the producer's own (its counters, configuration,
+    the Dask replay's ``/replay``), the calibration (the configurations differ: ``[instrument]``)
+    and the centre store's counters (``stats.*``: the Dask replay merges centre sums, it has no
+    store)."""
+    own = ("counters", "config", "versions", "replay")
+    datasets, attrs = {}, {}
+
+    def walk(group, prefix):  # by name: a hard-linked dataset is listed under each of its names
+        for key, obj in group.items():
+            name = prefix + key
+            if name in own:
+                continue
+            if isinstance(obj, h5py.Dataset):
+                datasets[name] = (obj.dtype.kind, obj.ndim)
+            elif "instrument" not in name.lower():  # the calibration is the configuration's
+                attrs[name] = {a for a in obj.attrs if not a.startswith("stats.")}
+                walk(obj, name + "/")
+
+    with h5py.File(path, "r") as f:
+        walk(f, "")
+        attrs["/"] = set(f.attrs)
+    return datasets, attrs
+
+
+def test_the_replays_write_the_same_results_layout(recording, in_process, single_process):
+    """The live pipeline (the single-process replay feeds it) and the Dask replay both hand the
+    results writer a ScanResult: their files hold the same datasets and attributes, and the same
+    two-level model description (the Dask replay once wrote no host: its writer read a stand-in
+    object without one)."""
+    live_path, dask_path = single_process["path"], in_process["results_path"]
+    live_sets, live_attrs = _layout(live_path)
+    dask_sets, dask_attrs = _layout(dask_path)
+    assert "clustering/memberships" in live_sets and "centres/eds" in live_sets and "flags/summary" in live_sets
+    assert dask_sets == live_sets
+    assert dask_attrs == live_attrs
+    with h5py.File(live_path, "r") as a, h5py.File(dask_path, "r") as b:
+        ga, gb = a["clustering"], b["clustering"]
+        assert ga["memberships"].shape == gb["memberships"].shape
+        assert int(ga.attrs["host_clusters"]) == int(gb.attrs["host_clusters"]) == CONFIG.engine.host_clusters
+        # level 2 ran in both (test above): each names its host and the level-1 clusters merged into it
+        assert int(ga.attrs["host_cluster"]) >= 0 and int(gb.attrs["host_cluster"]) >= 0
+        assert len(ga.attrs["host_group"]) >= 1 and len(gb.attrs["host_group"]) >= 1
+        assert int(b.attrs["positions_seen"]) == int(a.attrs["positions_seen"]) == recording.n_positions
+
+
 def _live(recording, cfg=CONFIG, **engine):
     """The single-process replay's LiveAnalysis (as ``run.ScanSession`` builds it), fed the
     recording in the same batches; kept in hand for the flagger's last assessments. ``engine``:
@@ -163,8 +210,7 @@ def _live(recording, cfg=CONFIG, **engine):
     seed = params.pop("random_state")
     la = LiveAnalysis(SCAN, FRAME, eds.energy_axis_kev, n_clusters=cfg.engine.n_clusters,
                       thresholds=cfg.centres.thresholds, assess_every=cfg.centres.resolved_assess_every(n),
-                      random_state=seed, engine_params=params)
-    la.flagger = SecondPhaseFlagger(**dataclasses.asdict(cfg.flags))
+                      random_state=seed, engine_params=params, flags=cfg.flags)
     b = cfg.scan.batch_size
     for s in range(0, n, b):
         p = np.arange(s, min(n, s + b))
@@ -253,7 +299,7 @@ def test_flags_equal_the_live_analysis(flag_recording, client, tmp_path):
     # what the clustering found)
     truth = rec_truth[flag_recording.mib]
     U_true = np.eye(len(truth.label_names), dtype=np.float32)[truth.labels.ravel()]
-    cbed, eds = la.centres.features(eds_rebin=8, eds_channels=eds_window(la.energy_axis_kev))
+    cbed, eds = la.centres.features(eds_rebin=FLAG_EDS_REBIN, eds_channels=eds_window(la.energy_axis_kev))
     # one update, as the replay's history-free verdict (which raises on one passing assessment)
     ref_flagger = SecondPhaseFlagger(**{**dataclasses.asdict(CONFIG.flags), "raise_after": 1})
     ref = ref_flagger.update(U_true, SCAN, cbed, eds)

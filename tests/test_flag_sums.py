@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from streamclust.centres import ThresholdedCentres
 from streamclust.engine import StreamingEngine, final_seed
-from streamclust.flag_sums import (DistancePlan, FoldSums, ProjectionMoments, eds_window, flag_features,
+from streamclust.flag_sums import (FLAG_EDS_REBIN, DistancePlan, FoldSums, ProjectionMoments, eds_window, flag_features,
                                    pair_distances, scan_fold)
 from streamclust.flags import SecondPhaseFlagger, block_distance
 from streamclust.mergeable import merge_all
@@ -180,7 +180,7 @@ def test_flag_features_are_the_live_stores():
     tc = ThresholdedCentres(2, (0.5,), n_positions=5, cbed_shape=(32, 32))
     binned = frames.reshape(5, 32, 2, 32, 2).sum(axis=(2, 4))
     tc.add(np.arange(5), binned, spectra)
-    want = tc.features(eds_rebin=8, eds_channels=eds_window(axis))
+    want = tc.features(eds_rebin=FLAG_EDS_REBIN, eds_channels=eds_window(axis))
     got = flag_features(binned, spectra, eds_window(axis))
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])

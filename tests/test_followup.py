@@ -13,7 +13,7 @@ import zmq
 from streamclust.adapters.wire import decode_array_message
 from streamclust.centres import ThresholdedCentres, centre_signals, fe_co_lines
 from streamclust.events import EventPublisher
-from streamclust.flags import SecondPhaseFlagger
+from streamclust.flags import FLAG_EDS_REBIN, SecondPhaseFlagger, eds_window
 from streamclust.followup import FollowUpClient, FollowUpConsumer, FollowUpError
 from streamclust.simulators.followup import FollowUpServer
 
@@ -46,8 +46,7 @@ def live_scan(phantom):
     for i in range(0, pos.size, 512):
         centres.add(pos[i:i + 512], frames[i:i + 512], spectra[i:i + 512])
     signals = centre_signals(centres.update(u), ph.energy_axis_kev)
-    window = slice(*np.searchsorted(ph.energy_axis_kev, (0.2, 10.0)))
-    cbed, eds = centres.features(eds_rebin=8, eds_channels=window)
+    cbed, eds = centres.features(eds_rebin=FLAG_EDS_REBIN, eds_channels=eds_window(ph.energy_axis_kev))
     events = SecondPhaseFlagger(raise_after=1).update(u, SCAN, cbed, eds, signals=signals)  # one update raises
     return spectra, events
 

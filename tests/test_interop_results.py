@@ -59,7 +59,7 @@ def scan(tmp_path_factory):
     path = d / RESULTS_NAME
     ResultsWriter(path, scan_shape=ph.scan_shape, frame_shape=ph.frame_shape, energy_axis_kev=ph.energy_axis_kev,
                   n_clusters=4, thresholds=THRESHOLDS, config=config, scan_id="interop-scan",
-                  source=str(rec.mib)).finalize(live, {"batches": ph.n_positions // 32})
+                  source=str(rec.mib)).finalize(live.scan_result({"batches": ph.n_positions // 32}))
     with h5py.File(path, "r") as f:
         written = {name: f[name][()] for name in ("clustering/memberships", "clustering/labels", "centres/eds",
                                                  "centres/cbed", "centres/count")}
@@ -207,7 +207,8 @@ def test_a_file_before_the_first_position_loads_as_two_signals(scan, tmp_path):
     live = LiveAnalysis(ph.scan_shape, ph.frame_shape, ph.energy_axis_kev, n_clusters=4, thresholds=THRESHOLDS)
     path = tmp_path / RESULTS_NAME
     ResultsWriter(path, scan_shape=ph.scan_shape, frame_shape=ph.frame_shape, energy_axis_kev=ph.energy_axis_kev,
-                  n_clusters=4, thresholds=THRESHOLDS, config={}, scan_id="interop-scan").checkpoint(live, {})
+                  n_clusters=4, thresholds=THRESHOLDS, config={},
+                  scan_id="interop-scan").checkpoint(live.scan_result({}))
     sigs = _load(path)
     assert set(sigs) == {"memberships", "labels"}
     assert np.isnan(sigs["memberships"].data).all() and (sigs["labels"].data == -1).all()

@@ -116,7 +116,7 @@ def test_write_pictures_from_a_results_file(tmp_path):
     w = ResultsWriter(tmp_path / "r.h5", scan_shape=ph.scan_shape, frame_shape=ph.frame_shape,
                       energy_axis_kev=ph.energy_axis_kev, n_clusters=4, thresholds=(0.5, 0.75),
                       config={}, scan_id="pictures")
-    w.checkpoint(live, {"batches": 6})
+    w.checkpoint(live.scan_result({"batches": 6}))
     files = write_pictures(tmp_path / "r.h5", tmp_path / "pics", dpi=60)
     names = [f.name for f in files]
     assert names[:2] == ["membership_map.png", "membership_per_cluster.png"]

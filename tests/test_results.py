@@ -14,6 +14,7 @@ from streamclust.results import (
     LEGACY_RESULTS_NAME,
     RESULTS_NAME,
     ResultsWriter,
+    ScanResult,
     find_results,
     flatten_counters,
     read_results,
@@ -68,7 +69,7 @@ def scanned(phantom, tmp_path_factory):
     n = phantom.n_positions
     w = writer(d / "scan.h5", phantom)
     counters = feed(live, phantom, range(n // 2))
-    assert w.checkpoint(live, counters)
+    assert w.checkpoint(live.scan_result(counters))
     partial = d / "partial.h5"
     partial.write_bytes((d / "scan.h5").read_bytes())
     partial_state = {"memberships": live.engine.memberships_.copy(), "n_seen": live.n_seen,
@@ -79,7 +80,7 @@ def scanned(phantom, tmp_path_factory):
     counters["join"]["joined"] += more["join"]["joined"]
     live.finish()
     truth = phantom.truth.labels
-    path = w.finalize(live, counters, extra={"ground_truth/labels": truth, "ground_truth/n_phases": 3})
+    path = w.finalize(live.scan_result(counters), extra={"ground_truth/labels": truth, "ground_truth/n_phases": 3})
     return {"path": path, "partial": partial, "partial_state": partial_state, "live": live,
             "counters": counters, "writer": w, "truth": truth}
 
@@ -208,20 +209,20 @@ def test_checkpoint_rate_limit_and_force(tmp_path, phantom):
     live = make_live(phantom)
     feed(live, phantom, range(64))
     w = writer(tmp_path / "r.h5", phantom, checkpoint_every_s=3600.0)
-    assert w.checkpoint(live, {}) is True
-    assert w.checkpoint(live, {}) is False
-    assert w.checkpoint(live, {}, force=True) is True
+    assert w.checkpoint(live.scan_result({})) is True
+    assert w.checkpoint(live.scan_result({})) is False
+    assert w.checkpoint(live.scan_result({}), force=True) is True
     assert w.n_checkpoints_ == 2 and w.last_write_["bytes"] == (tmp_path / "r.h5").stat().st_size
     assert read_results(tmp_path / "r.h5")["attrs"]["checkpoint"] == 2
-    w.finalize(live, {}, status="partial")
+    w.finalize(live.scan_result({}), status="partial")
     with pytest.raises(RuntimeError, match="finalised"):
-        w.checkpoint(live, {}, force=True)
+        w.checkpoint(live.scan_result({}), force=True)
 
 
 def test_before_the_first_position(tmp_path, phantom):
     live = make_live(phantom)
     w = writer(tmp_path / "empty.h5", phantom)
-    w.finalize(live, {"merlin": {"frames_received": 0}}, status="aborted")
+    w.finalize(live.scan_result({"merlin": {"frames_received": 0}}), status="aborted")
     res = read_results(tmp_path / "empty.h5")
     assert res["attrs"]["status"] == "aborted" and res["attrs"]["positions_seen"] == 0
     assert res["centres"]["attrs"]["available"] is False or res["centres"]["attrs"]["available"] == 0
@@ -236,11 +237,11 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path, phantom):
     feed(live, phantom, range(64))
     path = tmp_path / "r.h5"
     w = writer(path, phantom)
-    w.checkpoint(live, {"batches": 2}, force=True)
+    w.checkpoint(live.scan_result({"batches": 2}), force=True)
     before = path.read_bytes()
     with pytest.raises(Exception):
         # "a" is a dataset, so "a/b" cannot be created: the write fails half-way through
-        w.finalize(live, {"batches": 3}, extra={"a": np.zeros(3), "a/b": 1})
+        w.finalize(live.scan_result({"batches": 3}), extra={"a": np.zeros(3), "a/b": 1})
     assert path.read_bytes() == before
     assert read_results(path)["attrs"]["status"] == "partial"
     assert [p.name for p in tmp_path.iterdir()] == ["r.h5"]  # no temporary left
@@ -250,13 +251,13 @@ def test_validation(tmp_path, phantom):
     live = make_live(phantom)
     w = writer(tmp_path / "r.h5", phantom)
     with pytest.raises(ValueError, match="status"):
-        w.finalize(live, {}, status="done")
+        w.finalize(live.scan_result({}), status="done")
     with pytest.raises(ValueError, match="clustering"):
-        w.finalize(live, {}, extra={"clustering/memberships": np.zeros(3)})
+        w.finalize(live.scan_result({}), extra={"clustering/memberships": np.zeros(3)})
     with pytest.raises(ValueError, match="scan_shape"):
         ResultsWriter(tmp_path / "x.h5", scan_shape=(8, 32), frame_shape=(512, 512),
                       energy_axis_kev=phantom.energy_axis_kev, n_clusters=4, thresholds=THRESHOLDS,
-                      config={}, scan_id="x").checkpoint(live, {})
+                      config={}, scan_id="x").checkpoint(live.scan_result({}))
     circular: dict = {}
     circular["self"] = circular
     with pytest.raises(ValueError, match="JSON"):
@@ -310,7 +311,7 @@ def test_calibration_from_config_and_caller(tmp_path, phantom):
     live = make_live(phantom)
     feed(live, phantom, range(64))
     # nothing known: scan axes count positions, no beam energy (exspy would ask), pattern axes in pixels
-    writer(tmp_path / "bare.hspy", phantom, config={}).finalize(live, {})
+    writer(tmp_path / "bare.hspy", phantom, config={}).finalize(live.scan_result({}))
     with h5py.File(tmp_path / "bare.hspy", "r") as f:
         assert f["Experiments/memberships/axis-0"].attrs["units"] == "position"
         ky = f["Experiments/centre_patterns/axis-2"].attrs
@@ -322,7 +323,7 @@ def test_calibration_from_config_and_caller(tmp_path, phantom):
     cfg = {"scan": {"step_nm": 4.0}, "instrument": {"beam_energy_kev": 300.0, "dwell_s": "auto",
                                                     "camera_length_mm": 110.0, "mrad_per_px": "auto"}}
     writer(tmp_path / "cal.hspy", phantom, config=cfg, instrument={"dwell_s": 0.002, "beam_energy_kev": None},
-           scan_step_nm=(2.0, 3.0)).finalize(live, {})
+           scan_step_nm=(2.0, 3.0)).finalize(live.scan_result({}))
     tem = _tem(tmp_path / "cal.hspy", "centre_patterns")
     assert tem["beam_energy"] == 300.0 and tem["dwell_time"] == 0.002 and tem["camera_length"] == 110.0
     assert tem["Detector.Diffraction.mrad_per_px"] == pytest.approx(55.0 / 110.0)
@@ -342,7 +343,7 @@ def test_calibration_from_config_and_caller(tmp_path, phantom):
 def test_the_old_name_and_a_folder_still_read(tmp_path, phantom):
     live = make_live(phantom)
     feed(live, phantom, range(64))
-    writer(tmp_path / RESULTS_NAME, phantom).finalize(live, {})
+    writer(tmp_path / RESULTS_NAME, phantom).finalize(live.scan_result({}))
     assert find_results(tmp_path) == tmp_path / RESULTS_NAME
     # a caller still naming results.h5 reads results.hspy
     assert read_results(tmp_path / LEGACY_RESULTS_NAME)["attrs"]["scan_id"] == "test-scan"
@@ -353,3 +354,34 @@ def test_the_old_name_and_a_folder_still_read(tmp_path, phantom):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="results.hspy"):
         find_results(tmp_path / "empty")
+
+
+def test_the_writer_reads_a_scan_result_and_the_result_is_a_value(tmp_path, phantom):
+    """The writer takes what a producer handed over and nothing else; a result taken mid-scan does
+    not change when the analysis goes on (a checkpoint may be written while it does)."""
+    live = make_live(phantom)
+    w = writer(tmp_path / "r.hspy", phantom)
+    with pytest.raises(TypeError, match="ScanResult"):
+        w.checkpoint(live, force=True)
+    feed(live, phantom, np.arange(96))
+    r = live.scan_result({"batches": 3})
+    assert r.n_clustered > 0 and not r.memberships.flags.writeable
+    before = r.memberships.copy()
+    feed(live, phantom, np.arange(96, phantom.n_positions))
+    live.finish()
+    np.testing.assert_array_equal(r.memberships, before)
+    assert r.n_seen == 96 and live.scan_result().n_seen == phantom.n_positions
+    w.finalize(r)
+    got = read_results(tmp_path / "r.hspy")
+    assert int(got["attrs"]["positions_seen"]) == 96
+    np.testing.assert_array_equal(got["clustering"]["labels"].ravel(), r.labels)
+
+
+def test_scan_result_refuses_what_does_not_fit_its_scan():
+    with pytest.raises(ValueError, match="cover"):
+        ScanResult(scan_shape=(2, 3), memberships=np.zeros((5, 2)), seen=np.zeros(6, bool))
+    with pytest.raises(ValueError, match="seen"):
+        ScanResult(scan_shape=(2, 3), memberships=np.zeros((6, 2)), seen=np.zeros(5, bool))
+    with pytest.raises(ValueError, match="scan_shape"):
+        ScanResult(scan_shape=(0, 3), memberships=np.zeros((0, 2)), seen=np.zeros(0, bool))
+
