@@ -12,7 +12,8 @@ With ``--json`` only the scripts behind the headline figures run, each with ``--
 object on its last stdout line), and the last stdout line is one merged object holding at least
 ``ingest_u16_fps``, ``drain_u16_fps``, ``ingest_raw1_fps``, ``drain_raw1_fps`` (bench_ingest.py),
 ``end_to_end_fps`` (bench_end_to_end.py), ``fcm_speedup_vs_skfuzzy`` (bench_fcm.py) and
-``flag_latency_s`` (bench_flag_latency.py), plus ``details`` (each script's whole object),
+``flag_latency_s`` (bench_flag_latency.py), ``scale_256_keepup``, ``scale_256_peak_rss_gb`` and
+``flag_latency_256_s`` (scale.py: the 256 x 256 demo at 2 ms dwell), plus ``details`` (each script's whole object),
 ``errors`` (one entry per script that failed or did not report a figure: that figure is null, never
 invented), ``load_avg_1min`` and ``seconds`` per script.
 """
@@ -43,6 +44,8 @@ SCRIPTS = {
     "bench_serve.py": ([], ["--n", "1000", "--repeat", "1"]),
     "bench_results.py": ([], []),
     "bench_dask.py": ([], ["--scan", "32", "--frame", "256"]),
+    # the scan size of the headline figures is the point: --quick keeps 256 x 256 at 2 ms (about 7 min)
+    "scale.py": (["--sizes", "256", "--dwells", "0.002"], ["--sizes", "256", "--dwells", "0.002"]),
 }
 
 # the established implementations some scripts measure against: script -> (module, pip requirement).
@@ -59,6 +62,7 @@ HEADLINE = {
     "bench_end_to_end.py": ("end_to_end_fps",),
     "bench_fcm.py": ("fcm_speedup_vs_skfuzzy",),
     "bench_flag_latency.py": ("flag_latency_s",),
+    "scale.py": ("scale_256_keepup", "scale_256_peak_rss_gb", "flag_latency_256_s"),
 }
 
 

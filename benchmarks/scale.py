@@ -82,6 +82,18 @@ COLUMNS = ("size", "dwell_s", "seed", "control", "acquisition_rate", "analysis_r
            "ari_live_vs_offline", "finalize_s", "offline_s", "wall_s")
 
 
+def flag_latency(size: int, rate: float = 500.0) -> float | None:
+    """``benchmarks/bench_flag_latency.py --scan SIZE --rate RATE --json`` in a child: the largest
+    latency of the scan's raised flags (None when no flag was raised or the run failed)."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("bench_flag_latency.py")), "--scan",
+                           str(size), "--rate", str(rate), "--json"], capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    if proc.returncode or not lines:
+        print(f"bench_flag_latency.py --scan {size} failed: {proc.stderr.strip()[-500:]}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1]).get("flag_latency_s")
+
+
 def print_table(rows: list[dict]) -> None:
     print(" | ".join(COLUMNS))
     for r in rows:
@@ -116,9 +128,13 @@ def main(argv=None) -> int:
     if args.json:
         out: dict = {"rows": rows, "load_avg_1min": round(os.getloadavg()[0], 2)}
         for r in rows:
-            if r["size"] == 256 and r["dwell_s"] == 0.002 and "error" not in r:
+            if r["size"] == 256 and r["dwell_s"] == 0.002 and "error" not in r and not r.get("control"):
                 out.setdefault("scale_256_keepup", r["keepup"])
                 out.setdefault("scale_256_peak_rss_gb", r["peak_rss_gb"])
+        for size in (s for s in (256, 512) if s in sizes):
+            # flag latency as bench_flag_latency.py defines it (acquisition of the deciding batch to
+            # the event's arrival at a subscriber, 500 positions/s), at this scan size
+            out[f"flag_latency_{size}_s"] = flag_latency(size)
         print(json.dumps(out))
     return 1 if failed else 0
 

@@ -185,8 +185,10 @@ def test_bench_merges_figures_and_reports_missing_ones_as_null(tmp_path, monkeyp
     assert merged["end_to_end_fps"] is None and merged["fcm_speedup_vs_skfuzzy"] is None
     assert merged["flag_latency_s"] is None
     errors = {e["script"]: e for e in merged["errors"]}
-    assert set(errors) == {"bench_end_to_end.py", "bench_fcm.py", "bench_flag_latency.py"}
+    assert set(errors) == {"bench_end_to_end.py", "bench_fcm.py", "bench_flag_latency.py", "scale.py"}
     assert errors["bench_end_to_end.py"]["keys"] == ["end_to_end_fps"]
+    # a headline script that is not there: its figures are null and it is named, not skipped silently
+    assert errors["scale.py"]["error"] == "script not present" and merged["scale_256_keepup"] is None
     assert "boom" in errors["bench_fcm.py"]["error"]
     assert "no JSON" in errors["bench_flag_latency.py"]["error"]
     assert merged["details"]["bench_end_to_end.py"] == {"drain_fps": 1.0}
