@@ -111,6 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="add 512 x 512")
     ap.add_argument("--controls", action="store_true",
                     help="also run each seed as a single-phase control (--inclusions 0): any flag there is a false alarm")
+    ap.add_argument("--only-controls", action="store_true", help="only the single-phase controls")
     ap.add_argument("--json", action="store_true", help="one JSON object on the last line")
     args = ap.parse_args(argv)
     sizes = list(args.sizes) + ([512] if args.full and 512 not in args.sizes else [])
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
     for size in sizes:
         for dwell in args.dwells:
             for seed in args.seeds:
-                for inclusions in ((None, 0) if args.controls else (None,)):
+                for inclusions in ((0,) if args.only_controls else (None, 0) if args.controls else (None,)):
                     row = run_one(size, dwell, seed, None if inclusions is None else ["--inclusions", "0"])
                     row["control"] = inclusions == 0
                     rows.append(row)
