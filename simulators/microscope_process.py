@@ -12,10 +12,10 @@ the phantom's and the microscope's settings as JSON, reads one line with the end
 detectors listen (an explicit handshake, no sleeping), and stops the child when the block ends. The
 child builds exactly what :class:`~streamclust.simulators.microscope.SimulatedMicroscope` builds in
 process, from the same settings, so the two are interchangeable (``streamclust demo --simulator``).
+Usage (the ports are free ones, chosen by the child; ``tests/test_microscope_process.py`` runs it)::
 
->>> with MicroscopeProcess({"scan_shape": [4, 4], "seed": 1}, {"dwell_s": 0.0}) as scope:  # doctest: +SKIP
-...     scope.data_address, scope.eds_endpoint
-(('127.0.0.1', 40123), 'tcp://127.0.0.1:40125')
+    with MicroscopeProcess({"scan_shape": [4, 4], "seed": 1}, {"dwell_s": 0.0}) as scope:
+        acquire_scan(scope.data_address, scope.eds_endpoint, 16, on_batch)
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import select
 import subprocess
 import sys
 import tempfile
@@ -66,7 +67,14 @@ class MicroscopeProcess:
         self._err = tempfile.TemporaryFile(mode="w+")
         self._proc = subprocess.Popen([sys.executable, "-m", __name__, spec], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=self._err, text=True)
-        line = self._proc.stdout.readline()  # the endpoints, once both detectors listen
+        # the endpoints, once both detectors listen; a child that hangs instead is not waited for
+        # forever (an EOF, a child that died, also makes the pipe readable)
+        readable, _, _ = select.select([self._proc.stdout], [], [], self.start_timeout)
+        if not readable:
+            self._proc.kill()
+            self.stop()
+            raise RuntimeError(f"the simulated microscope's process did not listen within {self.start_timeout:.0f} s")
+        line = self._proc.stdout.readline()
         if not line:
             self._proc.wait(timeout=self.start_timeout)
             err = self.stderr_text().strip().splitlines()

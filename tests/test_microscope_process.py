@@ -43,3 +43,13 @@ def test_a_child_that_cannot_start_is_reported_with_its_error():
 
     with pytest.raises(RuntimeError, match="ended before listening: ValueError: scan_shape must be positive"):
         MicroscopeProcess({"scan_shape": [0, -1]}).start()
+
+
+def test_a_child_that_does_not_listen_in_time_is_stopped_not_waited_for():
+    import pytest
+
+    # building a 64 x 64 phantom and compiling its kernels takes far longer than 10 ms
+    scope = MicroscopeProcess({"scan_shape": [64, 64], "seed": 0}, start_timeout=0.01)
+    with pytest.raises(RuntimeError, match="did not listen within"):
+        scope.start()
+    assert scope._proc is None  # killed and reaped, its pipes closed
