@@ -2,7 +2,7 @@
 
 Not a speed benchmark: the figures behind docs/engine.md (live vs offline on the whole lamella)
 and docs/events.md (when the second phase is flagged). For each seed, a 64 x 64 default phantom is
-streamed in raster order through :class:`streamclust.live.LiveAnalysis` (128-position batches, the
+streamed in raster order through :class:`streamclust.app.live.LiveAnalysis` (128-position batches, the
 configuration's automatic ``refresh_every`` 256 and ``assess_every`` 128 at 4,096 positions), and the paper's offline pipeline
 with the same second level (``run_reference(refine_host=6)``, FCM with 10 restarts) runs on the
 same scan. Printed per seed:
@@ -35,9 +35,9 @@ from scipy import ndimage
 from sklearn.metrics import adjusted_rand_score
 
 from streamclust.adapters.join import Batch
-from streamclust.fcm import FuzzyCMeans
-from streamclust.flags import SecondPhaseFlagger
-from streamclust.live import LiveAnalysis
+from streamclust.cluster.fcm import FuzzyCMeans
+from streamclust.flags.flagger import SecondPhaseFlagger
+from streamclust.app.live import LiveAnalysis
 from streamclust.reference import best_f1, bin_frames, eds_window, run_reference
 from streamclust.simulators.phantom import LamellaPhantom
 

@@ -4,9 +4,9 @@ A phantom scan is recorded once to a temporary directory (Merlin ``.mib`` + EDS 
 replayed three ways in the same process, each timed without cluster start-up and after a JIT
 warm-up on every worker:
 
-* ``in-process``: :func:`streamclust.dask_replay.replay_local` (the same passes, no Dask) - the
+* ``in-process``: :func:`streamclust.distributed.dask_replay.replay_local` (the same passes, no Dask) - the
   baseline;
-* ``dask 1 worker`` and ``dask 2 workers``: :func:`~streamclust.dask_replay.replay_dask` on a
+* ``dask 1 worker`` and ``dask 2 workers``: :func:`~streamclust.distributed.dask_replay.replay_dask` on a
   ``LocalCluster(n, threads_per_worker=1, processes=True)``.
 
 Printed: positions/s for each, the 2-worker / 1-worker ratio and each against the baseline, the
@@ -30,8 +30,8 @@ import numpy as np
 
 
 def _warm_worker() -> bool:
-    from streamclust import fcm_kernels
-    from streamclust.features import FrameReducer
+    from streamclust.cluster import fcm_kernels
+    from streamclust.features.reducers import FrameReducer
 
     fcm_kernels.warm_up()
     FrameReducer(bin_factor=8, frame_shape=(256, 256)).fit().warm_up()
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     from dask.distributed import Client, LocalCluster
     from sklearn.metrics import adjusted_rand_score
 
-    from streamclust.dask_replay import replay_dask, replay_local
+    from streamclust.distributed.dask_replay import replay_dask, replay_local
     from streamclust.simulators.phantom import LamellaPhantom
     from streamclust.simulators.recording import record_scan
 

@@ -7,8 +7,8 @@ run, on the same scan of the same phantom, in interleaved rounds:
 * ``drain`` (baseline): a bare client that reads the Merlin stream's bytes (counting frame messages
   from the MPX prefixes, nothing decoded) and pulls the EDS messages: how fast the simulated
   microscope delivers;
-* ``end_to_end``: :func:`streamclust.acquisition.acquire_scan` (receive, decode, join) feeding every
-  batch to the live analysis built by :class:`streamclust.run.ScanSession` (engine, thresholded
+* ``end_to_end``: :func:`streamclust.app.acquisition.acquire_scan` (receive, decode, join) feeding every
+  batch to the live analysis built by :class:`streamclust.app.run.ScanSession` (engine, thresholded
   centres, flags, events, results checkpoints), as ``streamclust run`` does. Its rate counts the
   streaming part (first byte to last batch analysed); the end-of-scan refresh and final results are
   reported separately (``finalize_s``). The JIT warm-up happens before the scan, as in ``run``.
@@ -45,7 +45,7 @@ class Microscope:
     """``streamclust simulate`` in a child process, on free ports, one scan per instance."""
 
     def __init__(self, scan: int, seed: int):
-        cmd = [sys.executable, "-m", "streamclust.cli", "simulate", "--scan", str(scan), "--seed", str(seed),
+        cmd = [sys.executable, "-m", "streamclust.app.cli", "simulate", "--scan", str(scan), "--seed", str(seed),
                "--dwell", "0", "--data-port", "0", "--control-port", "0", "--eds-port", "0"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
@@ -129,9 +129,9 @@ def _skip(sock, view, k):
 def end_to_end(scope: Microscope, n: int, scan: int, out_dir: str, config_path: str | None = None
                ) -> tuple[float, float, dict]:
     """(streaming seconds, finalize seconds, summary) of one live scan."""
-    from streamclust.acquisition import acquire_scan
-    from streamclust.config import load_config
-    from streamclust.run import ScanSession
+    from streamclust.app.acquisition import acquire_scan
+    from streamclust.app.config import load_config
+    from streamclust.app.run import ScanSession
     from streamclust.simulators.phantom import LamellaPhantom
 
     ph = LamellaPhantom(scan_shape=(scan, scan), seed=0)

@@ -30,9 +30,9 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from streamclust.engine import StreamingEngine
-from streamclust.fcm import FuzzyCMeans
-from streamclust.features import FrameReducer
+from streamclust.engine.streaming import StreamingEngine
+from streamclust.cluster.fcm import FuzzyCMeans
+from streamclust.features.reducers import FrameReducer
 from streamclust.reference import bin_frames, eds_window, run_reference
 from streamclust.simulators.phantom import LamellaPhantom
 

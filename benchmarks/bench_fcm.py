@@ -29,8 +29,8 @@ import numba
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
-from streamclust import fcm_kernels as K
-from streamclust.fcm import FuzzyCMeans
+from streamclust.cluster import fcm_kernels as K
+from streamclust.cluster.fcm import FuzzyCMeans
 
 
 def make_phase_like_data(n: int, rng: np.random.Generator, p: int = 10, small_distance: float = 5.0):

@@ -1,7 +1,7 @@
 """Flag latency: seconds from the acquisition of the positions that decide a flag to the event
 arriving at a subscriber, with the live analysis running at full rate.
 
-The simulated lamella's positions are handed to :class:`streamclust.live.LiveAnalysis`, built with
+The simulated lamella's positions are handed to :class:`streamclust.app.live.LiveAnalysis`, built with
 the default configuration resolved for the scan as ``streamclust run`` builds it (refresh and
 assessment cadence, flagger), in the joiner's batches on a scan clock: position ``p`` is *acquired* at ``t0 + (p + 1) / rate``, and a
 batch is handed over once its last position is acquired (or at once, when the analysis is behind:
@@ -34,9 +34,9 @@ import numpy as np
 
 def run(scan: int = 64, rate: float = 500.0, seed: int = 0, batch: int = 128) -> dict:
     from streamclust.adapters.join import Batch
-    from streamclust.config import Config
-    from streamclust.events import EventPublisher, EventSubscriber
-    from streamclust.live import LiveAnalysis
+    from streamclust.app.config import Config
+    from streamclust.flags.events import EventPublisher, EventSubscriber
+    from streamclust.app.live import LiveAnalysis
     from streamclust.simulators.phantom import LamellaPhantom
 
     ph = LamellaPhantom((scan, scan), seed=seed)

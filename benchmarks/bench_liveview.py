@@ -5,7 +5,7 @@ Two parts:
 
 * ``--part producer`` (the original figures of docs/liveview.md): ``LiveView.update()`` against a
   plain copy of the same arrays, one render and one PNG, at 64, 256 and 512 squared.
-* ``--part analysis`` (default): a :class:`streamclust.live.LiveAnalysis` on the 256 x 256 lamella
+* ``--part analysis`` (default): a :class:`streamclust.app.live.LiveAnalysis` on the 256 x 256 lamella
   phantom (64 x 64 frames to keep it feasible here) for the first ``--rows`` rows, run twice on the
   same pre-generated batches with the configuration's parameters: once without a live view, once
   feeding one (``LiveView.update_from_analysis`` after every assessment, as the lead's wiring in
@@ -46,8 +46,8 @@ def best(f, n=30):
 def producer() -> None:
     import urllib.request
 
-    from streamclust.liveview import LiveView
-    from streamclust.liveview_render import cluster_palette, encode_png, render_rgba
+    from streamclust.app.liveview import LiveView
+    from streamclust.app.liveview_render import cluster_palette, encode_png, render_rgba
 
     rng = np.random.default_rng(0)
     for ny in (64, 256, 512):
@@ -122,9 +122,9 @@ class Poller(threading.Thread):
 def analysis(scan: int, rows: int, batch: int, viewers: int, seed: int = 0, pairs: int = 1) -> dict:
 
     from streamclust.adapters.join import Batch
-    from streamclust.config import Config
-    from streamclust.live import LiveAnalysis
-    from streamclust.liveview import LiveView
+    from streamclust.app.config import Config
+    from streamclust.app.live import LiveAnalysis
+    from streamclust.app.liveview import LiveView
     from streamclust.simulators.phantom import LamellaPhantom
 
     ph = LamellaPhantom((scan, scan), seed=seed, frame_shape=(64, 64))
@@ -222,7 +222,7 @@ def analysis(scan: int, rows: int, batch: int, viewers: int, seed: int = 0, pair
           f"analysis thread {ft.mean():.2f} ms per update")
     # the evidence of one cluster (no flag is raised this early at 256 x 256): its cost does not
     # grow with the scan (centres are per cluster, patterns 32 x 32)
-    from streamclust.liveview import LiveView as _LV
+    from streamclust.app.liveview import LiveView as _LV
     view = _LV(scan_shape=ph.scan_shape, n_clusters=live.n_output_clusters)
     view.update_from_analysis(live)
     k = int(np.argmax(live.centre_set.count[-1]))

@@ -9,8 +9,8 @@ import os, sys, time, tempfile
 import numpy as np
 from pathlib import Path
 from streamclust.adapters.join import Batch
-from streamclust.live import LiveAnalysis
-from streamclust.results import ResultsWriter
+from streamclust.app.live import LiveAnalysis
+from streamclust.results.writer import ResultsWriter
 from streamclust.simulators.phantom import LamellaPhantom
 
 def bench(scan, k=6, host=0, reps=5, out=Path(tempfile.mkdtemp(dir="/tmp"))):

@@ -25,10 +25,10 @@ import numpy as np
 from sklearn.decomposition import IncrementalPCA
 from threadpoolctl import threadpool_limits
 
-from streamclust.features import FrameReducer
-from streamclust.features_kernels import bin_sum_frames_numpy
-from streamclust.incremental_pca import StreamingPCA
-from streamclust.robust_scaling import StreamingRobustScaler
+from streamclust.features.reducers import FrameReducer
+from streamclust.features.kernels import bin_sum_frames_numpy
+from streamclust.decomposition.incremental_pca import StreamingPCA
+from streamclust.features.robust_scaling import StreamingRobustScaler
 
 
 def _rate(fn: Callable[[], object], n_items: int, min_time: float) -> float:

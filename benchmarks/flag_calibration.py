@@ -1,7 +1,7 @@
 """Second-phase flag calibration on held-out phantoms (issue 17): how often does the flagger cry wolf,
 how often does it find the second phase, how early, and how precisely?
 
-Each phantom is scanned in raster order through :class:`streamclust.live.LiveAnalysis` built exactly
+Each phantom is scanned in raster order through :class:`streamclust.app.live.LiveAnalysis` built exactly
 as ``streamclust run`` builds it from the default configuration (engine cadence, centres, the
 configured flagger), in the joiner's batches of 256, without sockets (the sockets do not change
 what is decided, only when: ``benchmarks/bench_flag_latency.py`` measures that).
@@ -77,8 +77,8 @@ def phantom_kwargs(setting: dict, inclusions: bool) -> dict:
 def run_phantom(size: int, seed: int, setting: dict, inclusions: bool, batch: int = 256,
                 flags: dict | None = None) -> dict:
     from streamclust.adapters.join import Batch
-    from streamclust.config import Config
-    from streamclust.live import LiveAnalysis
+    from streamclust.app.config import Config
+    from streamclust.app.live import LiveAnalysis
     from streamclust.reference import best_f1
     from streamclust.simulators.phantom import LamellaPhantom
 

@@ -1,7 +1,7 @@
 """Separation of level-2 clusters, own labels against neighbour labels (issue 17, the merge criterion).
 
 The reference pipeline's level 2 on the phantom (64 x 64 unless given): for every pair of level-2
-clusters, the cross-fitted separation ``d`` (streamclust.flags.block_distance: direction from one
+clusters, the cross-fitted separation ``d`` (streamclust.flags.flagger.block_distance: direction from one
 checkerboard fold, standardised gap on the other) of the level-2 scores, first with each position
 labelled by its own cluster, then labelled by the majority (>= 3 of 4) of its 4-neighbours, which
 are all of the other fold. Own labels were selected on the position's own data, so noise clusters
@@ -16,14 +16,14 @@ import sys
 
 import numpy as np
 
-from streamclust.fcm import FuzzyCMeans
-from streamclust.cluster_merge import merge_columns, merge_same_composition, neighbour_labels
-from streamclust.flag_stats import composition_test, line_windows, window_counts
-from streamclust.separation import block_distance
-from streamclust.host_refine import HostRefinement, host_group
+from streamclust.cluster.fcm import FuzzyCMeans
+from streamclust.cluster.merge import merge_columns, merge_same_composition, neighbour_labels
+from streamclust.flags.stats import composition_test, line_windows, window_counts
+from streamclust.cluster.separation import block_distance
+from streamclust.cluster.host_refine import HostRefinement, host_group
 from streamclust.reference import best_f1, eds_window, phantom_features, run_reference
 from streamclust.simulators.phantom import LamellaPhantom
-from streamclust.spatial_pool import membership_mixing, spatial_memberships
+from streamclust.cluster.spatial_pool import membership_mixing, spatial_memberships
 
 seed = int(sys.argv[1]); size = int(sys.argv[2]) if len(sys.argv) > 2 else 64
 k2 = int(sys.argv[3]) if len(sys.argv) > 3 else 6
@@ -63,7 +63,7 @@ for i in range(k2):
     for j in range(i + 1, k2):
         D[i, j] = D[j, i] = block_distance(z2.astype(np.float32), nb == i, nb == j, fold)
 print(np.round(D, 2))
-# the element-line shares under neighbour labels: the merge rule's statistic (streamclust.cluster_merge)
+# the element-line shares under neighbour labels: the merge rule's statistic (streamclust.cluster.merge)
 axis = eds_window(ph.energy_axis_kev[None, :].astype(np.float64), ph.energy_axis_kev, (0.2, 10.0), rebin=2)[0] / 2
 cnt = window_counts(eds, line_windows(axis, ("Fe", "Co")))
 E = np.zeros((k2, k2))

@@ -39,7 +39,7 @@ from pathlib import Path
 def run_one(size: int, dwell: float, seed: int, extra: list[str] | None = None, keep: Path | None = None) -> dict:
     """One demo in a child process; its summary plus the child's peak RSS and wall time."""
     out = Path(keep) if keep is not None else Path(tempfile.mkdtemp(prefix=f"scale{size}-"))
-    cmd = [sys.executable, "-m", "streamclust.cli", "demo", "--scan", str(size), "--dwell", str(dwell),
+    cmd = [sys.executable, "-m", "streamclust.app.cli", "demo", "--scan", str(size), "--dwell", str(dwell),
            "--seed", str(seed), "--out", str(out), "--quiet", *(extra or [])]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

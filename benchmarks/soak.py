@@ -3,7 +3,7 @@
 MerlinServer -> MerlinReceiver -> join with EDS spectra (EDSPublisher, PUSH) -> LiveAnalysis ->
 flag events (EventPublisher PUB, drained by a subscriber) as repeated scans in ONE long-running
 process: the hours-long session of a real instrument. Every scan opens and closes its own
-connections and receiving threads (as :func:`streamclust.acquisition.acquire_scan` does), and has
+connections and receiving threads (as :func:`streamclust.app.acquisition.acquire_scan` does), and has
 its own LiveAnalysis; the simulated instruments and the event publisher live for the whole run.
 
 A sampler thread records, every ``--sample-s`` seconds: frames done, resident memory (RSS), open
@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from streamclust.acquisition import acquire_scan
-from streamclust.events import EventPublisher, EventSubscriber
-from streamclust.live import LiveAnalysis
+from streamclust.app.acquisition import acquire_scan
+from streamclust.flags.events import EventPublisher, EventSubscriber
+from streamclust.app.live import LiveAnalysis
 from streamclust.simulators.clock import ScanClock
 from streamclust.simulators.eds import ArraySpectrumSource, EDSPublisher
 from streamclust.simulators.merlin import ArraySource, MerlinServer

@@ -203,27 +203,27 @@ def run_reference(
         Cloned before use; default ``KMeans(n_clusters, n_init=10)``.
     refine_host : int, default=0
         Sub-clusters of the host cluster (0: off). The engine's second level
-        (:mod:`streamclust.host_refine`) in batch form: the cluster with the largest total
+        (:mod:`streamclust.cluster.host_refine`) in batch form: the cluster with the largest total
         membership is re-scaled, re-projected (1 % rule, at least ``host_min_components``) and
         clustered with fuzzy C-means among its positions of membership > ``host_threshold``;
         labels are the arg-max of the product-rule memberships (``labels`` then number
         ``n_clusters + refine_host`` clusters, the host's own number unused).
     scan_shape : (ny, nx), optional
         The scan grid. With it the host group also takes the clusters intermixed with it position
-        by position (``host_mixing``), as the engine's does (:func:`streamclust.host_refine.host_group`,
+        by position (``host_mixing``), as the engine's does (:func:`streamclust.cluster.host_refine.host_group`,
         fuzzy overlap ``host_overlap``); without it, by fuzzy overlap only.
     host_merge_effect : float, default=0.0
         With ``scan_shape`` and ``eds_energies_kev``: level-2 clusters whose element-line shares
         (``host_merge_elements``) differ by less than this, or not significantly, are one
         composition (their memberships summed, as the engine's ``host_merge_effect``,
-        :mod:`streamclust.cluster_merge`). 0, the default: the sub-clusters as fitted.
+        :mod:`streamclust.cluster.merge`). 0, the default: the sub-clusters as fitted.
     host_merge_elements : tuple of str, default=("Fe", "Co")
     eds_energies_kev : (d_eds,) float, optional
         The centre energy of each column of ``eds`` (after windowing and rebinning), for the
         element-line windows of the merge.
     host_spatial : bool, default=False
         With ``scan_shape``: the engine's final spatial membership step at level 2
-        (:func:`streamclust.spatial_pool.spatial_memberships`). Off by default: the paper's
+        (:func:`streamclust.cluster.spatial_pool.spatial_memberships`). Off by default: the paper's
         pipeline is per position.
     scan_positions : (n,) int, optional
         The flat scan position of each row (positions without a row count as unscanned); default:
@@ -323,7 +323,7 @@ def _read_rows(cbed, eds, rows: np.ndarray, dtype=np.float32) -> list[np.ndarray
     """The used blocks' rows as arrays (a memory-mapped file is read, not copied whole, and the
     pages read are dropped from the resident set again: without that, the 256 x 256 demo's
     yardstick held its 1.4 GB of scratch features resident once it had read them all)."""
-    from streamclust.spill import release
+    from streamclust.decomposition.spill import release
 
     out = []
     for b in (cbed, eds):
@@ -340,10 +340,10 @@ def _refine_host(cbed, eds, rows, labels, est, n_clusters, k2, threshold, min_co
                  host_mixing=0.5, merge_effect=0.0, merge_elements=("Fe", "Co"), eds_energies_kev=None,
                  spatial=False, sample_size=None, chunk_rows=4096) -> np.ndarray:
     """Second level on the host cluster (see ``refine_host`` of :func:`run_reference`)."""
-    from streamclust.fcm import FuzzyCMeans
-    from streamclust.cluster_merge import line_count_map, merge_columns, merge_same_composition
-    from streamclust.host_refine import HostRefinement, compose_memberships, host_group
-    from streamclust.spatial_pool import spatial_memberships
+    from streamclust.cluster.fcm import FuzzyCMeans
+    from streamclust.cluster.merge import line_count_map, merge_columns, merge_same_composition
+    from streamclust.cluster.host_refine import HostRefinement, compose_memberships, host_group
+    from streamclust.cluster.spatial_pool import spatial_memberships
 
     u1 = getattr(est, "memberships_", None)
     if u1 is None or np.asarray(u1).shape != (labels.size, n_clusters):
@@ -351,7 +351,7 @@ def _refine_host(cbed, eds, rows, labels, est, n_clusters, k2, threshold, min_co
     u1 = np.asarray(u1, dtype=np.float32)
     mixing = None
     if scan_shape is not None and host_mixing:
-        from streamclust.spatial_pool import membership_mixing
+        from streamclust.cluster.spatial_pool import membership_mixing
 
         mixing = membership_mixing(u1, tuple(scan_shape), scan_positions)
     # the engine's host: the largest cluster with those sharing or intermixed with it
@@ -379,7 +379,7 @@ def _refine_host(cbed, eds, rows, labels, est, n_clusters, k2, threshold, min_co
     if scan_shape is not None and eds is not None and eds_energies_kev is not None and float(merge_effect) > 0:
         W = line_count_map(0, eds_energies_kev, tuple(merge_elements))
     if W is not None:
-        # sub-clusters of one composition are shown as one, as in the engine (streamclust.cluster_merge)
+        # sub-clusters of one composition are shown as one, as in the engine (streamclust.cluster.merge)
         where = np.flatnonzero(inside) if scan_positions is None else np.asarray(scan_positions)[inside]
         clear_rows = rows[inside]
         lines = np.concatenate([_read_rows(None, eds, clear_rows[s0:s0 + int(chunk_rows)])[0] @ W
@@ -388,7 +388,7 @@ def _refine_host(cbed, eds, rows, labels, est, n_clusters, k2, threshold, min_co
                                              k2, float(merge_effect))
     u2 = merge_columns(fcm.predict_memberships(z2), merged_into)
     if scan_shape is not None and spatial:
-        # the engine's final spatial step (streamclust.spatial_pool.spatial_memberships)
+        # the engine's final spatial step (streamclust.cluster.spatial_pool.spatial_memberships)
         where = np.arange(u2.shape[0]) if scan_positions is None else np.asarray(scan_positions)
         u2 = spatial_memberships(u2, where, inside, tuple(scan_shape))
     u = compose_memberships(u1, u2, group, k2)

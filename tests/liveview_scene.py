@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from streamclust.centres import ThresholdedCentres, centre_signals
-from streamclust.flag_stats import line_windows, window_counts
-from streamclust.flags import FLAG_EDS_REBIN, SecondPhaseFlagger, eds_window
-from streamclust.liveview import LiveView, store_position_provider
+from streamclust.engine.centres import ThresholdedCentres, centre_signals
+from streamclust.flags.stats import line_windows, window_counts
+from streamclust.flags.flagger import FLAG_EDS_REBIN, SecondPhaseFlagger, eds_window
+from streamclust.app.liveview import LiveView, store_position_provider
 from streamclust.simulators.phantom import LamellaPhantom
 
 SCAN = (64, 64)

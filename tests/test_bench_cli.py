@@ -33,7 +33,7 @@ def _run(args, env, tmp_path):
 
 
 def test_bench_json_names_the_missing_comparator_and_fails(env_without_skfuzzy, tmp_path):
-    proc = _run(["-m", "streamclust.cli", "bench", "--json", "--quick", "--only", "bench_fcm.py"],
+    proc = _run(["-m", "streamclust.app.cli", "bench", "--json", "--quick", "--only", "bench_fcm.py"],
                 env_without_skfuzzy, tmp_path)
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert "scikit-fuzzy" in proc.stderr and "pip install" in proc.stderr

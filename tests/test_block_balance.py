@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.preprocessing import RobustScaler
 
-from streamclust.block_balance import BlockBalancer, balance_weights, block_total_variance
+from streamclust.features.block_balance import BlockBalancer, balance_weights, block_total_variance
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamclust.centres import ThresholdedCentres, bin_pattern, fe_co_lines, fe_co_ratio, fwhm_kev
+from streamclust.engine.centres import ThresholdedCentres, bin_pattern, fe_co_lines, fe_co_ratio, fwhm_kev
 
 SCAN = (64, 64)
 

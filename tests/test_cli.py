@@ -14,8 +14,8 @@ import h5py
 import pytest
 from click.testing import CliRunner
 
-from streamclust.cli import main
-from streamclust.config import load_config
+from streamclust.app.cli import main
+from streamclust.app.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 STREAMCLUST = Path(sys.executable).with_name("streamclust")
@@ -25,7 +25,7 @@ SMALL = "[engine]\nwarmup_positions = 128\nrefresh_every = 192\n[centres]\nasses
 
 def run_cli(*args, timeout=1800, **kw):  # a guard against hangs, not a speed limit (loaded machines)
     """The installed ``streamclust`` script when there is one (as a user types it), else ``-m``."""
-    cmd = [str(STREAMCLUST)] if STREAMCLUST.exists() else [sys.executable, "-m", "streamclust.cli"]
+    cmd = [str(STREAMCLUST)] if STREAMCLUST.exists() else [sys.executable, "-m", "streamclust.app.cli"]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, **kw)
 
 
@@ -251,7 +251,7 @@ def test_replay_on_dask_from_the_command_line(tmp_path):
 def test_progress_on_a_terminal_rewrites_one_line_and_respects_quiet():
     import io
 
-    from streamclust.progress import ProgressDisplay
+    from streamclust.app.progress import ProgressDisplay
 
     out = io.StringIO()
     p = ProgressDisplay(total=20, scan_shape=(4, 5), stream=out, tty=True, refresh_s=1.0)
@@ -291,7 +291,7 @@ def test_run_stopped_by_sigterm_finalises_a_partial_scan(tmp_path):
                        '[events]\nendpoint = "tcp://127.0.0.1:0"\n'
                        "[results]\npictures = false\n[logging]\nprogress_every_s = 0.1\n")
         out = tmp_path / "out"
-        cmd = [str(STREAMCLUST)] if STREAMCLUST.exists() else [sys.executable, "-m", "streamclust.cli"]
+        cmd = [str(STREAMCLUST)] if STREAMCLUST.exists() else [sys.executable, "-m", "streamclust.app.cli"]
         proc = subprocess.Popen([*cmd, "run", "--config", str(cfg), "--out", str(out)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         try:

@@ -15,7 +15,7 @@ import pytest
 from streamclust.simulators.eds_recording import write_eds_recording
 from streamclust.simulators.mib_encode import write_mib
 
-CMD = [sys.executable, "-m", "streamclust.cli"]
+CMD = [sys.executable, "-m", "streamclust.app.cli"]
 
 
 def _run(*args, timeout=300):

@@ -1,14 +1,14 @@
-"""streamclust.cluster_merge: clusters that split one composition by noise are merged, a phase of
-another composition is kept; and the spatial membership step (streamclust.spatial_pool)."""
+"""streamclust.cluster.merge: clusters that split one composition by noise are merged, a phase of
+another composition is kept; and the spatial membership step (streamclust.cluster.spatial_pool)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from streamclust.cluster_merge import line_count_map, merge_columns, merge_same_composition, neighbour_labels
-from streamclust.flag_stats import LINES_KEV
-from streamclust.spatial_pool import spatial_memberships
+from streamclust.cluster.merge import line_count_map, merge_columns, merge_same_composition, neighbour_labels
+from streamclust.flags.stats import LINES_KEV
+from streamclust.cluster.spatial_pool import spatial_memberships
 
 NY = NX = 48
 N_LINES = 12  # Fe + Co K-alpha counts a position: the phantom's film has about 11 at 36 counts a spectrum

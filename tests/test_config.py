@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from streamclust.config import Config, ConfigError, EngineSection, FlagsSection, load_config
+from streamclust.app.config import Config, ConfigError, EngineSection, FlagsSection, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,7 +97,7 @@ def test_auto_values_resolve_from_the_scan_size():
 
 
 def test_engine_keys_are_streaming_engine_parameters_with_the_same_defaults():
-    from streamclust.engine import StreamingEngine
+    from streamclust.engine.streaming import StreamingEngine
 
     params = inspect.signature(StreamingEngine).parameters
     for f in fields(EngineSection):
@@ -108,7 +108,7 @@ def test_engine_keys_are_streaming_engine_parameters_with_the_same_defaults():
 
 
 def test_flags_section_matches_the_flagger_signature_and_defaults():
-    from streamclust.flags import SecondPhaseFlagger
+    from streamclust.flags.flagger import SecondPhaseFlagger
 
     params = {k: p.default for k, p in inspect.signature(SecondPhaseFlagger).parameters.items()}
     assert {f.name: f.default for f in fields(FlagsSection)} == params
@@ -137,7 +137,7 @@ def test_calibration_values_round_trip_and_reach_the_results_writer():
     assert cfg.scan.step_nm == 2.0 and cfg.instrument.camera_length_mm == 110.0
     assert cfg.instrument.mrad_per_px == "auto" and cfg.instrument.dwell_s == "auto"
     assert load_config(tomllib.loads(cfg.to_toml())) == cfg
-    from streamclust.results import _calibration
+    from streamclust.results.writer import _calibration
 
     cal = _calibration(cfg.as_dict(), None, None)  # what ResultsWriter states from config.as_dict()
     assert cal["step_nm"] == (2.0, 2.0) and cal["beam_energy_kev"] == 300.0

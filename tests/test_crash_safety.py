@@ -20,17 +20,17 @@ import time
 import numpy as np
 import pytest
 
-from streamclust.acquisition import acquire_scan
-from streamclust.live import LiveAnalysis
-from streamclust.results import ResultsWriter, read_results, validate_results
+from streamclust.app.acquisition import acquire_scan
+from streamclust.app.live import LiveAnalysis
+from streamclust.results.writer import ResultsWriter, read_results, validate_results
 from streamclust.simulators.microscope import MicroscopeConfig, SimulatedMicroscope
 from streamclust.simulators.phantom import LamellaPhantom
 
 CHILD = textwrap.dedent('''
     import sys
-    from streamclust.acquisition import acquire_scan
-    from streamclust.live import LiveAnalysis
-    from streamclust.results import ResultsWriter
+    from streamclust.app.acquisition import acquire_scan
+    from streamclust.app.live import LiveAnalysis
+    from streamclust.results.writer import ResultsWriter
     from streamclust.simulators.microscope import MicroscopeConfig, SimulatedMicroscope
     from streamclust.simulators.phantom import LamellaPhantom
 

@@ -17,22 +17,22 @@ from sklearn.metrics import adjusted_rand_score
 from streamclust.adapters.eds_file import read_eds_recording
 from streamclust.adapters.join import Batch
 from streamclust.adapters.mib import MibFile, read_mib
-from streamclust.centres import ThresholdedCentres
-from streamclust.config import load_config
-from streamclust.dask_replay import ReplayConfig, probe_recording, replay_dask, replay_flags, replay_local
-from streamclust.engine import StreamingEngine
-from streamclust.features import FrameReducer
-from streamclust.flag_sums import FLAG_EDS_REBIN, eds_window
-from streamclust.flags import SecondPhaseFlagger
-from streamclust.live import LiveAnalysis
-from streamclust.replay import dask_config, replay_scan
-from streamclust.results import read_results, validate_results
+from streamclust.engine.centres import ThresholdedCentres
+from streamclust.app.config import load_config
+from streamclust.distributed.dask_replay import ReplayConfig, probe_recording, replay_dask, replay_flags, replay_local
+from streamclust.engine.streaming import StreamingEngine
+from streamclust.features.reducers import FrameReducer
+from streamclust.flags.sums import FLAG_EDS_REBIN, eds_window
+from streamclust.flags.flagger import SecondPhaseFlagger
+from streamclust.app.live import LiveAnalysis
+from streamclust.app.replay import dask_config, replay_scan
+from streamclust.results.writer import read_results, validate_results
 from streamclust.simulators.recording import record_scan
 
 SCAN = (32, 32)
 FRAME = (256, 256)  # one Medipix chip ("1x1" layout) keeps a recording at 128 MB
 # The live flagger measures distances with float32 sums over a cluster's positions (block_distance's
-# gemv means and projections), the replay with float64 sums (streamclust.flag_sums): the two agree
+# gemv means and projections), the replay with float64 sums (streamclust.flags.sums): the two agree
 # to the worst case of a float32 sum of up to n_positions terms, n * eps32 relative (1.2e-4 here),
 # not to one machine's observed 3.9e-7. A wrong merge or variance is off by 1e-3 and more
 # (tests/test_flag_sums.py shows both).

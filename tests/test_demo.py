@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from streamclust.demo import run_demo
+from streamclust.app.demo import run_demo
 from streamclust.simulators.phantom import LamellaPhantom
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from streamclust.drift import NoveltyDrift
-from streamclust.engine import StreamingEngine
+from streamclust.cluster.drift import NoveltyDrift
+from streamclust.engine.streaming import StreamingEngine
 
 
 def test_stationary_stream_never_fires_and_a_rise_does():

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from streamclust.engine import StreamingEngine
-from streamclust.position_store import PositionStore
+from streamclust.engine.streaming import StreamingEngine
+from streamclust.decomposition.position_store import PositionStore
 
 N = 900
 FRAME = (32, 32)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from streamclust.engine import StreamingEngine
+from streamclust.engine.streaming import StreamingEngine
 from streamclust.reference import phantom_features
 
 SCAN = (32, 32)

@@ -13,8 +13,8 @@ import zmq
 
 from streamclust.adapters.errors import WireFormatError
 from streamclust.adapters.wire import encode_array_message
-from streamclust.events import EVENT_VERSION, EventPublisher, EventSubscriber, event_header, validate_event
-from streamclust.flags import SecondPhaseFlagger
+from streamclust.flags.events import EVENT_VERSION, EventPublisher, EventSubscriber, event_header, validate_event
+from streamclust.flags.flagger import SecondPhaseFlagger
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "events.md"
 

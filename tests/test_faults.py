@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 
 from conftest import kernel_tcp_buffer_bytes
-from streamclust.acquisition import IngestReport, acquire_scan
+from streamclust.app.acquisition import IngestReport, acquire_scan
 from streamclust.adapters.merlin import MerlinReceiver
 from streamclust.adapters.merlin_control import MerlinControl
 from streamclust.adapters.zmq_frames import FrameBridge, ZmqFrameSource
-from streamclust.live import LiveAnalysis
+from streamclust.app.live import LiveAnalysis
 from streamclust.simulators.eds import EDSPublisher
 from streamclust.simulators.merlin import Fault
 

@@ -12,7 +12,7 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import adjusted_rand_score
 
-from streamclust.fcm import (
+from streamclust.cluster.fcm import (
     DEFAULT_M,
     FuzzyCMeans,
     MiniBatchFuzzyCMeans,
@@ -174,7 +174,7 @@ def test_fit_is_deterministic_for_a_seed(three_blobs):
 def test_restarts_keep_lowest_objective(three_blobs, caplog):
     X, _ = three_blobs
     # overlapping clusters and too many centres: restarts end in different local minima
-    with caplog.at_level(logging.DEBUG, logger="streamclust.fcm"):
+    with caplog.at_level(logging.DEBUG, logger="streamclust.cluster.fcm"):
         f = FuzzyCMeans(7, n_init=5, random_state=0).fit(X)
     objectives = [float(r.args[1]) for r in caplog.records if r.msg.startswith("FCM restart")]
     assert len(objectives) == 5

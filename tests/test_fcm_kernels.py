@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamclust import fcm_kernels as K
+from streamclust.cluster import fcm_kernels as K
 
 N_POINTS = 5003  # the data fixture's points: the longest sums the kernels form
 # The kernels are compiled with fastmath (re-association, FMA contraction) for the host CPU, so any

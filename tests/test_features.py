@@ -7,8 +7,8 @@ import pickle
 import numpy as np
 import pytest
 
-from streamclust.features import FrameReducer, SpectrumReducer, quad_cross_area
-from streamclust.features_kernels import (
+from streamclust.features.reducers import FrameReducer, SpectrumReducer, quad_cross_area
+from streamclust.features.kernels import (
     bin_corrected_frames,
     bin_sum_frames,
     bin_sum_frames_numpy,

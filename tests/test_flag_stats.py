@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from streamclust.flag_stats import (
+from streamclust.flags.stats import (
     AlphaSpending,
     composition_test,
     line_windows,

@@ -1,4 +1,4 @@
-"""Second-phase flag distances from mergeable sums (streamclust.flag_sums) against the flagger's own
+"""Second-phase flag distances from mergeable sums (streamclust.flags.sums) against the flagger's own
 block_distance on the full features, the flagger's block_distances hook, and the engine's final
 seed that the Dask replay reproduces (engine.final_seed)."""
 
@@ -11,12 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamclust.centres import ThresholdedCentres
-from streamclust.engine import StreamingEngine, final_seed
-from streamclust.flag_sums import (FLAG_EDS_REBIN, DistancePlan, FoldSums, ProjectionMoments, eds_window, flag_features,
+from streamclust.engine.centres import ThresholdedCentres
+from streamclust.engine.streaming import StreamingEngine, final_seed
+from streamclust.flags.sums import (FLAG_EDS_REBIN, DistancePlan, FoldSums, ProjectionMoments, eds_window, flag_features,
                                    pair_distances, scan_fold)
-from streamclust.flags import SecondPhaseFlagger, block_distance
-from streamclust.mergeable import merge_all
+from streamclust.flags.flagger import SecondPhaseFlagger, block_distance
+from streamclust.distributed.mergeable import merge_all
 
 
 def _blocks(n=900, seed=0):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamclust.flags import ClusterAssessment, SecondPhaseFlagger, block_distance
+from streamclust.flags.flagger import ClusterAssessment, SecondPhaseFlagger, block_distance
 from streamclust.reference import bin_frames, eds_window
 from streamclust.simulators.phantom import LamellaPhantom
 

@@ -1,4 +1,4 @@
-"""[flags] method = "test": a flag is raised by hypothesis tests (streamclust.flag_stats), not by
+"""[flags] method = "test": a flag is raised by hypothesis tests (streamclust.flags.stats), not by
 distance thresholds, and its events carry the statistics (issue 17)."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamclust.events import event_header
-from streamclust.flags import SecondPhaseFlagger
+from streamclust.flags.events import event_header
+from streamclust.flags.flagger import SecondPhaseFlagger
 
 NY = NX = 40
 

@@ -11,10 +11,10 @@ import pytest
 import zmq
 
 from streamclust.adapters.wire import decode_array_message
-from streamclust.centres import ThresholdedCentres, centre_signals, fe_co_lines
-from streamclust.events import EventPublisher
-from streamclust.flags import FLAG_EDS_REBIN, SecondPhaseFlagger, eds_window
-from streamclust.followup import FollowUpClient, FollowUpConsumer, FollowUpError
+from streamclust.engine.centres import ThresholdedCentres, centre_signals, fe_co_lines
+from streamclust.flags.events import EventPublisher
+from streamclust.flags.flagger import FLAG_EDS_REBIN, SecondPhaseFlagger, eds_window
+from streamclust.flags.followup import FollowUpClient, FollowUpConsumer, FollowUpError
 from streamclust.simulators.followup import FollowUpServer
 
 logger = logging.getLogger(__name__)

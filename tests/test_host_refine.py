@@ -1,4 +1,4 @@
-"""Second-level clustering of the host phase (streamclust.host_refine) and its use in the engine."""
+"""Second-level clustering of the host phase (streamclust.cluster.host_refine) and its use in the engine."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from sklearn.decomposition import PCA
 from sklearn.preprocessing import RobustScaler
 
-from streamclust.host_refine import HostRefinement, compose_memberships, match_by_overlap
+from streamclust.cluster.host_refine import HostRefinement, compose_memberships, match_by_overlap
 
 
 def _data(seed=0, n=800, f=60, nc=40):
@@ -89,8 +89,8 @@ def test_host_group_joins_a_layer_split_by_noise_with_crisp_memberships():
     """Fuzzy overlap misses two clusters that alternate position by position with crisp
     memberships (one film split by discrete X-ray counts); their spatial mixing does not, and a
     layer beside the film stays out."""
-    from streamclust.host_refine import host_group
-    from streamclust.spatial_pool import spatial_mixing
+    from streamclust.cluster.host_refine import host_group
+    from streamclust.cluster.spatial_pool import spatial_mixing
 
     rng = np.random.default_rng(1)
     ny, nx = 40, 40

@@ -10,8 +10,8 @@ from scipy.linalg import subspace_angles
 from sklearn.decomposition import PCA, IncrementalPCA
 from threadpoolctl import threadpool_limits
 
-from streamclust.incremental_pca import StreamingPCA
-from streamclust.robust_scaling import StreamingRobustScaler
+from streamclust.decomposition.incremental_pca import StreamingPCA
+from streamclust.features.robust_scaling import StreamingRobustScaler
 
 
 @pytest.fixture(autouse=True)
@@ -225,7 +225,7 @@ def test_live_chain_equals_offline_reference():
     """Balancer + StreamingPCA fed batch by batch equals the paper's batch pipeline on the same data."""
     from sklearn.preprocessing import RobustScaler
 
-    from streamclust.block_balance import BlockBalancer
+    from streamclust.features.block_balance import BlockBalancer
 
     rng = np.random.default_rng(4)
     # below 1,024 counts the histogram quantiles are exact, so the live chain must equal the offline one

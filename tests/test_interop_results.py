@@ -23,9 +23,9 @@ from exspy.utils.eds import get_xray_lines_near_energy  # noqa: E402
 
 from streamclust.adapters.join import Batch  # noqa: E402
 from streamclust.adapters.mib import read_mib  # noqa: E402
-from streamclust.centres import fe_co_lines  # noqa: E402
-from streamclust.live import LiveAnalysis  # noqa: E402
-from streamclust.results import RESULTS_NAME, ResultsWriter, read_results, validate_results  # noqa: E402
+from streamclust.engine.centres import fe_co_lines  # noqa: E402
+from streamclust.app.live import LiveAnalysis  # noqa: E402
+from streamclust.results.writer import RESULTS_NAME, ResultsWriter, read_results, validate_results  # noqa: E402
 from streamclust.simulators.phantom import LamellaPhantom  # noqa: E402
 from streamclust.simulators.recording import record_scan  # noqa: E402
 

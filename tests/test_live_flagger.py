@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from streamclust.adapters.join import Batch
-from streamclust.config import load_config
-from streamclust.flag_stats import line_windows, window_counts
-from streamclust.flags import SecondPhaseFlagger
-from streamclust.live import LiveAnalysis
+from streamclust.app.config import load_config
+from streamclust.flags.stats import line_windows, window_counts
+from streamclust.flags.flagger import SecondPhaseFlagger
+from streamclust.app.live import LiveAnalysis
 
 SCAN = (16, 16)
 

@@ -1,7 +1,7 @@
 """Issue 5's done-when on the real engine output (not on truth-derived memberships).
 
 The default lamella phantom (64 x 64, seed 0: eight inclusions, the first reached at row 12 and
-passed at row 19) is fed to :class:`streamclust.live.LiveAnalysis` in raster batches of 128 (the
+passed at row 19) is fed to :class:`streamclust.app.live.LiveAnalysis` in raster batches of 128 (the
 configuration's cadence at 4,096 positions); flag events go out on a real ZeroMQ PUSH socket and
 are read back by a PULL subscriber. Measured (seed 0, 2026-11-24, late evening): the second phase
 is flagged at 37.5 % of the scan (rows 0-23 done; 94 % of the flagged positions second phase) and
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from streamclust.adapters.join import Batch
-from streamclust.centres import fe_co_ratio
-from streamclust.events import EventPublisher, EventSubscriber
-from streamclust.live import LiveAnalysis
+from streamclust.engine.centres import fe_co_ratio
+from streamclust.flags.events import EventPublisher, EventSubscriber
+from streamclust.app.live import LiveAnalysis
 from streamclust.simulators.phantom import LamellaPhantom
 
 SCAN = (64, 64)

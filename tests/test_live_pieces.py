@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from streamclust.adapters.join import Batch
-from streamclust.live import LiveAnalysis
+from streamclust.app.live import LiveAnalysis
 
 SCAN = (32, 32)
 
@@ -89,7 +89,7 @@ def test_centre_patterns_from_the_engine_features_equal_binning_the_frames(phant
     # the centres' 32 x 32 patterns are block sums of the engine's 64 x 64 features (a frame is
     # binned once); they must equal binning the raw frames directly, bit for bit, including
     # positions whose spectrum is missing (rows the engine fills with imputed values)
-    from streamclust.features import FrameReducer
+    from streamclust.features.reducers import FrameReducer
 
     ph, frames, spectra = phantom
     live = LiveAnalysis(ph.scan_shape, ph.frame_shape, ph.energy_axis_kev, random_state=0)

@@ -1,9 +1,9 @@
 """The decisive test (LiberTEM habit): the live engine's final result equals the offline one.
 
 A simulated lamella is streamed in raster order (substrate first) through
-:class:`streamclust.engine.StreamingEngine` as raw 512 x 512 quad frames and 2048-channel spectra,
+:class:`streamclust.engine.streaming.StreamingEngine` as raw 512 x 512 quad frames and 2048-channel spectra,
 in batches of 128; the offline reference (:func:`streamclust.reference.run_reference`, the paper's
-batch pipeline with :class:`~streamclust.fcm.FuzzyCMeans`) runs on the same scan. Their partitions
+batch pipeline with :class:`~streamclust.cluster.fcm.FuzzyCMeans`) runs on the same scan. Their partitions
 must agree (adjusted Rand index >= 0.95) and the second phase must be found as well as the
 reference finds it.
 
@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from streamclust.engine import StreamingEngine
-from streamclust.fcm import FuzzyCMeans
+from streamclust.engine.streaming import StreamingEngine
+from streamclust.cluster.fcm import FuzzyCMeans
 from streamclust.reference import best_f1, bin_frames, eds_window, run_reference
 from streamclust.simulators.phantom import LamellaPhantom
 
@@ -132,11 +132,11 @@ def test_replayed_features_give_the_same_result(live_scan):
 
 # ------------------------------------------------------------------ the whole lamella, two levels
 # The default phantom's whole scan (substrate, film with small inclusions, caps): one level finds
-# no second phase (F1 0.17, tests/test_reference.py); the host refinement (streamclust.host_refine)
+# no second phase (F1 0.17, tests/test_reference.py); the host refinement (streamclust.cluster.host_refine)
 # finds it live as well as offline. Measured (64 x 64, seeds 0 / 2 / 3): ARI live vs reference
 # 0.988 / 0.993 / 0.993 since the final refresh reads the PCA from the stored positions
 # (engine ``final_pca_sample``; with the streaming sketch's read-out 0.918 / 0.948 / 0.646) and
-# level 2 uses 7 power iterations (streamclust.sample_pca).
+# level 2 uses 7 power iterations (streamclust.decomposition.sample_pca).
 @pytest.fixture(scope="module")
 def whole_scan():
     ph = LamellaPhantom(scan_shape=(64, 64), seed=0)
@@ -183,7 +183,7 @@ def test_whole_lamella_second_phase_is_its_own_cluster_live(whole_scan, record_p
     assert live.single >= 0.6 and live.single_cluster >= N_CLUSTERS
     assert f1_one < 0.4
     assert ari >= 0.95, f"whole lamella, two levels: live partition disagrees with the reference: ARI {ari:.3f}"
-    # the map a microscopist reads: the matrix is one region (streamclust.cluster_merge; without
+    # the map a microscopist reads: the matrix is one region (streamclust.cluster.merge; without
     # the merge its largest cluster held 0.29 of it on this seed), live and in the reference
     for name, lab in (("live", eng.labels_), ("reference", ref.labels)):
         share = np.bincount(lab[matrix]).max() / matrix.sum()

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from streamclust.liveview import LiveView
-from streamclust.liveview_render import cluster_palette, encode_png, render_rgba
+from streamclust.app.liveview import LiveView
+from streamclust.app.liveview_render import cluster_palette, encode_png, render_rgba
 
 import browser
 

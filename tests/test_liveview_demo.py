@@ -27,10 +27,10 @@ import numpy as np
 import pytest
 
 from browser import Browser, find_chromium
-from streamclust.centres import fe_co_lines
-from streamclust.cli import _liveview_factory
-from streamclust.config import load_config
-from streamclust.demo import run_demo
+from streamclust.engine.centres import fe_co_lines
+from streamclust.app.cli import _liveview_factory
+from streamclust.app.config import load_config
+from streamclust.app.demo import run_demo
 from streamclust.simulators.phantom import LamellaPhantom
 
 # the smallest square scan of seed 0 that raises a flag (at 56 % of the scan): the whole demo,

@@ -18,8 +18,8 @@ import pytest
 
 from browser import Browser, find_chromium
 from liveview_scene import ROWS, Scene
-from streamclust.centres import fe_co_lines
-from streamclust.liveview import LiveView
+from streamclust.engine.centres import fe_co_lines
+from streamclust.app.liveview import LiveView
 from streamclust.simulators.followup import FollowUpServer
 from streamclust.simulators.phantom import LamellaPhantom
 
@@ -131,7 +131,7 @@ def test_http_evidence_position_and_bad_queries(scene, fed):
         pos = json.loads(_get(fed.url + "position.json?p=130"))
         assert (pos["y"], pos["x"]) == (2, 2)
         # the position's own spectrum, rebinned as the centres' for the plot
-        from streamclust.liveview_render import spectrum_for_plot
+        from streamclust.app.liveview_render import spectrum_for_plot
         _, expect = spectrum_for_plot(scene.spectra[130], scene.phantom.energy_axis_kev)
         np.testing.assert_allclose(pos["counts"], expect, rtol=1e-3)
 
@@ -281,7 +281,7 @@ def test_update_from_a_live_analysis():
     """The feed the live analysis will use (LiveAnalysis._assess -> update_from_analysis): the
     engine's memberships, its centres, the bright field and per-position data reach the view."""
     from streamclust.adapters.join import Batch
-    from streamclust.live import LiveAnalysis
+    from streamclust.app.live import LiveAnalysis
 
     ph = LamellaPhantom((32, 32), seed=0, frame_shape=(64, 64))
     live = LiveAnalysis(ph.scan_shape, ph.frame_shape, ph.energy_axis_kev, random_state=0, assess_every=256,

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from streamclust import cli
-from streamclust.config import load_config
-from streamclust.progress import ProgressDisplay
-from streamclust.run import run_scan
+from streamclust.app import cli
+from streamclust.app.config import load_config
+from streamclust.app.progress import ProgressDisplay
+from streamclust.app.run import run_scan
 from streamclust.simulators.followup import FollowUpServer
 
 SCAN = (40, 40)  # seed 0 raises a flag at about half of it (tests/test_liveview_demo.py)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamclust.centres import ThresholdedCentres
+from streamclust.engine.centres import ThresholdedCentres
 
 
 def test_stored_and_signals_read_copies_and_refuse_bad_positions():

@@ -10,12 +10,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.linalg import subspace_angles
 
-from streamclust.block_balance import BlockBalancer
-from streamclust.centres import ThresholdedCentres
-from streamclust.incremental_pca import StreamingPCA
-from streamclust.mergeable import CentreSums, FCMSums, merge, merge_all, thresholded_weights
-from streamclust.robust_scaling import FeatureMoments, StreamingRobustScaler
-from streamclust.validity import ValidityAccumulator
+from streamclust.features.block_balance import BlockBalancer
+from streamclust.engine.centres import ThresholdedCentres
+from streamclust.decomposition.incremental_pca import StreamingPCA
+from streamclust.distributed.mergeable import CentreSums, FCMSums, merge, merge_all, thresholded_weights
+from streamclust.features.robust_scaling import FeatureMoments, StreamingRobustScaler
+from streamclust.cluster.validity import ValidityAccumulator
 
 N = 240
 _settings = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -120,7 +120,7 @@ def test_fcm_pass_sums_merge_exactly(blocks, cuts, m):
 
 def test_fcm_step_is_a_batch_fcm_iteration():
     """Passes of merged sums converge where FuzzyCMeans does from the same centres."""
-    from streamclust.fcm import FuzzyCMeans
+    from streamclust.cluster.fcm import FuzzyCMeans
 
     rng = np.random.default_rng(0)
     Z = np.vstack([rng.normal(0, 1, (150, 3)), rng.normal(6, 1, (150, 3))])

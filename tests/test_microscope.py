@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamclust.acquisition import acquire_scan
+from streamclust.app.acquisition import acquire_scan
 from streamclust.adapters.eds_file import read_eds_recording
 from streamclust.adapters.mib import MibFile, read_mib
 from streamclust.simulators.microscope import MicroscopeConfig, SimulatedMicroscope

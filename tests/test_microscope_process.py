@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from streamclust.acquisition import acquire_scan
+from streamclust.app.acquisition import acquire_scan
 from streamclust.simulators.microscope_process import MicroscopeProcess
 from streamclust.simulators.phantom import LamellaPhantom
 

@@ -9,11 +9,11 @@ from matplotlib.image import imread
 from matplotlib.patches import Rectangle
 
 from streamclust.adapters.join import Batch
-from streamclust.centres import CO_KA_KEV, FE_KA_KEV, CentreSet, fe_co_ratio
-from streamclust.live import LiveAnalysis
-from streamclust.liveview_render import cluster_palette
-from streamclust.pictures import centre_figures, membership_map_figure, membership_rgba, write_pictures
-from streamclust.results import ResultsWriter
+from streamclust.engine.centres import CO_KA_KEV, FE_KA_KEV, CentreSet, fe_co_ratio
+from streamclust.app.live import LiveAnalysis
+from streamclust.app.liveview_render import cluster_palette
+from streamclust.results.pictures import centre_figures, membership_map_figure, membership_rgba, write_pictures
+from streamclust.results.writer import ResultsWriter
 from streamclust.simulators.phantom import LamellaPhantom
 
 

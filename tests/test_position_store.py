@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
-from streamclust.position_store import PositionStore
+from streamclust.decomposition.position_store import PositionStore
 
 
 def _counts(rng: np.random.Generator, n: int, f: int) -> np.ndarray:

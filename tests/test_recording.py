@@ -22,9 +22,9 @@ from streamclust.adapters.recording import (
     find_recording,
     layout_for_shape,
 )
-from streamclust.config import load_config
-from streamclust.replay import replay_scan
-from streamclust.run import ScanSession, run_scan
+from streamclust.app.config import load_config
+from streamclust.app.replay import replay_scan
+from streamclust.app.run import ScanSession, run_scan
 from streamclust.simulators.phantom import LamellaPhantom
 from streamclust.simulators.record_live import record_phantom
 
@@ -211,7 +211,7 @@ def test_live_scan_recorded_with_run_replays_to_the_same_memberships(phantom, tm
 
 def test_simulate_record_then_replay_the_folder_on_the_command_line(tmp_path):
     rec = tmp_path / "rec"
-    cmd = [sys.executable, "-m", "streamclust.cli"]
+    cmd = [sys.executable, "-m", "streamclust.app.cli"]
     done = subprocess.run(cmd + ["simulate", "--record", str(rec), "--scan", "6", "--seed", "2"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr

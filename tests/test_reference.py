@@ -16,7 +16,7 @@ from streamclust.reference import (
     run_reference,
     scale_block,
 )
-from streamclust.fcm import FuzzyCMeans
+from streamclust.cluster.fcm import FuzzyCMeans
 from streamclust.simulators.phantom import LamellaPhantom
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from streamclust.fcm import FuzzyCMeans
+from streamclust.cluster.fcm import FuzzyCMeans
 from streamclust.reference import run_reference
 
 

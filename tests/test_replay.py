@@ -9,9 +9,9 @@ import pytest
 
 from streamclust.adapters.eds_file import read_eds_recording
 from streamclust.adapters.mib import MibFile
-from streamclust.config import load_config
-from streamclust.replay import ReplayStats, dask_config, iter_batches, replay_scan
-from streamclust.run import ScanSession
+from streamclust.app.config import load_config
+from streamclust.app.replay import ReplayStats, dask_config, iter_batches, replay_scan
+from streamclust.app.run import ScanSession
 from streamclust.simulators.phantom import LamellaPhantom
 from streamclust.simulators.recording import record_scan
 
@@ -49,7 +49,7 @@ class _Keep(ScanSession):
 
 def _live_scan(phantom, cfg, out_dir):
     """A demo-style live scan: simulated microscope -> acquire_scan -> the same session as replay."""
-    from streamclust.acquisition import acquire_scan
+    from streamclust.app.acquisition import acquire_scan
     from streamclust.simulators.microscope import MicroscopeConfig, SimulatedMicroscope
 
     session = _Keep(cfg, scan_shape=phantom.scan_shape, frame_shape=phantom.frame_shape,
@@ -168,7 +168,7 @@ def test_scan_shape_mismatch_is_a_clear_error(recording, tmp_path):
 def test_replay_command_line(recording, tmp_path):
     from click.testing import CliRunner
 
-    from streamclust.cli import main
+    from streamclust.app.cli import main
 
     cfg = tmp_path / "c.toml"
     cfg.write_text("[engine]\nwarmup_positions = 96\nrefresh_every = 128\n[scan]\nbatch_size = 64\n"
@@ -190,7 +190,7 @@ def test_replay_command_line(recording, tmp_path):
 def test_replay_command_line_quiet_with_live_view(recording, tmp_path):
     from click.testing import CliRunner
 
-    from streamclust.cli import main
+    from streamclust.app.cli import main
 
     cfg = tmp_path / "c.toml"
     cfg.write_text("[engine]\nn_clusters = 4\nwarmup_positions = 96\nrefresh_every = 128\n"
@@ -205,7 +205,7 @@ def test_replay_command_line_quiet_with_live_view(recording, tmp_path):
 
 
 def test_dask_configuration_is_accepted_by_the_dask_replay():
-    dask_replay = pytest.importorskip("streamclust.dask_replay")
+    dask_replay = pytest.importorskip("streamclust.distributed.dask_replay")
     cfg = load_config({"engine": {"n_clusters": 4, "m": 1.4, "pca_method": "exact"}})
     mapped = dask_config(cfg)
     rc = dask_replay.ReplayConfig.from_any(mapped)

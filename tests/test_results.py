@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from streamclust.adapters.join import Batch
-from streamclust.live import LiveAnalysis
-from streamclust.results import (
+from streamclust.app.live import LiveAnalysis
+from streamclust.results.writer import (
     LEGACY_RESULTS_NAME,
     RESULTS_NAME,
     ResultsWriter,

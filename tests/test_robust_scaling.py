@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.preprocessing import RobustScaler
 
-from streamclust.histogram_kernels import (
+from streamclust.features.histogram_kernels import (
     histogram_update,
     histogram_update_numpy,
     log_edges,
@@ -17,7 +17,7 @@ from streamclust.histogram_kernels import (
     quantiles,
     quantiles_numpy,
 )
-from streamclust.robust_scaling import FeatureMoments, StreamingRobustScaler
+from streamclust.features.robust_scaling import FeatureMoments, StreamingRobustScaler
 
 
 @pytest.fixture

@@ -18,12 +18,12 @@ import pytest
 
 from streamclust.adapters.eds import SpectrumReceiver
 from streamclust.adapters.zmq_frames import FrameBridge
-from streamclust.events import EventPublisher
+from streamclust.flags.events import EventPublisher
 from streamclust.simulators.eds import ArraySpectrumSource, EDSPublisher
 from streamclust.simulators.merlin import ArraySource, MerlinServer
 from streamclust.simulators.phantom import LamellaPhantom
 from streamclust.simulators.followup import FollowUpServer
-from streamclust.liveview import LiveView
+from streamclust.app.liveview import LiveView
 
 
 def _listening() -> set[tuple[str, int]]:
@@ -103,7 +103,7 @@ def test_frame_bridge():
 
 
 def test_liveview():
-    from streamclust.liveview import LiveView
+    from streamclust.app.liveview import LiveView
 
     with _NewListeners(1) as probe:
         view = LiveView()
@@ -136,7 +136,7 @@ def test_simulated_microscope_config_defaults():
 
 
 def test_configuration_defaults_are_loopback():
-    from streamclust.config import Config
+    from streamclust.app.config import Config
     from streamclust.adapters.security import is_loopback
 
     cfg = Config()

@@ -13,8 +13,8 @@ from streamclust.adapters.eds import SpectrumReceiver
 from streamclust.adapters.security import (CurveClient, CurveServer, create_keys, is_loopback,
                                            registered_domains, warn_if_exposed)
 from streamclust.adapters.zmq_frames import FrameBridge, ZmqFrameSource
-from streamclust.events import EventPublisher, EventSubscriber
-from streamclust.flags import FlagEvent
+from streamclust.flags.events import EventPublisher, EventSubscriber
+from streamclust.flags.flagger import FlagEvent
 from streamclust.simulators.eds import ArraySpectrumSource, EDSPublisher
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")

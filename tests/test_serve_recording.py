@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from streamclust.acquisition import acquire_scan
+from streamclust.app.acquisition import acquire_scan
 from streamclust.adapters.eds_file import read_eds_recording
 from streamclust.adapters.merlin import MerlinReceiver
 from streamclust.adapters.mib import read_mib
@@ -90,7 +90,7 @@ def test_fault_options_apply_to_a_served_recording(recorded):
 
 def test_simulate_from_on_the_command_line(recorded):
     frames = read_mib(recorded / "scan.mib")
-    proc = subprocess.Popen([sys.executable, "-m", "streamclust.cli", "simulate", "--from", str(recorded),
+    proc = subprocess.Popen([sys.executable, "-m", "streamclust.app.cli", "simulate", "--from", str(recorded),
                              "--data-port", "0", "--control-port", "0", "--eds-port", "0", "--dwell", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -109,7 +109,7 @@ def test_simulate_from_on_the_command_line(recorded):
 
 
 def test_simulate_from_a_missing_folder_is_one_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "streamclust.cli", "simulate", "--from", str(tmp_path / "no")],
+    done = subprocess.run([sys.executable, "-m", "streamclust.app.cli", "simulate", "--from", str(tmp_path / "no")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 4
     assert done.stderr.strip().startswith("streamclust: error: no such file or folder")

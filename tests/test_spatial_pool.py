@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from streamclust.spatial_pool import neighbourhood_mean, neighbours, spatial_mixing
+from streamclust.cluster.spatial_pool import neighbourhood_mean, neighbours, spatial_mixing
 
 
 def _direct(values, pool, shape, positions):

@@ -10,9 +10,9 @@ import numpy as np
 import psutil
 import pytest
 
-from streamclust.engine import SPILL_MIN_BYTES, StreamingEngine
-from streamclust.position_store import PositionStore
-from streamclust.spill import release, spill_array
+from streamclust.engine.streaming import SPILL_MIN_BYTES, StreamingEngine
+from streamclust.decomposition.position_store import PositionStore
+from streamclust.decomposition.spill import release, spill_array
 
 
 def _counts(n, f, seed=0):
@@ -86,7 +86,7 @@ def test_the_engine_spills_a_large_store_only(tmp_path):
 
 
 def test_a_spilled_centre_store_equals_the_in_memory_one(tmp_path):
-    from streamclust.centres import ThresholdedCentres
+    from streamclust.engine.centres import ThresholdedCentres
 
     rng = np.random.default_rng(4)
     n = 900

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamclust import fcm_kernels as K
-from streamclust.fcm import FuzzyCMeans
-from streamclust.validity import (
+from streamclust.cluster import fcm_kernels as K
+from streamclust.cluster.fcm import FuzzyCMeans
+from streamclust.cluster.validity import (
     ValidityAccumulator,
     choose_n_clusters,
     min_centre_separation,

@@ -1,0 +1,1 @@
+"""The same model from mergeable states: the mergeable accumulators and the Dask replay of a recording."""
