@@ -153,6 +153,22 @@ def test_features_for_the_flagger():
     np.testing.assert_array_equal(eds[3], [11 + 12 + 13 + 14, 15 + 16 + 17 + 18])
 
 
+def test_features_with_zero_rows_where_nothing_is_stored():
+    """``missing=0.0``: the same stored rows, zeros instead of NaN elsewhere (a separate cache)."""
+    tc = ThresholdedCentres(2, n_positions=5, cbed_shape=(2, 2))
+    tc.add([1, 3], np.full((2, 4, 4), 4.0), np.arange(2 * 10, dtype=np.uint16).reshape(2, 10))
+    nan_c, nan_e = (a.copy() for a in tc.features(eds_rebin=4, eds_channels=slice(1, 10)))
+    cbed, eds = tc.features(eds_rebin=4, eds_channels=slice(1, 10), missing=0.0)
+    assert tc.stored.tolist() == [False, True, False, True, False]
+    for a, b in ((cbed, nan_c), (eds, nan_e)):
+        np.testing.assert_array_equal(a[tc.stored], b[tc.stored])
+        assert (a[~tc.stored] == 0).all()
+    tc.add([0], np.full((1, 4, 4), 1.0), np.ones((1, 10), np.uint16))
+    cbed, _ = tc.features(eds_rebin=4, eds_channels=slice(1, 10), missing=0.0)
+    np.testing.assert_array_equal(cbed[0], np.full(4, 2.0))
+    assert (cbed[[2, 4]] == 0).all()
+
+
 def test_features_are_computed_once_per_position_and_stay_exact():
     """Later calls only compute the positions added since: the result equals a fresh store's, for
     each channel selection, and the arrays handed out are read-only."""

@@ -103,6 +103,33 @@ def test_flag_raised_for_second_phase(with_inclusions):
     assert all(fast_by[layer].distance_cbed == 0.0 for layer in (0, 3, 4))
 
 
+def test_unchecked_zero_filled_features_decide_as_nan_rows_do(with_inclusions):
+    """The live path's shortcut (zeros outside the stored positions, ``scanned_mask`` = stored,
+    ``check_finite=False``) measures every cluster as the checked NaN-row path does, mid-scan."""
+    ph, u, cbed, eds = with_inclusions
+    n = ph.n_positions
+    stored = np.zeros(n, bool)
+    stored[: n * 3 // 5] = True
+    stored[7] = False  # a position with a membership but no stored signals
+    um = u.copy()
+    um[n * 3 // 5:] = np.nan
+    nan_c, nan_e = np.where(stored[:, None], cbed, np.nan), np.where(stored[:, None], eds, np.nan)
+    zero_c, zero_e = np.where(stored[:, None], cbed, 0.0), np.where(stored[:, None], eds, 0.0)
+    checked = SecondPhaseFlagger(distances_for_all=True).assess(um, SCAN, nan_c, nan_e)
+    unchecked = SecondPhaseFlagger(distances_for_all=True).assess(um, SCAN, zero_c, zero_e, stored,
+                                                                  check_finite=False)
+    assert [a.n_positions for a in unchecked] == [a.n_positions for a in checked]
+    assert [a.reason for a in unchecked] == [a.reason for a in checked]
+    for a, b in zip(unchecked, checked):
+        assert a.distance_cbed == pytest.approx(b.distance_cbed, rel=1e-5, abs=1e-6)
+        assert a.distance_eds == pytest.approx(b.distance_eds, rel=1e-5, abs=1e-6)
+    # the shortcut's contract matters: NaN rows left in make the whole-block distances NaN-free
+    # only because they are zero; with NaN rows and no check, a candidate's distance is lost
+    broken = SecondPhaseFlagger(distances_for_all=True).assess(um, SCAN, nan_c, nan_e, stored,
+                                                               check_finite=False)
+    assert any(a.distance_eds != b.distance_eds for a, b in zip(broken, checked))
+
+
 def test_single_phase_raises_no_flag(single_phase):
     ph, u, cbed, eds = single_phase
     assert not ph.truth.second_phase.any()

@@ -216,7 +216,9 @@ class LiveAnalysis:
             return []
         self.centre_set = self.centres.update(u)
         signals = centre_signals(self.centre_set, self.energy_axis_kev)
-        cbed, eds = self.centres.features(eds_rebin=FLAG_EDS_REBIN, eds_channels=self._window)
+        # zero rows where nothing is stored, and the stored mask as the scanned one: the flagger
+        # need not scan its blocks for NaN rows at every look (0.5 s of 0.84 s at 256 x 256)
+        cbed, eds = self.centres.features(eds_rebin=FLAG_EDS_REBIN, eds_channels=self._window, missing=0.0)
         # the host's sub-clusters are the matrix an inclusion is embedded in (flags docs)
         lines = None
         if self.flagger.method == "test":
@@ -225,8 +227,9 @@ class LiveAnalysis:
                                self.flagger.elements)
                 return []
             lines = self._lines
-        events = self.flagger.update(u, self.scan_shape, cbed, eds, signals=signals,
-                                     matrix_clusters=self.engine.host_columns_, line_counts=lines)
+        events = self.flagger.update(u, self.scan_shape, cbed, eds, signals=signals, scanned_mask=self.centres.stored,
+                                     matrix_clusters=self.engine.host_columns_, line_counts=lines,
+                                     check_finite=False)
         fraction = self.n_seen / self.n_positions
         for ev in events:
             rec = {k: v for k, v in asdict(ev).items() if k != "positions"}

@@ -396,13 +396,19 @@ class ThresholdedCentres:
             self._full += w.T @ f.astype(np.float64)
             self._full_w += w.sum(axis=0)
 
-    def features(self, *, eds_rebin: int = 8, eds_channels: slice | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def features(self, *, eds_rebin: int = 8, eds_channels: slice | None = None,
+                 missing: float = np.nan) -> tuple[np.ndarray, np.ndarray]:
         """Per-position block signals from the store, for :class:`~streamclust.flags.flagger.SecondPhaseFlagger`.
 
-        Returns ``(cbed, eds)`` float32 arrays (n_positions, d) with NaN rows where nothing is
-        stored: the square root of the binned patterns (Poisson variance-stabilised) and the
-        spectra of ``eds_channels`` summed in groups of ``eds_rebin`` channels. The arrays are
-        read-only and updated in place by later calls (copy them to keep a snapshot).
+        Returns ``(cbed, eds)`` float32 arrays (n_positions, d) with rows of ``missing`` (NaN by
+        default) where nothing is stored (:attr:`stored`): the square root of the binned patterns
+        (Poisson variance-stabilised) and the spectra of ``eds_channels`` summed in groups of
+        ``eds_rebin`` channels. The arrays are read-only and updated in place by later calls
+        (copy them to keep a snapshot).
+
+        ``missing=0.0`` with ``scanned_mask=stored`` and ``check_finite=False`` lets the flagger
+        skip its scan of the whole blocks for NaN rows: at 65,536 positions that scan and the
+        zero-filled copy it made were 0.5 s of a 0.84 s assessment.
         """
         if self._cbed is None:
             raise RuntimeError("no position stored yet: call add() first")
@@ -416,13 +422,13 @@ class ThresholdedCentres:
         else:
             window = np.asarray(eds_channels)
             key_channels = ("index", tuple(window.ravel().tolist()))
-        key = (int(eds_rebin), key_channels)
+        key = (int(eds_rebin), key_channels, "nan" if np.isnan(missing) else float(missing))
         cache = getattr(self, "_feature_cache", None)
         if cache is None or cache[0] != key:
             width = self._eds[:1, window].shape[1] if window is not None else self._eds.shape[1]
             m = width // eds_rebin * eds_rebin
-            cache = (key, self._array(self._cbed.shape, np.float32, "features-cbed", fill=np.nan),
-                     self._array((self._eds.shape[0], m // eds_rebin), np.float32, "features-eds", fill=np.nan),
+            cache = (key, self._array(self._cbed.shape, np.float32, "features-cbed", fill=missing),
+                     self._array((self._eds.shape[0], m // eds_rebin), np.float32, "features-eds", fill=missing),
                      np.zeros(self._stored.shape, bool))
             self._feature_cache = cache
         _, cbed, eds, done = cache

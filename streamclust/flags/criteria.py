@@ -115,7 +115,7 @@ class ClusterCriteria:
     # ------------------------------------------------------------------ measuring
     def assess(self, memberships, scan_shape, cbed_features, eds_features,
                scanned_mask=None, *, block_distances=None, matrix_clusters=None,
-               line_counts=None) -> list[ClusterAssessment]:
+               line_counts=None, check_finite: bool = True) -> list[ClusterAssessment]:
         """Measure every cluster (no state change).
 
         ``block_distances``, optional: a callable ``(k, j, in_k, in_j, fold) -> (d_cbed, d_eds)``
@@ -134,6 +134,12 @@ class ClusterCriteria:
         ``line_counts``, optional (n_positions, E) integer: X-ray counts of each position in the
         element-line windows (:func:`streamclust.flags.stats.window_counts`); ``method="test"``
         needs them (and the CBED features).
+
+        ``check_finite`` (as in :func:`scipy.linalg.solve`): rows of the feature blocks holding
+        NaN or infinity are left out, which reads both blocks whole at every look. ``False``: the
+        caller guarantees finite rows wherever ``scanned_mask`` is true and zeros elsewhere (the
+        whole-block products below must stay finite): the live analysis passes the centre
+        store's ``stored`` mask and its ``features(missing=0.0)``.
         """
         u = np.asarray(memberships, dtype=np.float64)
         ny, nx = (int(v) for v in scan_shape)
@@ -163,7 +169,7 @@ class ClusterCriteria:
         # rows whose features are missing (NaN) cannot be compared; they are zeroed so the
         # whole-block products in block_distance stay finite (their weight is 0 anyway)
         for i, f in enumerate(blocks):
-            if f is None:
+            if f is None or not check_finite:
                 continue
             finite = np.isfinite(f)
             if not finite.all():

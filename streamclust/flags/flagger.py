@@ -255,7 +255,7 @@ class SecondPhaseFlagger(ClusterCriteria):
     # ------------------------------------------------------------------ state machine
     def update(self, memberships, scan_shape, cbed_features, eds_features, *, scanned_mask=None,
                signals: dict | None = None, block_distances=None, matrix_clusters=None,
-               line_counts=None) -> list[FlagEvent]:
+               line_counts=None, check_finite: bool = True) -> list[FlagEvent]:
         """Re-assess all clusters and return the flag events of this update.
 
         Parameters
@@ -279,6 +279,9 @@ class SecondPhaseFlagger(ClusterCriteria):
             must then have ``min_matrix_share`` of its ring in them (see :meth:`assess`).
         line_counts : (n_positions, E) int, optional
             Element-line window counts per position (``method="test"``).
+        check_finite : bool, default=True
+            False: the feature rows are finite inside ``scanned_mask`` and zero outside, so the
+            blocks are not scanned for NaN rows (see :meth:`assess`).
 
         Returns
         -------
@@ -290,7 +293,7 @@ class SecondPhaseFlagger(ClusterCriteria):
         self._signals = signals or {}
         assessments = self.assess(memberships, scan_shape, cbed_features, eds_features, scanned_mask,
                                   block_distances=block_distances, matrix_clusters=matrix_clusters,
-                                  line_counts=line_counts)
+                                  line_counts=line_counts, check_finite=check_finite)
         if self.method == "test":
             assessments = self._decide(assessments, memberships, scan_shape, scanned_mask)
         self.assessments_ = assessments
