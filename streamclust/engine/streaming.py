@@ -95,6 +95,31 @@ def final_seed(random_state: int | None) -> int:
 #: a position store larger than this spills to disk with ``spill="auto"`` (256 MiB)
 SPILL_MIN_BYTES = 256 * 2**20
 
+class _HostState:
+    """The level-2 state a refresh replaces, built aside and committed in one step, so a spread
+    refresh never leaves the engine half-updated while batches are scored between its steps."""
+
+    _FIELDS = {"z": "_host_z", "pool": "_host_pool", "space": "host_", "fit_size": "_host_fit_size",
+               "fcm": "_host_fcm", "scorer": "_host_scorer", "merged_into": "host_merged_into_",
+               "cluster": "host_cluster_", "group": "host_group_"}
+
+    def __init__(self, **values) -> None:
+        self.scores = None  # (positions, level-2 scores) of this refresh, for the composition
+        self.__dict__.update(values)
+
+    @classmethod
+    def of(cls, engine) -> _HostState:
+        st = cls(**{k: getattr(engine, v) for k, v in cls._FIELDS.items()})
+        # the pooling grid is written in place by the refresh: a copy (batches use the engine's)
+        st.z = None if st.z is None else st.z.copy()
+        st.pool = st.pool.copy()
+        return st
+
+    def commit(self, engine) -> None:
+        for k, v in self._FIELDS.items():
+            setattr(engine, v, getattr(self, k))
+
+
 _STAGES = ("reduce_frames", "reduce_spectra", "balance", "pca", "basis", "store", "cluster", "refresh", "host")
 
 
@@ -287,6 +312,13 @@ class StreamingEngine:
         Counters and seconds spent per stage.
     """
 
+    #: rows of stored positions a spread refresh reads per batch, in two steps: about 0.12 s of a
+    #: batch at 256 x 256, where a whole refresh read 80,000-110,000 rows and stalled the batch
+    #: that triggered it by 1-2 s (docs/engine.md, "Real scan sizes"). A tuning constant, not a
+    #: parameter: the result depends on it only through which batches a refresh spans.
+    refresh_step_rows = 16384
+
+
     def __init__(
         self,
         n_positions: int,
@@ -473,7 +505,6 @@ class StreamingEngine:
                                             tuple(self.host_merge_elements))
         self._host_scorer: tuple[np.ndarray, np.ndarray] | None = None
         self._host_fit_size = 0
-        self._host_scores: tuple[np.ndarray, np.ndarray] | None = None  # (positions, level-2 scores) of a refresh
         # live pooling (host_pooling): every position's level-2 scores in the current host space,
         # and which positions are clear host (the neighbours that may be pooled); None when off
         self._host_z: np.ndarray | None = None
@@ -492,6 +523,7 @@ class StreamingEngine:
         self._complete = np.zeros(n, dtype=bool)  # positions whose statistics were learned (both signals)
         self._since_refresh = 0
         self._seen_at_refresh = 0
+        self._refresh_job = None  # a spread refresh in progress (a generator of its steps)
         self._last_refresh_time = time.monotonic()
         self.cluster_centers_: np.ndarray | None = None
         self.n_components_ = 0
@@ -727,10 +759,14 @@ class StreamingEngine:
                         "since the last refresh): refreshing early", self._since_refresh)
             self._counts["drift_refreshes"] += 1
             due = True
-        if due:
-            t = time.perf_counter()
-            self._refresh(final=False)
-            self._times["refresh"] += time.perf_counter() - t
+        t = time.perf_counter()
+        if self._refresh_job is not None:
+            self._advance_refresh_job()
+        elif due:
+            # spread over this and the next batches (refresh_step_rows of read-out a batch)
+            self._refresh_job = self._refresh_steps(final=False)
+            self._advance_refresh_job()
+        self._times["refresh"] += time.perf_counter() - t
 
     def _finish_warmup(self, force: bool) -> None:
         complete = sum(int(np.count_nonzero(b[3] & b[4])) for b in self._warm_buffer)
@@ -817,7 +853,8 @@ class StreamingEngine:
             else:
                 self.memberships_[pos] = self._compose(U1, x_warm)
             self._times["cluster"] += time.perf_counter() - t
-        if sum(p.size for p, _ in self._pending) >= int(self.pending_limit):
+        if self._refresh_job is None and sum(p.size for p, _ in self._pending) >= int(self.pending_limit):
+            # (not while a spread refresh reads the store: a new basis would re-base its rows)
             self._flush_pending()
 
     def _flush_pending(self) -> None:
@@ -874,6 +911,38 @@ class StreamingEngine:
         self._counts["basis_updates"] += 1
 
     def _refresh(self, final: bool) -> None:
+        """A whole refresh now: the warm-up's end, the final one, :meth:`refresh`. A spread
+        refresh still running is completed first."""
+        self._complete_refresh_job()
+        for _ in self._refresh_steps(final):
+            pass
+
+    def _complete_refresh_job(self) -> None:
+        job, self._refresh_job = self._refresh_job, None
+        if job is not None:
+            for _ in job:
+                pass
+
+    def _advance_refresh_job(self) -> None:
+        """Run the spread refresh for this batch's share: steps until ``refresh_step_rows`` rows of
+        read-out work are done, or it has committed. The share is counted in rows, not seconds, so
+        the same batches give the same result on any machine (a replay equals the live run)."""
+        done = 0
+        while self._refresh_job is not None and done < self.refresh_step_rows:
+            try:
+                done += next(self._refresh_job)
+            except StopIteration:
+                self._refresh_job = None
+
+    def _refresh_steps(self, final: bool):
+        """A refresh as a generator of steps, each yielding the rows of read-out work it did.
+
+        Everything it computes is held aside and committed at the end in one step, so batches
+        that arrive while a spread refresh runs are scored with the committed model (and are
+        re-scored with the new one at the commit). Why spread: at 256 x 256 a refresh reads every
+        stored position twice (level 1 and level 2, 0.29 s a read-out at 40,000 positions) and
+        stalled the batch that triggered it by 1-2 s, which the flags waited for.
+        """
         self._since_refresh = 0
         self._seen_at_refresh = self.store_.n_seen
         self._last_refresh_time = time.monotonic()
@@ -898,7 +967,7 @@ class StreamingEngine:
             # the end of the scan can afford the exact read-out the sketch approximates
             V, evr = self._sample_pca(D, seed, int(self.final_pca_sample))
             k = V.shape[1]
-        Z = self.store_.project(D, V, mean_now, idx)
+        Z = yield from self._apply_steps(D[:, np.newaxis] * V, (mean_now @ V).astype(np.float32), idx)
 
         prev = self._readout
         U_prev = self.level1_memberships_[idx]
@@ -947,12 +1016,14 @@ class StreamingEngine:
                                   init_max_iter=1, n_init=1, random_state=seed)
         mb.partial_fit(Z)
         U = mb.predict_memberships(Z)
+        host = _HostState.of(self)
         if int(self.host_clusters):
-            t_host = time.perf_counter()
-            self._refine_host(idx, U, final, seed)
-            self._times["host"] += time.perf_counter() - t_host
+            yield from self._timed(self._refine_host_steps(idx, U, final, seed, host), "host")
+        composed = yield from self._compose_stored_steps(U, idx, final, host)
+        # ---- commit: from here on nothing yields, so a batch never sees half of a refresh
+        host.commit(self)
         self.level1_memberships_[idx] = U
-        self.memberships_[idx] = self._compose_stored(U, idx, final)
+        self.memberships_[idx] = composed
         self._fcm = mb
         self._readout = {"D": D, "V": V, "mean": mean_now}
         A = D[:, np.newaxis] * V
@@ -975,6 +1046,50 @@ class StreamingEngine:
             "xie_beni": xie_beni(Z, mb.cluster_centers_, U, m=float(self.m)),
         }
         self._counts["refreshes"] += 1
+        # positions that arrived while a spread refresh ran were scored with the model it replaces
+        self._rescore_pending()
+
+
+    def _timed(self, steps, stage: str):
+        """Drive the generator ``steps``, adding the time of each of its steps to ``stage``."""
+        it = iter(steps)
+        while True:
+            t = time.perf_counter()
+            try:
+                work = next(it)
+            except StopIteration as stop:
+                self._times[stage] += time.perf_counter() - t
+                return stop.value
+            self._times[stage] += time.perf_counter() - t
+            yield work
+
+    def _apply_steps(self, A: np.ndarray, b: np.ndarray, idx: np.ndarray):
+        """``stored_vectors(idx) @ A - b`` (float32), read in steps of half ``refresh_step_rows``."""
+        out = np.empty((idx.size, A.shape[1]), dtype=np.float32)
+        step = max(1, int(self.refresh_step_rows) // 2)
+        for s in range(0, idx.size, step):
+            sel = idx[s:s + step]
+            out[s:s + sel.size] = self.store_.apply(A, sel)
+            yield sel.size
+        out -= b
+        return out
+
+    def _rescore_pending(self) -> None:
+        """Memberships of the positions not yet encoded, with the model just committed: those a
+        spread refresh left behind (they arrived while it ran; inline, there are none)."""
+        if not self._pending or self._scorer is None:
+            return
+        A, b = self._scorer
+        for pos, x_warm in self._pending:
+            Z = x_warm @ A
+            Z -= b
+            self._fcm.partial_fit(Z)
+            U1 = self._fcm.predict_memberships(Z)
+            self.level1_memberships_[pos] = U1
+            if self._host_z is not None:
+                self._compose_pooled(pos, U1, x_warm)
+            else:
+                self.memberships_[pos] = self._compose(U1, x_warm)
 
     def _recent_vectors(self, limit: int) -> np.ndarray:
         """The whole warm-space vectors of the latest (at most ``limit``) complete positions not yet
@@ -1039,13 +1154,14 @@ class StreamingEngine:
         return (np.asarray(store.data[idx][:, : B.shape[1]], dtype=np.float32) @ B.T.astype(np.float32)
                 + store.center_.astype(np.float32))
 
-    def _refine_host(self, idx: np.ndarray, U: np.ndarray, final: bool, seed: int) -> None:
-        """Level 2: re-cluster the host cluster among its own positions (module host_refine)."""
+    def _refine_host_steps(self, idx: np.ndarray, U: np.ndarray, final: bool, seed: int, st: _HostState):
+        """Level 2: re-cluster the host cluster among its own positions (module host_refine), in
+        steps (a generator), into ``st``: the engine's own level-2 state is not touched."""
         k2 = int(self.host_clusters)
         if final:
             # the final partition is per position, even when the host is too small to refine
             # below (the live pooling grid would otherwise still pool the final composition)
-            self._host_z = None
+            st.z = None
         # the host: the largest level-1 cluster with those sharing its positions (a film split by
         # thickness); the primary only changes for a clearly larger cluster, or the sub-clusters
         # would be renumbered (and flags flicker) at every refresh (host_refine.host_group)
@@ -1056,16 +1172,16 @@ class StreamingEngine:
         # and the offline reference choose it: the final partition must not depend on how the scan
         # went; the sub-cluster numbers stay stable anyway (matched by position below)
         host, group = host_group(U, overlap=float(self.host_overlap),
-                                 previous=None if final else self.host_cluster_,
+                                 previous=None if final else st.cluster,
                                  mixing=mixing, min_mixing=float(self.host_mixing or 0.0))
         clear = self._clear_in(U, group)
         inside = idx[clear]
         if inside.size < max(int(self.host_min_positions), 4 * k2):
             logger.debug("host %s has %d clear positions: no refinement yet", group, inside.size)
             return
-        changed = host != self.host_cluster_ or group != self.host_group_
-        grew = inside.size > (1.0 + float(self.host_refit_growth)) * max(self._host_fit_size, 1)
-        refit_space = self.host_ is None or changed or grew or final
+        changed = host != st.cluster or group != st.group
+        grew = inside.size > (1.0 + float(self.host_refit_growth)) * max(st.fit_size, 1)
+        refit_space = st.space is None or changed or grew or final
         rs = np.random.RandomState(seed)
         if refit_space:
             # live spaces from half the sample: the randomized SVD is the host stage's main cost
@@ -1075,7 +1191,7 @@ class StreamingEngine:
             sample = inside
             if inside.size > size:
                 sample = np.sort(rs.choice(inside, size, replace=False))
-            self.host_ = HostRefinement(
+            st.space = HostRefinement(
                 self.n_cbed_features_, k2, threshold=float(self.host_threshold),
                 min_components=int(self.host_min_components), max_components=int(self.max_components),
                 min_explained_ratio=float(self.min_explained_ratio), sample_size=int(self.host_sample_size),
@@ -1085,9 +1201,12 @@ class StreamingEngine:
                 # 4 power iterations cost 0.6x of 7 (benchmarks/bench_engine.py: host stage)
                 iterated_power=7 if final else 4,
             ).fit_space(self._stored_vectors(sample) * self._inv_c_warm())
-            self._host_fit_size = inside.size
+            st.fit_size = inside.size
             self._counts["host_space_fits"] += 1
-        A, b = self.host_.affine()
+            # the space's randomized SVD costs as much as a batch's whole share (0.4 s at 4,096
+            # x 4,586): it ends the share
+            yield self.refresh_step_rows
+        A, b = st.space.affine()
         # the level-2 space is defined on raw features (its zero-IQR floor of 1 is in raw counts,
         # so it is not invariant to the warm multiplier): fold 1 / c_warm into the map
         A = (A * self._inv_c_warm()[:, np.newaxis]).astype(np.float32)
@@ -1096,36 +1215,36 @@ class StreamingEngine:
         # the element-line counts when the merge needs them: one affine map, one pass
         W = self._line_map
         if W is None:
-            Z2_all = Z2_own = self._stored_project(A, b, idx)
+            Z2_all = Z2_own = yield from self._apply_steps(A, b, idx)
             lines = None
         else:
-            both = self._stored_project(np.hstack([A, W * self._inv_c_warm()[:, np.newaxis]]),
-                                        np.concatenate([b, np.zeros(W.shape[1], b.dtype)]), idx)
+            both = yield from self._apply_steps(np.hstack([A, W * self._inv_c_warm()[:, np.newaxis]]),
+                                                np.concatenate([b, np.zeros(W.shape[1], b.dtype)]), idx)
             Z2_all = Z2_own = np.ascontiguousarray(both[:, :A.shape[1]])
             lines = np.clip(np.rint(both[:, A.shape[1]:]), 0, None).astype(np.int64)
             del both
         if self._pooling(final):
             # live: cluster neighbourhood means (module spatial_pool); the final partition is per
             # position, as the paper's
-            self._host_z = np.full((int(self.n_positions), Z2_all.shape[1]), np.nan, dtype=np.float32)
-            self._host_z[idx] = Z2_all
-            self._host_pool[:] = False
-            self._host_pool[inside] = True
-            Z2_all = neighbourhood_mean(self._host_z, self._host_pool, self.scan_shape, idx)
+            st.z = np.full((int(self.n_positions), Z2_all.shape[1]), np.nan, dtype=np.float32)
+            st.z[idx] = Z2_all
+            st.pool = np.zeros(int(self.n_positions), dtype=bool)
+            st.pool[inside] = True
+            Z2_all = neighbourhood_mean(st.z, st.pool, self.scan_shape, idx)
         else:
-            self._host_z = None
-        self._host_scores = (idx, Z2_all)
+            st.z = None
+        st.scores = (idx, Z2_all)
         Z2 = Z2_all[clear]
         prev_labels = None
         # the sub-clusters keep their numbers across a change of host group or space too: they
         # are matched by the positions they hold; only positions clearly inside the previous host
         # count (for the others the sub-columns hold a sliver of membership, and their arg-max
         # is noise)
-        if self.host_cluster_ is not None:
+        if st.cluster is not None:
             prev = self.memberships_[inside, int(self.n_clusters):]
             known = np.isfinite(prev).all(axis=1) & (np.nan_to_num(prev).sum(axis=1) > float(self.host_threshold))
             prev_labels = np.where(known, np.argmax(np.nan_to_num(prev), axis=1), -1)
-        if refit_space or self._host_fcm is None:
+        if refit_space or st.fcm is None:
             n_init = int(self.final_n_init) if final else int(self.fcm_n_init)
             sub = Z2 if Z2.shape[0] <= int(self.refit_sample) else Z2[
                 np.sort(rs.choice(Z2.shape[0], int(self.refit_sample), replace=False))]
@@ -1134,7 +1253,7 @@ class StreamingEngine:
                 fcm = FuzzyCMeans(k2, m=self.m, init=fcm.cluster_centers_, n_init=1,
                                   max_iter=300 if final else int(self.refresh_iter), random_state=seed).fit(Z2)
         else:
-            fcm = FuzzyCMeans(k2, m=self.m, init=self._host_fcm.cluster_centers_, n_init=1,
+            fcm = FuzzyCMeans(k2, m=self.m, init=st.fcm.cluster_centers_, n_init=1,
                               max_iter=300 if final else int(self.refresh_iter), random_state=seed).fit(Z2)
         if prev_labels is not None and (prev_labels >= 0).any():
             # keep sub-cluster numbers stable for a live view (a new space has new coordinates,
@@ -1143,43 +1262,39 @@ class StreamingEngine:
             fcm.cluster_centers_ = fcm.cluster_centers_[perm]
             fcm.memberships_ = fcm.memberships_[:, perm]
             fcm.labels_ = np.argmax(fcm.memberships_, axis=1)
-        self._host_fcm = fcm
-        self._host_scorer = (A, b)
+        st.fcm = fcm
+        st.scorer = (A, b)
         if lines is not None:
             # which sub-clusters are one composition: each position labelled by its own scores (not
             # the live neighbourhood means, which already carry the neighbours' data)
             own_labels = np.argmax(fcm.predict_memberships(Z2_own[clear]), axis=1)
-            self.host_merged_into_ = merge_same_composition(lines[clear], inside, own_labels, self.scan_shape, k2,
+            st.merged_into = merge_same_composition(lines[clear], inside, own_labels, self.scan_shape, k2,
                                                             float(self.host_merge_effect))
-        self.host_cluster_ = host
-        self.host_group_ = group
+        st.cluster = host
+        st.group = group
         logger.info("host %s refined: %d positions, %d components, %s", group, inside.size,
-                    self.host_.n_components_, "new space" if refit_space else "same space")
+                    st.space.n_components_, "new space" if refit_space else "same space")
 
-    def _stored_project(self, A: np.ndarray, b: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        """``stored_vectors(idx) @ A - b`` in one pass over the store, without decoding the vectors."""
-        out = self.store_.apply(A, idx)
-        out -= b
-        return out
-
-    def _compose_stored(self, U: np.ndarray, idx: np.ndarray, final: bool = False) -> np.ndarray:
-        if self._host_scorer is None:
+    def _compose_stored_steps(self, U: np.ndarray, idx: np.ndarray, final: bool, st: _HostState):
+        """The memberships of the stored positions ``idx`` from level-1 ``U`` and the level-2 state
+        ``st`` (a generator of steps; ``st``'s pooling grid is updated, not the engine's)."""
+        if st.scorer is None:
             return compose_memberships(U, None, None, int(self.host_clusters))
-        A, b = self._host_scorer
-        cached, self._host_scores = self._host_scores, None
+        A, b = st.scorer
+        cached, st.scores = st.scores, None
         if cached is not None and cached[0] is idx:
             Z2 = cached[1]
         else:
-            Z2 = self._stored_project(A, b, idx)
-            if self._host_z is not None:
+            Z2 = yield from self._apply_steps(A, b, idx)
+            if st.z is not None:
                 # the host was not refined at this refresh: pool in the space it has
-                self._host_z[idx] = Z2
-                self._host_pool[idx] = self._clear_in(U, self.host_group_)
-                Z2 = neighbourhood_mean(self._host_z, self._host_pool, self.scan_shape, idx)
-        U2 = self._merged(self._host_fcm.predict_memberships(Z2))
+                st.z[idx] = Z2
+                st.pool[idx] = self._clear_in(U, st.group)
+                Z2 = neighbourhood_mean(st.z, st.pool, self.scan_shape, idx)
+        U2 = merge_columns(st.fcm.predict_memberships(Z2), st.merged_into)
         if final and self.host_spatial and self.scan_shape is not None:
-            U2 = spatial_memberships(U2, idx, self._clear_in(U, self.host_group_), self.scan_shape)
-        return compose_memberships(U, U2, self.host_group_, int(self.host_clusters))
+            U2 = spatial_memberships(U2, idx, self._clear_in(U, st.group), self.scan_shape)
+        return compose_memberships(U, U2, st.group, int(self.host_clusters))
 
     def _merged(self, U2: np.ndarray) -> np.ndarray:
         """Level-2 memberships with the sub-clusters that are one region summed (cluster_merge)."""
@@ -1217,6 +1332,8 @@ class StreamingEngine:
         return compose_memberships(U, U2, self.host_group_, int(self.host_clusters))
 
     def __getstate__(self) -> dict:
+        # a spread refresh in progress is a running generator: it is completed, then pickled
+        self._complete_refresh_job()
         state = dict(self.__dict__)
         # a caller's callback and the last batch's arrays are not the engine's state
         state["on_features"] = None
@@ -1236,6 +1353,7 @@ class StreamingEngine:
         state.setdefault("host_merged_into_", None)
         state.setdefault("_line_map", None)
         state.setdefault("spill", "off")
+        state.setdefault("_refresh_job", None)
         self.__dict__.update(state)
         # wall-clock refresh timing restarts in the new process
         self._last_refresh_time = time.monotonic()
