@@ -62,12 +62,17 @@ from streamclust.adapters.mib import MibFile
 
 from streamclust.features.block_balance import BlockBalancer
 from streamclust.cluster.merge import line_count_map, merge_columns, merge_same_composition
+from streamclust.engine.centres import centre_signals
+from streamclust.engine.params import CentresParams, EngineParams
 from streamclust.engine.streaming import final_seed
 from streamclust.features.reducers import FrameReducer, SpectrumReducer
-from streamclust.cluster.fcm import DEFAULT_M, FuzzyCMeans
+from streamclust.cluster.fcm import FuzzyCMeans
 from streamclust.cluster.fcm_kernels import predict_memberships, sq_euclidean
 from streamclust.cluster.host_refine import HostRefinement, compose_memberships, host_group
 from streamclust.decomposition.incremental_pca import StreamingPCA
+from streamclust.decomposition.sample_pca import one_percent_pca
+from streamclust.flags.flagger import SecondPhaseFlagger
+from streamclust.flags.params import FlagParams
 from streamclust.flags.sums import DistancePlan, FoldSums, ProjectionMoments, eds_window, flag_features, pair_distances, scan_fold
 from streamclust.distributed.mergeable import CentreSums, FCMSums, merge_all, merge_into
 from streamclust.cluster.spatial_pool import membership_mixing, spatial_memberships
@@ -85,9 +90,19 @@ __all__ = ["ReplayConfig", "RecordingInfo", "probe_recording", "replay_dask", "r
 # -------------------------------------------------------------------------------------------------
 # configuration and the recording
 # -------------------------------------------------------------------------------------------------
+#: defaults of the parameters the replay shares with the engine, the centres and the FCM re-fit
+_ENGINE, _CENTRES, _FCM, _PCA = EngineParams(), CentresParams(), FuzzyCMeans(), StreamingPCA()
+#: the replay's own meaning of these engine names (the accumulator merged across workers)
+_NOT_ENGINE = ("pca_method", "sketch_rank")
+
+
 @dataclass(frozen=True)
 class ReplayConfig:
-    """Parameters of a replay; defaults are the streaming engine's (:class:`~streamclust.engine.streaming.StreamingEngine`).
+    """Parameters of a replay. Those named as the engine's are the engine's, with its defaults
+    (:class:`~streamclust.engine.params.EngineParams`, ``[engine]``); ``thresholds`` are the centres'
+    (``[centres]``); ``flag_params`` the flagger's (:class:`~streamclust.flags.params.FlagParams`,
+    ``[flags]``; a mapping of its fields is accepted); ``max_iter``, ``tol`` and ``tol_objective``
+    those of the final re-fit's :class:`~streamclust.cluster.fcm.FuzzyCMeans`.
 
     ``pca_method``: ``"exact"`` (F x F float64 scatter: 168 MB a partial state at 4,586 features;
     exact and order-independent), ``"sketch"`` (rank ``sketch_rank``; merged sketches are an
@@ -101,46 +116,49 @@ class ReplayConfig:
     ``final_pca_sample``: the PCA as the engine's final refresh takes it, a randomized PCA
     (:mod:`streamclust.decomposition.sample_pca`) of at most this many complete positions, the engine's seeded
     sample; 0: the exact scatter (or sketch, ``pca_method``) of all complete positions, merged.
-    ``flags``: the end-of-scan second-phase assessment (:mod:`streamclust.flags.sums`) with
-    :class:`~streamclust.flags.flagger.SecondPhaseFlagger` parameters ``flag_params`` (``[flags]``).
+    ``flags``: the end-of-scan second-phase assessment (:mod:`streamclust.flags.sums`).
     """
 
-    n_clusters: int = 6
-    m: float = DEFAULT_M
-    bin_factor: int = 8
-    frame_reducer_params: Mapping | None = None
-    energy_window_kev: tuple = (0.2, 10.0)
-    rebin: int = 2
-    scaler_params: Mapping | None = None
-    max_components: int = 20
-    min_explained_ratio: float = 0.01
+    n_clusters: int = _ENGINE.n_clusters
+    m: float = _ENGINE.m
+    bin_factor: int = _ENGINE.bin_factor
+    frame_reducer_params: Mapping | None = _ENGINE.frame_reducer_params
+    energy_window_kev: tuple = _ENGINE.energy_window_kev
+    rebin: int = _ENGINE.rebin
+    scaler_params: Mapping | None = _ENGINE.scaler_params
+    max_components: int = _ENGINE.max_components
+    min_explained_ratio: float = _ENGINE.min_explained_ratio
     pca_method: str = "auto"
-    sketch_rank: int = 128
-    exact_max_features: int = 8192
+    sketch_rank: int = _ENGINE.basis_rank  # the engine's sketch rank unless set: its basis rank
+    exact_max_features: int = _PCA.exact_max_features
     pca_gram_dtype: str = "float64"
-    final_n_init: int = 10
-    refit_sample: int = 4096
-    max_iter: int = 300
-    tol: float = 1e-5
-    tol_objective: float = 1e-7
-    host_clusters: int = 6
-    host_threshold: float = 0.9
-    host_min_positions: int = 256
-    host_sample_size: int = 4096
-    host_min_components: int = 5
-    host_overlap: float = 0.1
-    host_mixing: float | None = 0.5
-    host_merge_effect: float = 0.05
-    host_merge_elements: tuple = ("Fe", "Co")
-    host_spatial: bool = True
-    thresholds: tuple = (0.5, 0.75)
+    final_n_init: int = _ENGINE.final_n_init
+    refit_sample: int = _ENGINE.refit_sample
+    max_iter: int = _FCM.max_iter
+    tol: float = _FCM.tol
+    tol_objective: float = _FCM.tol_objective
+    host_clusters: int = _ENGINE.host_clusters
+    host_threshold: float = _ENGINE.host_threshold
+    host_min_positions: int = _ENGINE.host_min_positions
+    host_sample_size: int = _ENGINE.host_sample_size
+    host_min_components: int = _ENGINE.host_min_components
+    host_overlap: float = _ENGINE.host_overlap
+    host_mixing: float | None = _ENGINE.host_mixing
+    host_merge_effect: float = _ENGINE.host_merge_effect
+    host_merge_elements: tuple = _ENGINE.host_merge_elements
+    host_spatial: bool = _ENGINE.host_spatial
+    thresholds: tuple = _CENTRES.thresholds
     centre_shape: tuple = (32, 32)
-    random_state: int | None = 0
+    random_state: int | None = _ENGINE.random_state
     cache_features_bytes: int = 2**30
     fan_in: int = 4
-    final_pca_sample: int = 8192
+    final_pca_sample: int = _ENGINE.final_pca_sample
     flags: bool = True
-    flag_params: Mapping | None = None
+    flag_params: FlagParams = field(default_factory=FlagParams)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.flag_params, FlagParams):  # None or a mapping of its fields (checked there)
+            object.__setattr__(self, "flag_params", FlagParams().replace(**dict(self.flag_params or {})))
 
     @classmethod
     def from_any(cls, config: ReplayConfig | Mapping | None) -> ReplayConfig:
@@ -155,23 +173,18 @@ class ReplayConfig:
             raise ValueError(f"unknown replay configuration keys {unknown}; known: {sorted(known)}")
         return cls(**dict(config))
 
+    def engine_params(self) -> EngineParams:
+        """The parameters shared with the engine, as the engine's (checked as the engine checks them)."""
+        engine = {f.name for f in fields(EngineParams)}
+        return EngineParams(**{f.name: getattr(self, f.name) for f in fields(self)
+                               if f.name in engine and f.name not in _NOT_ENGINE})
+
     def validate(self) -> None:
-        if int(self.n_clusters) < 2:
-            raise ValueError(f"n_clusters must be >= 2, got {self.n_clusters!r}")
+        self.engine_params()
         if self.pca_method not in ("auto", "exact", "sketch"):
             raise ValueError(f"pca_method must be 'auto', 'exact' or 'sketch', got {self.pca_method!r}")
-        if int(self.host_clusters) < 0 or int(self.host_clusters) == 1:
-            raise ValueError(f"host_clusters must be 0 (off) or >= 2, got {self.host_clusters!r}")
-        if self.host_mixing is not None and not 0.0 <= float(self.host_mixing) <= 1.0:
-            raise ValueError(f"host_mixing must be in [0, 1] or None, got {self.host_mixing!r}")
-        if not 0.0 <= float(self.host_merge_effect) < 1.0:
-            raise ValueError(f"host_merge_effect must be in [0, 1) (0: off), got {self.host_merge_effect!r}")
-        if int(self.max_components) < 1 or int(self.fan_in) < 2 or int(self.refit_sample) < int(self.n_clusters):
-            raise ValueError("max_components >= 1, fan_in >= 2 and refit_sample >= n_clusters are required")
-        if self.flag_params is not None:
-            from streamclust.flags.flagger import SecondPhaseFlagger
-
-            SecondPhaseFlagger(**dict(self.flag_params))  # unknown or invalid parameters fail here
+        if int(self.fan_in) < 2 or int(self.refit_sample) < int(self.n_clusters):
+            raise ValueError("fan_in >= 2 and refit_sample >= n_clusters are required")
 
 
 @dataclass(frozen=True)
@@ -574,10 +587,6 @@ class _FlagMoments:
         return self
 
 
-def _membership_threshold(cfg: ReplayConfig) -> float:
-    return float(dict(cfg.flag_params or {}).get("membership_threshold", 0.5))
-
-
 def _chunk_flag_inputs(result: ChunkResult, raw: ChunkRaw, info: RecordingInfo, cfg: ReplayConfig,
                        spec: ChunkSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Memberships, folds and binned patterns of the chunk's positions with both signals."""
@@ -601,7 +610,7 @@ def chunk_flag_moments(result: ChunkResult, info: RecordingInfo, cfg: ReplayConf
     if not both.any():
         return None
     cbed, eds = flag_features(binned, spectra, eds_window(np.asarray(info.energy_axis_kev)))
-    member = np.nan_to_num(u.astype(np.float64)) > _membership_threshold(cfg)
+    member = np.nan_to_num(u.astype(np.float64)) > cfg.flag_params.membership_threshold
     return _FlagMoments(*plan.moments(member, fold, cbed, eds))
 
 
@@ -631,7 +640,7 @@ def chunk_final(result: ChunkResult, level1: ChunkResult | None, chunk: ChunkSco
     folds = None
     if cfg.flags:
         cbed, eds = flag_features(binned, spectra, eds_window(np.asarray(info.energy_axis_kev)))
-        member = np.nan_to_num(u.astype(np.float64)) > _membership_threshold(cfg)
+        member = np.nan_to_num(u.astype(np.float64)) > cfg.flag_params.membership_threshold
         folds = FoldSums.from_data(member, fold, cbed, eds)
     return _FinalState(acc, sums, folds, masks)
 
@@ -861,8 +870,6 @@ def complete_moments(src, info: RecordingInfo, cfg: ReplayConfig, scaling: dict)
 def fit_sample_pca(parts: Sequence[np.ndarray], mean: np.ndarray, cfg: ReplayConfig, seed: int) -> dict:
     """The engine's final PCA (:func:`streamclust.decomposition.sample_pca.one_percent_pca`) of the sampled rows;
     the mean is all complete positions' (the engine's streaming mean), as the scores use it."""
-    from streamclust.decomposition.sample_pca import one_percent_pca
-
     X = np.concatenate(parts)
     res = one_percent_pca(X, max_components=int(cfg.max_components), min_explained_ratio=float(cfg.min_explained_ratio),
                           random_state=int(seed))
@@ -919,15 +926,9 @@ def _assess_flags(backend, info: RecordingInfo, cfg: ReplayConfig, cfg_h, info_h
     those distances, which gives the events. Returns the flag log records (as
     ``LiveAnalysis.flag_log``) and the assessments.
     """
-    from dataclasses import asdict as _asdict
-
-    from streamclust.engine.centres import centre_signals
-    from streamclust.flags.flagger import SecondPhaseFlagger
-
-    params = dict(cfg.flag_params or {})
     # one assessment with no history: what passes now is flagged (raise_after debounces a live
     # sequence of updates; here there is one)
-    params["raise_after"] = 1
+    params = cfg.flag_params.replace(raise_after=1)
     shape = tuple(info.scan_shape)
     pairs: list[tuple[int, int]] = []
 
@@ -935,13 +936,12 @@ def _assess_flags(backend, info: RecordingInfo, cfg: ReplayConfig, cfg_h, info_h
         pairs.append((int(k), int(j)))
         return 0.0, 0.0
 
-    SecondPhaseFlagger(**params).assess(U, shape, None, None, scanned, block_distances=record,
+    SecondPhaseFlagger(params).assess(U, shape, None, None, scanned, block_distances=record,
                                         matrix_clusters=matrix_clusters)
     distances: dict = {}
     plan = None
     if pairs:
-        shape_only = bool(getattr(SecondPhaseFlagger(**params), "eds_shape_only", False))
-        plan = DistancePlan.fit(folds, pairs, eds_shape_only=shape_only)
+        plan = DistancePlan.fit(folds, pairs, eds_shape_only=params.eds_shape_only)
         plan_h = backend.share(plan)
         k = len(specs)
         moments = _tree_reduce(backend, backend.map(chunk_flag_moments, outputs, [info_h] * k, [cfg_h] * k, specs,
@@ -961,13 +961,13 @@ def _assess_flags(backend, info: RecordingInfo, cfg: ReplayConfig, cfg_h, info_h
         return distances.get((int(k), int(j)), (0.0, 0.0))
 
     signals = centre_signals(centre_set, np.asarray(info.energy_axis_kev)) if centre_set is not None else {}
-    flagger = SecondPhaseFlagger(**params)
+    flagger = SecondPhaseFlagger(params)
     events = flagger.update(U, shape, None, None, scanned_mask=scanned, signals=signals, block_distances=lookup,
                             matrix_clusters=matrix_clusters)
     fraction = n_seen / info.n_positions
     log = []
     for ev in events:
-        rec = {key: v for key, v in _asdict(ev).items() if key != "positions"}
+        rec = {key: v for key, v in asdict(ev).items() if key != "positions"}
         rec.update(scan_fraction=fraction, elapsed_s=time.perf_counter() - t_start)
         log.append(rec)
         logger.info("flag %s #%d (cluster %d, score %.2f) at the end of the replay", ev.kind, ev.flag_id,
