@@ -146,6 +146,14 @@ def test_the_dask_replay_takes_its_defaults_from_the_components():
     assert rc.thresholds == centres.thresholds and rc.flag_params == FlagParams()
     with pytest.raises(ValueError, match=r"\[engine\] host_clusters = 1"):
         dask_replay.ReplayConfig(host_clusters=1).validate()
+    # built from the components' objects, it is what `streamclust replay --dask` maps key by key
+    from streamclust.app.replay import dask_config
+
+    cfg = load_config({"engine": {"n_clusters": 4, "m": 1.4, "host_clusters": 0}, "centres": {"thresholds": [0.6]},
+                       "flags": {"min_positions": 5}})
+    built = dask_replay.ReplayConfig.from_params(cfg.engine, cfg.centres, cfg.flags)
+    assert built == dask_replay.ReplayConfig.from_any(dask_config(cfg))
+    assert (built.n_clusters, built.thresholds, built.flag_params.min_positions) == (4, (0.6,), 5)
 
 
 def test_override_validates_and_marks_explicit():
