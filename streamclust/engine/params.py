@@ -44,7 +44,8 @@ class EngineParams(Params):
     """``[engine]``: the streaming engine's parameters (docs/engine.md).
 
     The fields declared ``toml=False`` (the last ones) are the Python API's only, not keys of the
-    configuration file.
+    configuration file. Each field's default is in its declaration below; the engine's defaults
+    are these (``StreamingEngine(n)`` is ``StreamingEngine(n, EngineParams())``).
 
     Parameters
     ----------
@@ -202,7 +203,7 @@ class EngineParams(Params):
         and a parallel kernel waiting for a descheduled worker cost 45.8 ms a pass instead of
         0.21 ms (:mod:`streamclust.engine.threads`).
     random_state : int or None
-
+        Seed of every random choice: the same seed, the same result (None: a fresh one each time).
     """
 
     _section = "engine"
