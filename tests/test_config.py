@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from streamclust.app.config import Config, ConfigError, EngineSection, FlagsSection, load_config
+from streamclust.engine.params import CentresParams, EngineParams
+from streamclust.flags.params import FlagParams
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,22 +98,62 @@ def test_auto_values_resolve_from_the_scan_size():
     assert fixed["refresh_every"] == 1000
 
 
-def test_engine_keys_are_streaming_engine_parameters_with_the_same_defaults():
+def test_the_engine_section_is_the_engine_s_own_parameters():
+    """One source: ``[engine]`` is the engine's parameter object, the engine takes it as it is and
+    its signature carries no second copy of a default."""
     from streamclust.engine.streaming import StreamingEngine
 
-    params = inspect.signature(StreamingEngine).parameters
-    for f in fields(EngineSection):
-        assert f.name in params, f.name
-        if f.default not in ("auto",) and f.name != "random_state":
-            default = params[f.name].default
-            assert f.default == (tuple(default) if isinstance(default, (list, tuple)) else default), f.name
+    cfg = load_config({"engine": {"n_clusters": 3, "host_clusters": 0, "bin_factor": 4}})
+    assert type(cfg.engine) is EngineParams is EngineSection
+    eng = StreamingEngine(64 * 64, cfg.engine, frame_shape=(16, 16), n_channels=64)
+    assert eng.params == cfg.engine.for_scan(64 * 64)
+    assert (eng.n_clusters, eng.host_clusters, eng.warmup_positions, eng.refresh_every) == (3, 0, 512, 256)
+    # keyword overrides of the same object, checked as the file's values are
+    eng = StreamingEngine(64 * 64, cfg.engine, frame_shape=(16, 16), n_channels=64, n_clusters=4)
+    assert eng.n_clusters == eng.params.n_clusters == 4 and eng.bin_factor == 4
+    with pytest.raises(ValueError, match=r"\[engine\] m = 0.5: must be a number > 1.0"):
+        StreamingEngine(100, m=0.5)
+    with pytest.raises(TypeError, match="did you mean 'n_clusters'"):
+        StreamingEngine(100, n_cluster=3)
+    names = {f.name for f in fields(EngineParams)}
+    assert not names & set(inspect.signature(StreamingEngine).parameters)
+    # every [engine] key is a field, and every field the configuration leaves out is the Python API's
+    assert set(cfg.as_dict()["engine"]) == {f.name for f in EngineParams.toml_fields()} < names
 
 
-def test_flags_section_matches_the_flagger_signature_and_defaults():
+def test_the_flags_section_is_the_flagger_s_own_parameters():
     from streamclust.flags.flagger import SecondPhaseFlagger
 
-    params = {k: p.default for k, p in inspect.signature(SecondPhaseFlagger).parameters.items()}
-    assert {f.name: f.default for f in fields(FlagsSection)} == params
+    cfg = load_config({"flags": {"min_positions": 5, "method": "test"}})
+    assert type(cfg.flags) is FlagParams is FlagsSection
+    flagger = SecondPhaseFlagger(cfg.flags)
+    assert flagger.params == cfg.flags and (flagger.min_positions, flagger.method) == (5, "test")
+    assert SecondPhaseFlagger(cfg.flags, min_positions=6).min_positions == 6
+    assert SecondPhaseFlagger().params == FlagParams()
+    assert not {f.name for f in fields(FlagParams)} & set(inspect.signature(SecondPhaseFlagger).parameters)
+    with pytest.raises(ValueError, match=r"\[flags\] hysteresis = 0.0"):
+        SecondPhaseFlagger(hysteresis=0.0)
+
+
+def test_the_dask_replay_takes_its_defaults_from_the_components():
+    dask_replay = pytest.importorskip("streamclust.distributed.dask_replay")
+    rc = dask_replay.ReplayConfig()
+    engine, centres = EngineParams(), CentresParams()
+    shared = {f.name for f in fields(rc)} & {f.name for f in fields(engine)} - {"pca_method", "sketch_rank"}
+    assert {"n_clusters", "m", "host_clusters", "final_pca_sample", "random_state"} <= shared
+    for name in shared:
+        assert getattr(rc, name) == getattr(engine, name), name
+    assert rc.thresholds == centres.thresholds and rc.flag_params == FlagParams()
+    with pytest.raises(ValueError, match=r"\[engine\] host_clusters = 1"):
+        dask_replay.ReplayConfig(host_clusters=1).validate()
+    # built from the components' objects, it is what `streamclust replay --dask` maps key by key
+    from streamclust.app.replay import dask_config
+
+    cfg = load_config({"engine": {"n_clusters": 4, "m": 1.4, "host_clusters": 0}, "centres": {"thresholds": [0.6]},
+                       "flags": {"min_positions": 5}})
+    built = dask_replay.ReplayConfig.from_params(cfg.engine, cfg.centres, cfg.flags)
+    assert built == dask_replay.ReplayConfig.from_any(dask_config(cfg))
+    assert (built.n_clusters, built.thresholds, built.flag_params.min_positions) == (4, (0.6,), 5)
 
 
 def test_override_validates_and_marks_explicit():

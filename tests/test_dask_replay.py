@@ -4,7 +4,6 @@ and the single-process replay (``streamclust replay``: the live pipeline fed the
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import os
 import shutil
@@ -20,7 +19,6 @@ from streamclust.adapters.mib import MibFile, read_mib
 from streamclust.engine.centres import ThresholdedCentres
 from streamclust.app.config import load_config
 from streamclust.distributed.dask_replay import ReplayConfig, probe_recording, replay_dask, replay_flags, replay_local
-from streamclust.engine.streaming import StreamingEngine
 from streamclust.features.reducers import FrameReducer
 from streamclust.flags.sums import FLAG_EDS_REBIN, eds_window
 from streamclust.flags.flagger import SecondPhaseFlagger
@@ -315,8 +313,6 @@ def test_flags_equal_the_live_analysis(flag_recording, client, tmp_path):
                                    rtol=F32_SUM_RTOL, atol=1e-9)
 
 
-@pytest.mark.skipif("final_pca_sample" not in inspect.signature(StreamingEngine).parameters,
-                    reason="the engine takes its final PCA from the sketch")
 def test_pca_sample_is_the_engines(recording, tmp_path):
     """A scan larger than the engine's final PCA sample (here: a 300-position sample of 1,024): the
     replay draws the engine's sample and takes the same PCA (12 components where all positions

@@ -59,8 +59,8 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
+from dataclasses import fields
 from typing import Any
 
 import numpy as np
@@ -73,12 +73,13 @@ from streamclust.features.block_balance import BlockBalancer
 from streamclust.cluster.merge import line_count_map, merge_columns, merge_same_composition
 from streamclust.cluster.drift import NoveltyDrift
 from streamclust.features.reducers import FrameReducer, SpectrumReducer
-from streamclust.cluster.fcm import DEFAULT_M, FuzzyCMeans, MiniBatchFuzzyCMeans
+from streamclust.cluster.fcm import FuzzyCMeans, MiniBatchFuzzyCMeans
 from streamclust.cluster.host_refine import HostRefinement, compose_memberships, host_group, match_by_overlap
 from streamclust.decomposition.incremental_pca import StreamingPCA
 from streamclust.decomposition.position_store import PositionStore
 from streamclust.decomposition.sample_pca import one_percent_pca
 from streamclust.cluster.spatial_pool import membership_mixing, neighbourhood_mean, neighbours, spatial_memberships
+from streamclust.engine.params import EngineParams
 from streamclust.engine.threads import kernel_threads
 from streamclust.cluster.validity import partition_coefficient, partition_entropy, xie_beni
 
@@ -130,6 +131,10 @@ class StreamingEngine:
     ----------
     n_positions : int
         Scan positions (0-based raster indices).
+    params : EngineParams, optional
+        The engine's parameters (:class:`~streamclust.engine.params.EngineParams`, the
+        configuration's ``[engine]``; documented there); default ``EngineParams()``. ``"auto"``
+        values are resolved for ``n_positions`` (:meth:`EngineParams.for_scan`).
     scan_shape : (int, int), optional
         ``(ny, nx)`` with ``ny * nx == n_positions`` (for :meth:`membership_maps`).
     frame_shape : (int, int), default=(512, 512)
@@ -138,159 +143,14 @@ class StreamingEngine:
     energy_axis : (float, float), default=(0.0, 0.01)
         ``(centre of channel 0, channel width)`` in keV: channel ``i`` is centred on
         ``offset + i * width``.
-    energy_window_kev : (float, float), default=(0.2, 10.0)
-    rebin : int, default=2
-        EDS channels summed into one feature.
-    n_clusters : int, default=6
-    m : float, default=DEFAULT_M
-        FCM fuzzifier (docs/fcm.md: 1.2 keeps small phases apart).
-    bin_factor : int, default=8
-        Frame sum-binning (512 x 512 -> 64 x 64).
-    frame_reducer_params : dict, optional
-        Further :class:`~streamclust.features.reducers.FrameReducer` options (masks, crop, chip_gap...).
-    scaler_params : dict, optional
-        :class:`~streamclust.features.robust_scaling.StreamingRobustScaler` options for both blocks.
-    warmup_positions : int, default=512
-        Complete positions buffered before the PCA space (``c_warm``) is fixed and clustering starts.
-    refresh_every : int or None, default=4096
-        Fewest positions between scheduled refreshes.
-    refresh_growth : float, default=0.25
-        A scheduled refresh also waits until the positions seen have grown by this fraction since
-        the last one. A refresh re-reads every stored position, so its cost grows with the scan;
-        with refreshes at geometric steps the total is at most ``1 / refresh_growth + 1`` passes
-        over the scan, amortised O(1) a position whatever the scan size (every ``refresh_every``
-        positions instead: 16 passes' worth at 256 x 256 with 4,096, 22 refreshes costing 44 s of
-        a 131 s scan). New positions are clustered on arrival by the current model either way,
-        and new material still refreshes early (``drift_threshold``). 0: every ``refresh_every``.
-    refresh_seconds : float or None, default=None
-        Also refresh when this much wall-clock time passed since the last refresh (makes the
-        refresh points, hence intermediate results, depend on timing; off by default).
-    max_components : int, default=20
-        Cap of the 1 % rule.
-    min_explained_ratio : float, default=0.01
-        The 1 % rule.
-    basis_rank : int, default=128
-        Coordinates kept per position (and the PCA sketch rank).
-    sketch_rank : int or None, default=None
-        Rank of the PCA sketch (default ``basis_rank``). The update costs O(rank^2 F) a batch, but
-        rank 64 under-estimated the explained-variance ratios enough on the phantom for the 1 %
-        rule to keep 10 components instead of 12 (ARI 0.64 against the reference; 0.986 at 128).
-    pca_method : {"sketch", "exact"}, default="sketch"
-        StreamingPCA accumulator. "exact" keeps the F x F scatter (170 MB at 4,586 features) and needs
-        an ARPACK read-out of ``basis_rank`` vectors for every basis update (seconds).
-    store : {"auto", "counts", "full", "basis"}, default="auto"
-        Per-position representation (:class:`~streamclust.decomposition.position_store.PositionStore`): "counts"
-        keeps every reduced vector exactly as one-byte counts plus escapes for the rest (about
-        5 kB a position on the phantom), "full" as float32 (18 kB a position at 4,586 features;
-        exact), "basis" its coordinates in a rank-``basis_rank`` basis (513 bytes at rank 128;
-        lossy, see docs/engine.md). "auto" is "counts" when its dense part (one byte a feature)
-        fits ``full_store_max_bytes``, else "basis".
-    full_store_max_bytes : int, default=2 GiB
-        Budget of the "auto" choice (2 GiB: up to about 460,000 positions, 680 x 680, in counts).
-    pending_limit : int, default=8192
-        Positions kept as full float32 vectors until the next refresh encodes them into the store's
-        basis (updated first, so it has seen them); more than this many trigger an early encoding.
-    basis_new_directions : int, default=32
-        Leading current-space PCA directions put first into the store's basis at every basis
-        update (at most ``basis_rank // 4``); the old basis fills the remaining slots
-        (docs/engine.md).
-    refresh_iter : int, default=10
-        FCM passes over all stored positions of a warm-started refresh.
-    fcm_n_init : int, default=3
-        k-means++ restarts of a full re-fit.
-    final_n_init : int, default=10
-        k-means++ restarts of the re-fit at :meth:`finalize` (FCM at small ``m`` has near-equal
-        local optima; the end of the scan can afford more restarts).
-    refit_sample : int, default=4096
-        Positions the k-means++ restarts of a full re-fit run on; the best is then refined on all
-        positions (``refresh_iter`` passes, or to convergence at :meth:`finalize`).
-    refit_angle_deg : float, default=10.0
-        A full FCM re-fit is also tried when the largest principal angle between the previous and
-        the new PCA subspace exceeds this, or the component count changed.
-    final_pca_sample : int, default=8192
-        At :meth:`finalize` the PCA is taken again from at most this many stored complete
-        positions (seeded sample), in the final scaled space, instead of the streaming sketch's
-        read-out (0: keep the sketch's). The sketch is truncated in the warm-up space and lost a
-        film direction of the whole lamella (1.7 % of the variance): 7 components instead of the
-        reference's 10, whole-scan ARI 0.47 (:mod:`streamclust.decomposition.sample_pca`). Exact stores only
-        ("counts", "full"): the "basis" store holds coordinates in a basis taken from the sketch,
-        so its reconstructions carry nothing the sketch did not keep (measured: ARI 0.38 against
-        0.99 on tests/test_engine.py's scan when they were re-read).
-    drift_threshold : float or None, default=20.0
-        Page-Hinkley threshold of the new-material test (:class:`~streamclust.cluster.drift.NoveltyDrift`,
-        river): when the incoming positions' distances to their nearest centre rise and stay
-        risen (the scan entered a layer the model has not seen), the engine refreshes at once
-        instead of waiting for ``refresh_every``. None or 0: off.
-    drift_min_gap : int, default=256
-        Positions since the last refresh before a drift may trigger another.
-    host_clusters : int, default=6
-        Sub-clusters of the host phase (0: single-level, the paper's pipeline as is). At every
-        refresh the largest cluster (the film matrix on a lamella) is re-scaled, re-projected and
-        re-clustered among its own positions (:mod:`streamclust.cluster.host_refine`), because on a whole
-        lamella the substrate and caps take the PCA and the clusters (docs/engine.md). The outputs
-        then have ``n_clusters + host_clusters`` columns; the host's own column is 0 (its mass is
-        in the sub-clusters, product rule).
-    host_threshold : float, default=0.9
-        Host membership a position needs to shape the level-2 space.
-    host_min_positions : int, default=256
-        Host positions needed before the level-2 model is built.
-    host_sample_size : int, default=4096
-        Host positions the level-2 statistics and PCA are computed on.
-    host_min_components : int, default=5
-        Floor of the 1 % rule at level 2.
-    host_refit_growth : float, default=0.5
-        The level-2 space is re-fitted when the host grew by this fraction since its last fit (or
-        the host cluster changed, or at :meth:`finalize`); in between only its clusters are
-        refreshed.
-    host_overlap : float, default=0.1
-        Level-1 clusters sharing at least this fuzzy overlap of positions with the host join it
-        (:func:`~streamclust.cluster.host_refine.host_group`: a film split by thickness is one host).
-    host_mixing : float or None, default=0.5
-        Level-1 clusters also join the host when they are spatially intermixed with it: more than
-        this fraction of each one's positions has an 8-neighbour in the other
-        (:func:`~streamclust.cluster.spatial_pool.spatial_mixing`; needs ``scan_shape``). One layer split
-        by noise into clusters alternating position by position, with crisp memberships, has no
-        fuzzy overlap (measured: 0.009 on the phantom's film at 36 X-ray counts a spectrum) and
-        the host flipped between one and both halves from refresh to refresh. None or 0: off.
-    host_merge_effect : float, default=0.05
-        Level-2 clusters whose element-line shares (``host_merge_elements``) differ by less than
-        this, or not significantly, are one composition: their memberships are summed into one
-        column, the others left at 0 (:mod:`streamclust.cluster.merge`; each position labelled by
-        its 4-neighbours, so noise clusters do not differ on their own data). ``host_clusters`` is
-        then an upper bound; the count is what the data supports. 0: off.
-    host_merge_elements : tuple of str, default=("Fe", "Co")
-        The K-alpha lines compared (:data:`streamclust.flags.stats.LINES_KEV`).
-    host_spatial : bool, default=True
-        The final level-2 memberships take their neighbourhood's into account: the spatial fuzzy
-        C-means membership step (:func:`~streamclust.cluster.spatial_pool.spatial_memberships`, Chuang et
-        al. 2006, ``p = q = 1``) over the clear host. Needs ``scan_shape``.
-    host_pooling : bool, default=True
-        While the scan runs, the level-2 clustering works on each host position's level-2 scores
-        averaged with those of its scanned 8-neighbours in the host
-        (:mod:`streamclust.cluster.spatial_pool`); :meth:`finalize` clusters per position, as the paper
-        (and the offline reference) does. A second phase is a few dozen positions when the scan
-        first crosses it, too few and too noisy for a cluster of its own per position (measured
-        on the phantom: best-cluster F1 0.24-0.45 with 49-63 of its positions seen; pooled,
-        0.88-0.89). Needs ``scan_shape``.
-    spill : str, default="auto"
-        Where the position store's rows live (:mod:`streamclust.decomposition.spill`): ``"auto"`` in an unlinked
-        file in the system's temporary folder when they would take more than 256 MiB of RAM (a
-        256 x 256 scan: 300 MB; 512 x 512: 1.2 GB), else in RAM; ``"off"``: always RAM; any other
-        value: a folder to spill to, whatever the size. Spilled rows are read back in chunks and
-        released after each, so what the store keeps resident does not grow with the scan.
-    blas_threads : int or None, default=1
-        BLAS threads while processing (None: leave BLAS alone). One thread avoids BLAS spinning
-        against Numba's threads (docs/streaming-statistics.md).
     on_features : callable or None, default=None
         Called as ``on_features(positions, cbed, eds, has_frame, has_spectrum)`` with every batch's
         reduced features before they are analysed (read-only; copy what you keep): the demo's
         offline yardstick keeps them instead of binning every frame a second time.
-    kernel_threads : int or None, default=1
-        Threads of the Numba kernels the engine launches (None or 0: Numba's default, one per
-        core). One by default: the receiver's threads hold the other core of an acquisition PC,
-        and a parallel kernel waiting for a descheduled worker cost 45.8 ms a pass instead of
-        0.21 ms (:mod:`streamclust.engine.threads`).
-    random_state : int or None, default=None
+    **overrides
+        Fields of ``params`` to change (``StreamingEngine(n, n_clusters=3, host_clusters=0)``),
+        checked as the configuration's values are. Each parameter is also an attribute
+        (``engine.n_clusters``), and ``engine.params`` holds them all.
 
     Attributes
     ----------
@@ -322,106 +182,24 @@ class StreamingEngine:
     def __init__(
         self,
         n_positions: int,
+        params: EngineParams | None = None,
+        *,
         scan_shape: tuple[int, int] | None = None,
         frame_shape: tuple[int, int] = (512, 512),
         n_channels: int = 2048,
         energy_axis: tuple[float, float] = (0.0, 0.01),
-        energy_window_kev: tuple[float, float] = (0.2, 10.0),
-        rebin: int = 2,
-        n_clusters: int = 6,
-        m: float = DEFAULT_M,
-        bin_factor: int = 8,
-        frame_reducer_params: Mapping | None = None,
-        scaler_params: Mapping | None = None,
-        warmup_positions: int = 512,
-        refresh_every: int | None = 4096,
-        refresh_growth: float = 0.25,
-        refresh_seconds: float | None = None,
-        max_components: int = 20,
-        min_explained_ratio: float = 0.01,
-        basis_rank: int = 128,
-        sketch_rank: int | None = None,
-        pca_method: str = "sketch",
-        store: str = "auto",
-        full_store_max_bytes: int = 2 * 2**30,
-        pending_limit: int = 8192,
-        basis_new_directions: int = 32,
-        refresh_iter: int = 10,
-        fcm_n_init: int = 3,
-        final_n_init: int = 10,
-        refit_sample: int = 4096,
-        refit_angle_deg: float = 10.0,
-        final_pca_sample: int = 8192,
-        drift_threshold: float | None = 20.0,
-        drift_min_gap: int = 256,
-        host_clusters: int = 6,
-        host_threshold: float = 0.9,
-        host_min_positions: int = 256,
-        host_sample_size: int = 4096,
-        host_min_components: int = 5,
-        host_refit_growth: float = 0.5,
-        host_overlap: float = 0.1,
-        host_mixing: float | None = 0.5,
-        host_merge_effect: float = 0.05,
-        host_merge_elements: tuple = ("Fe", "Co"),
-        host_spatial: bool = True,
-        host_pooling: bool = True,
-        spill: str = "auto",
-        blas_threads: int | None = 1,
-        kernel_threads: int | None = 1,
         on_features=None,
-        random_state: int | None = None,
+        **overrides: Any,
     ) -> None:
+        self.params = (params or EngineParams()).replace(**overrides).for_scan(n_positions)
         self.n_positions = n_positions
         self.scan_shape = scan_shape
         self.frame_shape = frame_shape
         self.n_channels = n_channels
         self.energy_axis = energy_axis
-        self.energy_window_kev = energy_window_kev
-        self.rebin = rebin
-        self.n_clusters = n_clusters
-        self.m = m
-        self.bin_factor = bin_factor
-        self.frame_reducer_params = frame_reducer_params
-        self.scaler_params = scaler_params
-        self.warmup_positions = warmup_positions
-        self.refresh_every = refresh_every
-        self.refresh_growth = refresh_growth
-        self.refresh_seconds = refresh_seconds
-        self.max_components = max_components
-        self.min_explained_ratio = min_explained_ratio
-        self.basis_rank = basis_rank
-        self.sketch_rank = sketch_rank
-        self.pca_method = pca_method
-        self.store = store
-        self.full_store_max_bytes = full_store_max_bytes
-        self.pending_limit = pending_limit
-        self.basis_new_directions = basis_new_directions
-        self.refresh_iter = refresh_iter
-        self.fcm_n_init = fcm_n_init
-        self.final_n_init = final_n_init
-        self.refit_sample = refit_sample
-        self.refit_angle_deg = refit_angle_deg
-        self.final_pca_sample = final_pca_sample
-        self.drift_threshold = drift_threshold
-        self.drift_min_gap = drift_min_gap
-        self.host_clusters = host_clusters
-        self.host_threshold = host_threshold
-        self.host_min_positions = host_min_positions
-        self.host_sample_size = host_sample_size
-        self.host_min_components = host_min_components
-        self.host_refit_growth = host_refit_growth
-        self.host_overlap = host_overlap
-        self.host_mixing = host_mixing
-        self.host_merge_effect = host_merge_effect
-        self.host_merge_elements = host_merge_elements
-        self.host_spatial = host_spatial
-        self.host_pooling = host_pooling
-        self.spill = spill
-        self.blas_threads = blas_threads
-        self.kernel_threads = kernel_threads
         self.on_features = on_features
-        self.random_state = random_state
+        for f in fields(self.params):  # the rest of the engine reads self.<parameter>
+            setattr(self, f.name, getattr(self.params, f.name))
         self._init_state()
 
     # ------------------------------------------------------------------------------------------

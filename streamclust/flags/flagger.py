@@ -32,11 +32,12 @@ Examples
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
 from streamclust.flags.criteria import ClusterAssessment, ClusterCriteria
+from streamclust.flags.params import FlagParams
 from streamclust.flags.stats import AlphaSpending
 from streamclust.cluster.separation import block_distance, shape_difference
 
@@ -108,6 +109,12 @@ class SecondPhaseFlagger(ClusterCriteria):
 
     Parameters
     ----------
+    params : FlagParams, optional
+        The parameters below as one object (:class:`~streamclust.flags.params.FlagParams`, the
+        configuration's ``[flags]``, where their defaults are); default ``FlagParams()``.
+    **overrides
+        Parameters to change (``SecondPhaseFlagger(min_positions=5)``), checked as the
+        configuration's values are.
     min_fraction, max_fraction : float
         Range of the cluster's share of the scanned positions (thresholded).
     min_positions : int
@@ -188,58 +195,13 @@ class SecondPhaseFlagger(ClusterCriteria):
         0.27, Fe/Co unchanged). Name the elements that tell your phases apart.
     """
 
-    def __init__(self, *, min_fraction: float = 0.002, max_fraction: float = 0.25, min_positions: int = 8,
-                 membership_threshold: float = 0.5, min_component_size: int = 4, coherence: float = 0.5,
-                 max_extent: float = 0.5, max_open: float = 0.2, min_block_distance: float = 0.6,
-                 min_eds_distance: float | None = 1.0, raise_after: int = 2,
-                 retract_after: int = 2, hysteresis: float = 0.8, match_overlap: float = 0.3,
-                 max_listed_positions: int = 4096, neighbour_size_ratio: float = 2.0,
-                 embedded_only: bool = True, max_band_rows: int = 3,
-                 min_contiguity: float = 0.5, min_ring_share: float = 0.25,
-                 min_matrix_share: float = 0.95, eds_shape_only: bool = False,
-                 distances_for_all: bool = False, method: str = "rules", alpha: float = 0.01,
-                 min_effect: float = 0.05, matrix_radius: int = 3, elements: tuple = ("Fe", "Co")) -> None:
-        self.min_fraction = min_fraction
-        self.max_fraction = max_fraction
-        self.min_positions = min_positions
-        self.membership_threshold = membership_threshold
-        self.min_component_size = min_component_size
-        self.coherence = coherence
-        self.max_extent = max_extent
-        self.max_open = max_open
-        self.min_block_distance = min_block_distance
-        self.min_eds_distance = min_eds_distance
-        self.raise_after = raise_after
-        self.retract_after = retract_after
-        self.hysteresis = hysteresis
-        self.match_overlap = match_overlap
-        self.max_listed_positions = max_listed_positions
-        self.neighbour_size_ratio = neighbour_size_ratio
-        self.embedded_only = embedded_only
-        self.max_band_rows = max_band_rows
-        self.min_contiguity = min_contiguity
-        self.min_ring_share = min_ring_share
-        self.min_matrix_share = min_matrix_share
-        self.eds_shape_only = eds_shape_only
-        self.distances_for_all = distances_for_all
-        self.method = method
-        self.alpha = alpha
-        self.min_effect = min_effect
-        self.matrix_radius = matrix_radius
-        self.elements = tuple(elements)
-        if len(self.elements) < 2:
-            raise ValueError(f"elements must name at least two elements, got {elements!r}")
-        if method not in ("rules", "test"):
-            raise ValueError(f"method must be 'rules' or 'test', got {method!r}")
-        if not 0.0 < float(alpha) < 1.0:
-            raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-        if int(matrix_radius) < 1:
-            raise ValueError(f"matrix_radius must be >= 1, got {matrix_radius!r}")
+    def __init__(self, params: FlagParams | None = None, **overrides) -> None:
+        #: the parameters (:class:`~streamclust.flags.params.FlagParams`, ``[flags]``), checked there;
+        #: each is also an attribute, which the criteria read
+        self.params = (params or FlagParams()).replace(**overrides)
+        for f in fields(self.params):
+            setattr(self, f.name, getattr(self.params, f.name))
         self._spending = None  # AlphaSpending of the scan, made at the first update (method="test")
-        if not 0.0 < hysteresis <= 1.0:
-            raise ValueError(f"hysteresis must be in (0, 1], got {hysteresis}")
-        if raise_after < 1 or retract_after < 1:
-            raise ValueError("raise_after and retract_after must be >= 1")
         self._flags: dict[int, _Flag] = {}
         self._pending: dict[int, tuple[np.ndarray, int]] = {}  # cluster -> (positions, passes)
         self._next_id = 1
