@@ -19,11 +19,10 @@ counted and skipped.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ import numpy as np
 from streamclust.adapters.join import Batch
 from streamclust.app.config import Config, load_config
 from streamclust.app.progress import ProgressDisplay
+from streamclust.distributed.replay_config import ReplayConfig
 
 logger = logging.getLogger(__name__)
 
@@ -235,30 +235,11 @@ def _events_endpoint(cfg: Config) -> str | None:
     return None if "events.endpoint" in cfg.explicit else "tcp://127.0.0.1:0"
 
 
-def dask_config(cfg: Config) -> dict:
-    """The :func:`streamclust.distributed.dask_replay.replay_dask` configuration matching ``cfg``.
-
-    Only the keys its ``ReplayConfig`` knows are passed; ``pca_method`` only when set in the
-    configuration file (the Dask replay's own default, "auto", picks the exact scatter when it
-    fits, which merges exactly across workers).
-    """
-    e = cfg.engine
-    out = {"n_clusters": e.n_clusters, "m": e.m, "bin_factor": e.bin_factor,
-           "energy_window_kev": tuple(e.energy_window_kev), "rebin": e.rebin,
-           "max_components": e.max_components, "min_explained_ratio": e.min_explained_ratio,
-           "final_n_init": e.final_n_init, "random_state": e.random_state,
-           "thresholds": tuple(cfg.centres.thresholds),
-           # the two-level clustering must be the same as the engine's (docs/host-refinement.md)
-           "host_clusters": e.host_clusters, "host_threshold": e.host_threshold,
-           "host_min_positions": e.host_min_positions, "host_sample_size": e.host_sample_size,
-           "host_min_components": e.host_min_components, "host_overlap": e.host_overlap,
-           "host_mixing": e.host_mixing, "host_merge_effect": e.host_merge_effect,
-           "host_merge_elements": tuple(e.host_merge_elements),
-           "host_spatial": e.host_spatial,
-           "final_pca_sample": e.final_pca_sample, "flag_params": dataclasses.asdict(cfg.flags)}
-    if "engine.pca_method" in cfg.explicit:
-        out["pca_method"] = e.pca_method
-    from streamclust.distributed.dask_replay import ReplayConfig
-
-    known = {f.name for f in fields(ReplayConfig)}
-    return {k: v for k, v in out.items() if k in known}
+def dask_config(cfg: Config) -> ReplayConfig:
+    """The :func:`streamclust.distributed.dask_replay.replay_dask` configuration matching ``cfg``:
+    the engine's, centres' and flagger's parameters as they are (the two-level clustering must be
+    the engine's, docs/host-refinement.md), and ``pca_method`` only when set in the configuration
+    file (the Dask replay's own default, "auto", picks the exact scatter when it fits, which merges
+    exactly across workers)."""
+    own = {"pca_method": cfg.engine.pca_method} if "engine.pca_method" in cfg.explicit else {}
+    return ReplayConfig.from_params(cfg.engine, cfg.centres, cfg.flags, **own)
