@@ -794,10 +794,16 @@ class StreamingEngine:
                                   init_max_iter=1, n_init=1, random_state=seed)
         mb.partial_fit(Z)
         U = mb.predict_memberships(Z)
+        # the steps that are not read-outs count too, as the rows whose read-out costs as much
+        # (counting read-outs only left batches of 1.0-1.45 s at 256 x 256): the level-1 fits
+        # are passes over every position
+        yield idx.size
         host = _HostState.of(self)
         if int(self.host_clusters):
             yield from self._timed(self._refine_host_steps(idx, U, final, seed, host), "host")
         composed = yield from self._compose_stored_steps(U, idx, final, host)
+        # the level-2 composition, pooling and merge were passes over every position
+        yield idx.size
         # ---- commit: from here on nothing yields, so a batch never sees half of a refresh
         host.commit(self)
         self.level1_memberships_[idx] = U
@@ -981,9 +987,9 @@ class StreamingEngine:
             ).fit_space(self._stored_vectors(sample) * self._inv_c_warm())
             st.fit_size = inside.size
             self._counts["host_space_fits"] += 1
-            # the space's randomized SVD costs as much as a batch's whole share (0.4 s at 4,096
-            # x 4,586): it ends the share
-            yield self.refresh_step_rows
+            # the space's robust scaling and randomized SVD cost as much as reading about 12 rows
+            # a sample row (0.37 s at 4,096 x 4,586 against 7 us a row read, 256 x 256)
+            yield 12 * sample.size
         A, b = st.space.affine()
         # the level-2 space is defined on raw features (its zero-IQR floor of 1 is in raw counts,
         # so it is not invariant to the warm multiplier): fold 1 / c_warm into the map
