@@ -14,11 +14,11 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, is_dataclass
 from typing import Any
-from types import SimpleNamespace
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from streamclust.adapters.join import Batch
 from streamclust.engine.centres import ThresholdedCentres, centre_signals
 from streamclust.engine.streaming import StreamingEngine
 from streamclust.features.reducers import FrameReducer
@@ -151,9 +151,9 @@ class LiveAnalysis:
         s = 0
         while s < n:
             e = min(n, s + step - self._analysed % step)
-            self._process(SimpleNamespace(positions=batch.positions[s:e], frames=batch.frames[s:e],
-                                          spectra=batch.spectra[s:e], has_frame=batch.has_frame[s:e],
-                                          has_spectrum=batch.has_spectrum[s:e]))
+            self._process(Batch(positions=batch.positions[s:e], frames=batch.frames[s:e],
+                                spectra=batch.spectra[s:e], has_frame=batch.has_frame[s:e],
+                                has_spectrum=batch.has_spectrum[s:e]))
             self._analysed += e - s
             s = e
 
