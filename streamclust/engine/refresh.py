@@ -217,13 +217,7 @@ class Refresh:
         for pos, x_warm in self._pending:
             Z = x_warm @ A
             Z -= b
-            self._fcm.partial_fit(Z)
-            U1 = self._fcm.predict_memberships(Z)
-            self.level1_memberships_[pos] = U1
-            if self._host_z is not None:
-                self._compose_pooled(pos, U1, x_warm)
-            else:
-                self.memberships_[pos] = self._compose(U1, x_warm)
+            self._learn_and_score(pos, x_warm, Z)
 
     def _recent_vectors(self, limit: int) -> np.ndarray:
         """The whole warm-space vectors of the latest (at most ``limit``) complete positions not yet

@@ -590,17 +590,22 @@ class StreamingEngine(Refresh, HostLevel):
                 # before the model learns them: how far the new positions are from what it knows
                 if self.drift_.update_many(self._novelty(x_warm[both], Z[both], self._fcm.cluster_centers_)) is not None:
                     self._drift_due = True
-            self._fcm.partial_fit(Z)
-            U1 = self._fcm.predict_memberships(Z)
-            self.level1_memberships_[pos] = U1
-            if self._host_z is not None:
-                self._compose_pooled(pos, U1, x_warm)
-            else:
-                self.memberships_[pos] = self._compose(U1, x_warm)
+            self._learn_and_score(pos, x_warm, Z)
             self._times["cluster"] += time.perf_counter() - t
         if self._refresh_job is None and sum(p.size for p, _ in self._pending) >= int(self.pending_limit):
             # (not while a spread refresh reads the store: a new basis would re-base its rows)
             self._flush_pending()
+
+    def _learn_and_score(self, pos: np.ndarray, x_warm: np.ndarray, Z: np.ndarray) -> None:
+        """The mini-batch model learns positions ``pos`` (level-1 scores ``Z``), then their
+        memberships are predicted and composed with level 2 (pooled on the scan grid if on)."""
+        self._fcm.partial_fit(Z)
+        U1 = self._fcm.predict_memberships(Z)
+        self.level1_memberships_[pos] = U1
+        if self._host_z is not None:
+            self._compose_pooled(pos, U1, x_warm)
+        else:
+            self.memberships_[pos] = self._compose(U1, x_warm)
 
     def _flush_pending(self) -> None:
         """Update the store's basis (it has now seen the pending positions) and encode them."""
