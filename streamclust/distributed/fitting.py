@@ -88,7 +88,7 @@ def fit_fcm(backend, scores: Sequence, sizes: np.ndarray, n_clusters: int, cfg: 
 def refine_host(backend, U1: np.ndarray, src: Sequence, specs: Sequence[ChunkSpec], info_h, cfg: ReplayConfig,
                  cfg_h, scaling_h, n_cbed: int, seed: int, scan_shape=None,
                  eds_energies_kev: np.ndarray | None = None) -> dict[str, Any] | None:
-    """Level 2 as :meth:`StreamingEngine._refine_host` does it at ``finalize``: the host (largest
+    """Level 2 as :meth:`StreamingEngine._refine_host_steps` does it at ``finalize``: the host (largest
     total membership) re-scaled, projected and clustered among its clear positions."""
     k2 = int(cfg.host_clusters)
     mixing = None

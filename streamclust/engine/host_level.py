@@ -126,7 +126,7 @@ class HostLevel:
         # so it is not invariant to the warm multiplier): fold 1 / c_warm into the map
         A = (A * self._inv_c_warm()[:, np.newaxis]).astype(np.float32)
         # every stored position's level-2 scores, once: the host's fit uses its clear rows, and
-        # _compose_stored the whole of it right after (it used to decode the store twice); with
+        # _compose_stored_steps the whole of it right after (it used to decode the store twice); with
         # the element-line counts when the merge needs them: one affine map, one pass
         W = self._line_map
         if W is None:
